@@ -60,7 +60,9 @@ class FileBlobSource:
         while length:
             data = os.pread(self._fd, length, offset)
             if not data:
-                raise TruncatedBlobError("blob shrank while reading", layer=self._path, offset=offset)
+                raise TruncatedBlobError(
+                    "blob shrank while reading", layer=self._path, offset=offset
+                )
             parts.append(data)
             offset += len(data)
             length -= len(data)
