@@ -1,0 +1,191 @@
+"""ChunkCache: verified chunk plaintext on disk (atomic writes, size limit) plus a memory LRU.
+
+Chunks are keyed by their sha256, so a chunk that appears in many layers or images is
+stored once. Only bytes whose digest was verified are put in; bytes read back from disk
+are verified again, so a damaged or tampered cache file is a miss, never wrong data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import attrs
+
+_DIGEST_PREFIX = "sha256:"
+_HEX = frozenset("0123456789abcdef")
+
+
+@attrs.define
+class CacheStats:
+    """Counters of one ChunkCache since it was opened."""
+
+    memory_hits: int = 0
+    disk_hits: int = 0
+    misses: int = 0
+    stores: int = 0
+    evictions: int = 0
+    corrupt: int = 0
+    disk_bytes: int = 0
+
+
+def _hex_of(digest: str) -> str:
+    hex_ = digest.removeprefix(_DIGEST_PREFIX)
+    if len(hex_) != 64 or not digest.startswith(_DIGEST_PREFIX) or not _HEX.issuperset(hex_):
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return hex_
+
+
+class ChunkCache:
+    """Chunk store under ``root`` (``root/ab/<sha256 hex>``), at most ``max_bytes`` on disk.
+
+    ``memory_bytes`` bounds the in-memory LRU of hot chunks (0 disables it). Safe to use
+    from many threads; several processes may share one directory.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, max_bytes: int, memory_bytes: int = 0):
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.memory_bytes = memory_bytes
+        self.stats = CacheStats()
+        self._lock = threading.Lock()
+        self._memory: OrderedDict[str, bytes] = OrderedDict()
+        self._memory_used = 0
+        # Files on disk in least-recently-used order, with their sizes.
+        self._disk: OrderedDict[str, int] = OrderedDict()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._scan()
+
+    def _path(self, hex_: str) -> Path:
+        return self.root / hex_[:2] / hex_
+
+    def _scan(self) -> None:
+        found = []
+        for sub in self.root.iterdir():
+            if not sub.is_dir() or len(sub.name) != 2:
+                continue
+            for f in sub.iterdir():
+                if f.name.startswith("."):
+                    # A temporary file left by a process that died mid-write.
+                    with contextlib.suppress(OSError):
+                        f.unlink()
+                    continue
+                with contextlib.suppress(OSError):
+                    st = f.stat()
+                    found.append((st.st_atime, f.name, st.st_size))
+        found.sort()
+        for _, name, size in found:
+            self._disk[name] = size
+            self.stats.disk_bytes += size
+        with self._lock:
+            self._evict_locked()
+
+    def get(self, digest: str) -> bytes | None:
+        """The verified plaintext of the chunk with ``digest``, or None if not cached."""
+        hex_ = _hex_of(digest)
+        with self._lock:
+            data = self._memory.get(hex_)
+            if data is not None:
+                self._memory.move_to_end(hex_)
+                self.stats.memory_hits += 1
+                return data
+        try:
+            data = self._path(hex_).read_bytes()
+        except FileNotFoundError:
+            with self._lock:
+                self.stats.misses += 1
+                self._forget_locked(hex_)
+            return None
+        if hashlib.sha256(data).hexdigest() != hex_:
+            with self._lock:
+                self.stats.corrupt += 1
+                self.stats.misses += 1
+                self._forget_locked(hex_)
+            with contextlib.suppress(OSError):
+                self._path(hex_).unlink()
+            return None
+        with self._lock:
+            self.stats.disk_hits += 1
+            if hex_ in self._disk:
+                self._disk.move_to_end(hex_)
+            else:  # stored by another process sharing the directory
+                self._disk[hex_] = len(data)
+                self.stats.disk_bytes += len(data)
+            self._remember_locked(hex_, data)
+        return data
+
+    def put(self, digest: str, data: bytes) -> None:
+        """Store ``data``, whose sha256 the caller has verified equals ``digest``."""
+        hex_ = _hex_of(digest)
+        with self._lock:
+            self._remember_locked(hex_, data)
+            if hex_ in self._disk:
+                self._disk.move_to_end(hex_)
+                return
+        if len(data) > self.max_bytes:
+            return
+        path = self._path(hex_)
+        path.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        with self._lock:
+            if hex_ not in self._disk:
+                self._disk[hex_] = len(data)
+                self.stats.disk_bytes += len(data)
+                self.stats.stores += 1
+            self._evict_locked()
+
+    def __contains__(self, digest: str) -> bool:
+        hex_ = _hex_of(digest)
+        with self._lock:
+            if hex_ in self._memory:
+                return True
+        return self._path(hex_).exists()
+
+    def _remember_locked(self, hex_: str, data: bytes) -> None:
+        if self.memory_bytes <= 0 or len(data) > self.memory_bytes:
+            return
+        if hex_ in self._memory:
+            self._memory.move_to_end(hex_)
+            return
+        self._memory[hex_] = data
+        self._memory_used += len(data)
+        while self._memory_used > self.memory_bytes:
+            _, old = self._memory.popitem(last=False)
+            self._memory_used -= len(old)
+
+    def _forget_locked(self, hex_: str) -> None:
+        size = self._disk.pop(hex_, None)
+        if size is not None:
+            self.stats.disk_bytes -= size
+
+    def _evict_locked(self) -> None:
+        while self.stats.disk_bytes > self.max_bytes and self._disk:
+            hex_, size = self._disk.popitem(last=False)
+            self.stats.disk_bytes -= size
+            self.stats.evictions += 1
+            with contextlib.suppress(OSError):
+                self._path(hex_).unlink()
+
+    def clear(self) -> None:
+        """Remove every cached chunk, on disk and in memory."""
+        with self._lock:
+            for hex_ in list(self._disk):
+                with contextlib.suppress(OSError):
+                    self._path(hex_).unlink()
+            self._disk.clear()
+            self._memory.clear()
+            self._memory_used = 0
+            self.stats.disk_bytes = 0

@@ -1,0 +1,99 @@
+import hashlib
+import os
+import threading
+
+import pytest
+
+from blockfs.cache import ChunkCache
+
+
+def digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_stored_chunk_is_read_back_from_disk_by_a_new_cache(tmp_path):
+    data = os.urandom(10000)
+    ChunkCache(tmp_path, max_bytes=1 << 20).put(digest(data), data)
+    fresh = ChunkCache(tmp_path, max_bytes=1 << 20)
+    assert fresh.get(digest(data)) == data
+    assert fresh.stats.disk_hits == 1
+
+
+def test_missing_chunk_is_a_miss(tmp_path):
+    cache = ChunkCache(tmp_path, max_bytes=1 << 20)
+    assert cache.get(digest(b"nope")) is None
+    assert cache.stats.misses == 1
+
+
+def test_memory_lru_serves_hot_chunks_without_disk(tmp_path):
+    data = b"hot" * 100
+    cache = ChunkCache(tmp_path, max_bytes=1 << 20, memory_bytes=1 << 16)
+    cache.put(digest(data), data)
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            f.unlink()
+    assert cache.get(digest(data)) == data
+    assert cache.stats.memory_hits == 1
+
+
+def test_memory_lru_is_bounded(tmp_path):
+    cache = ChunkCache(tmp_path, max_bytes=1 << 20, memory_bytes=3000)
+    chunks = [os.urandom(1000) for _ in range(5)]
+    for c in chunks:
+        cache.put(digest(c), c)
+    assert cache._memory_used <= 3000
+    assert len(cache._memory) == 3
+
+
+def test_size_limit_evicts_least_recently_used(tmp_path):
+    cache = ChunkCache(tmp_path, max_bytes=3500)
+    a, b, c, d = (os.urandom(1000) for _ in range(4))
+    for x in (a, b, c):
+        cache.put(digest(x), x)
+    assert cache.get(digest(a)) == a  # a is now the most recent
+    cache.put(digest(d), d)
+    assert cache.stats.disk_bytes <= 3500
+    assert cache.get(digest(b)) is None
+    assert cache.get(digest(a)) == a
+    assert cache.get(digest(d)) == d
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 3500
+
+
+def test_damaged_cache_file_is_a_miss_and_is_removed(tmp_path):
+    data = os.urandom(4096)
+    ChunkCache(tmp_path, max_bytes=1 << 20).put(digest(data), data)
+    path = tmp_path / digest(data)[7:9] / digest(data)[7:]
+    damaged = bytearray(path.read_bytes())
+    damaged[100] ^= 1
+    path.write_bytes(bytes(damaged))
+    cache = ChunkCache(tmp_path, max_bytes=1 << 20)
+    assert cache.get(digest(data)) is None
+    assert cache.stats.corrupt == 1
+    assert not path.exists()
+
+
+def test_leftover_temporary_files_are_removed_on_open(tmp_path):
+    (tmp_path / "ab").mkdir()
+    leftover = tmp_path / "ab" / ".tmpxyz"
+    leftover.write_bytes(b"partial")
+    ChunkCache(tmp_path, max_bytes=1 << 20)
+    assert not leftover.exists()
+
+
+def test_invalid_digest_is_refused(tmp_path):
+    cache = ChunkCache(tmp_path, max_bytes=1 << 20)
+    with pytest.raises(ValueError):
+        cache.get("sha256:../../etc/passwd")
+
+
+def test_concurrent_puts_of_the_same_chunk_store_it_once(tmp_path):
+    data = os.urandom(50000)
+    cache = ChunkCache(tmp_path, max_bytes=1 << 20)
+    threads = [threading.Thread(target=cache.put, args=(digest(data), data)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert cache.stats.disk_bytes == len(data)
+    assert [f.name for f in tmp_path.rglob("*") if f.is_file()] == [digest(data)[7:]]
