@@ -1,0 +1,15 @@
+"""Annotation keys that blockfs reads or writes on descriptors and indexes."""
+
+from __future__ import annotations
+
+# The tag of a manifest in an OCI image layout's index.json.
+REF_NAME = "org.opencontainers.image.ref.name"
+# sha256 of an eStargz layer's uncompressed TOC JSON; the only way a layer is trusted lazily.
+ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+# Decimal size of an eStargz layer once decompressed (for containers/storage).
+ESTARGZ_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
+# zstd:chunked layers: sha256 and position of the compressed TOC frame.
+ZSTD_CHUNKED_MANIFEST_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
+ZSTD_CHUNKED_MANIFEST_POSITION = "io.containers.zstd-chunked.manifest-position"
+# Docker's marker of attestation manifests inside an index (they are not images).
+DOCKER_REFERENCE_TYPE = "vnd.docker.reference.type"

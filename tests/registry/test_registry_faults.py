@@ -1,0 +1,124 @@
+"""A proxy that resets connections, answers 500 and truncates bodies at random: reads
+return the right bytes or raise RegistryError, never wrong bytes, in bounded time."""
+
+import contextlib
+import os
+import random
+import threading
+
+import pytest
+
+from blockfs.oci import Reference, sha256_digest
+from blockfs.registry import HostsConfig, RegistryBlobSource, RegistryClient, RegistryError
+from tests.helpers.registry import FAST_RETRY, HTTPProxy, push_image, unique_repository
+
+BLOB_SIZE = 5 << 20
+
+
+@pytest.fixture(scope="module")
+def big_blob(registry):
+    with RegistryClient(plain_http=True, retry=FAST_RETRY, trust_env=False) as c:
+        ref = Reference.parse(f"{registry.host}/{unique_repository('faults')}:v1")
+        data = random.Random(11).randbytes(BLOB_SIZE)
+        push_image(c, ref, [data])
+    return ref, data
+
+
+@pytest.fixture
+def faulty_client(registry, tmp_path):
+    proxy = HTTPProxy(registry.url, fault_rate=0.2, seed=1234)
+    directory = tmp_path / registry.host
+    directory.mkdir()
+    (directory / "hosts.toml").write_text(f'server = "{proxy.url}"\n')
+    with RegistryClient(HostsConfig.load(tmp_path), retry=FAST_RETRY, trust_env=False) as c:
+        yield c, proxy
+    proxy.close()
+
+
+def test_random_ranges_through_faults_are_right_or_raise(big_blob, faulty_client):
+    ref, data = big_blob
+    client, proxy = faulty_client
+    digest = sha256_digest(data)
+    rng = random.Random(99)
+    good = failed = 0
+    for _ in range(80):
+        offset = rng.randrange(BLOB_SIZE)
+        length = rng.randint(1, min(256 << 10, BLOB_SIZE - offset))
+        try:
+            got = client.read_range(ref, digest, offset, length)
+        except RegistryError:
+            failed += 1
+            continue
+        assert got == data[offset : offset + length]
+        good += 1
+    assert set(proxy.injected) == {"reset", "500", "truncate", "short"}
+    assert good >= 70  # retries absorb most faults
+    assert good + failed == 80
+
+
+def test_concurrent_prefetch_through_faults_is_right_or_raises(big_blob, faulty_client):
+    ref, data = big_blob
+    client, proxy = faulty_client
+    source = RegistryBlobSource(client, ref, sha256_digest(data), size=BLOB_SIZE)
+    mistakes: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(8):
+            ranges = [(rng.randrange(BLOB_SIZE - 4096), rng.randint(1, 4096)) for _ in range(6)]
+            try:
+                pieces = source.read_ranges(ranges)
+            except RegistryError:
+                continue
+            for (offset, length), piece in zip(ranges, pieces, strict=True):
+                if piece != data[offset : offset + length]:
+                    mistakes.append(f"wrong bytes at {offset}+{length}")
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert mistakes == []
+    assert sum(proxy.injected.values()) > 0
+
+
+def test_whole_blob_downloads_through_faults_are_verified(big_blob, faulty_client, tmp_path):
+    ref, data = big_blob
+    client, _ = faulty_client
+    digest = sha256_digest(data)
+    for attempt in range(3):
+        dest = tmp_path / f"blob{attempt}"
+        try:
+            client.stream_blob(ref, digest, dest)
+        except RegistryError:
+            assert not dest.exists()
+            continue
+        assert dest.read_bytes() == data
+    with contextlib.suppress(RegistryError):
+        assert client.get_blob(ref, digest) == data
+    assert os.listdir(tmp_path) == [p for p in os.listdir(tmp_path) if not p.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"), [("500", "server error"), ("429", "rate-limiting"), ("reset", "failed")]
+)
+def test_persistent_failures_give_up_after_the_policy_attempts(
+    big_blob, registry, tmp_path, fault, message
+):
+    ref, data = big_blob
+    proxy = HTTPProxy(registry.url, fault_rate=1.0, faults=[fault])
+    directory = tmp_path / registry.host
+    directory.mkdir()
+    (directory / "hosts.toml").write_text(f'server = "{proxy.url}"\n')
+    try:
+        with (
+            RegistryClient(HostsConfig.load(tmp_path), retry=FAST_RETRY, trust_env=False) as c,
+            pytest.raises(RegistryError, match=message) as info,
+        ):
+            c.read_range(ref, sha256_digest(data), 0, 10)
+        assert "gave up after 4 attempts" in str(info.value)
+        assert len(proxy.requests) == 4
+    finally:
+        proxy.close()

@@ -1,0 +1,117 @@
+"""Registry behaviours seen in the wild: HEAD refused, Range ignored, redirects to object
+stores whose URLs expire."""
+
+import base64
+import json
+import os
+import random
+
+import pytest
+
+from blockfs.oci import Reference, sha256_digest
+from blockfs.registry import CredentialStore, HostsConfig, RegistryBlobSource, RegistryClient
+from tests.helpers.registry import (
+    FAST_RETRY,
+    BlobStore,
+    HTTPProxy,
+    make_htpasswd,
+    push_image,
+    start_registry,
+    unique_repository,
+)
+
+
+def hosts_through(tmp_path, namespace, proxy_url):
+    directory = tmp_path / "hosts" / namespace
+    directory.mkdir(parents=True)
+    (directory / "hosts.toml").write_text(f'server = "{proxy_url}"\n')
+    return HostsConfig.load(tmp_path / "hosts")
+
+
+@pytest.fixture
+def blob(registry, client):
+    ref = Reference.parse(f"{registry.host}/{unique_repository('quirks')}:v1")
+    data = os.urandom(200_000)
+    push_image(client, ref, [data])
+    return ref, data
+
+
+def test_blob_size_falls_back_to_a_ranged_get_when_head_is_refused(registry, blob, tmp_path):
+    ref, data = blob
+    proxy = HTTPProxy(registry.url, reject_head=True)
+    try:
+        with RegistryClient(
+            hosts_through(tmp_path, registry.host, proxy.url), retry=FAST_RETRY
+        ) as c:
+            assert c.blob_size(ref, sha256_digest(data)) == len(data)
+            assert RegistryBlobSource(c, ref, sha256_digest(data)).size == len(data)
+        methods = [(m, h.get("Range")) for m, _, h in proxy.requests]
+        assert ("HEAD", None) in methods
+        assert ("GET", "bytes=0-0") in methods
+    finally:
+        proxy.close()
+
+
+def test_whole_body_answer_to_a_range_request_is_sliced(registry, blob, tmp_path):
+    ref, data = blob
+    proxy = HTTPProxy(registry.url, strip_range=True)
+    try:
+        with RegistryClient(
+            hosts_through(tmp_path, registry.host, proxy.url), retry=FAST_RETRY
+        ) as c:
+            rng = random.Random(3)
+            for _ in range(10):
+                offset = rng.randrange(len(data))
+                length = rng.randint(1, len(data) - offset)
+                assert (
+                    c.read_range(ref, sha256_digest(data), offset, length)
+                    == data[offset : offset + length]
+                )
+    finally:
+        proxy.close()
+
+
+def test_redirected_blob_reads_keep_range_drop_credentials_and_survive_expiry(tmp_path):
+    users = {"reader": "s3cret"}
+    htpasswd = make_htpasswd(tmp_path / "htpasswd", users)
+    config = tmp_path / "docker" / "config.json"
+    config.parent.mkdir()
+    with start_registry(tmp_path / "registry", htpasswd=htpasswd) as registry:
+        token = base64.b64encode(b"reader:s3cret").decode()
+        config.write_text(json.dumps({"auths": {registry.host: {"auth": token}}}))
+        credentials = CredentialStore.from_docker_config(config)
+        ref = Reference.parse(f"{registry.host}/{unique_repository('redirect')}:v1")
+        data = os.urandom(100_000)
+        with RegistryClient(credentials=credentials, plain_http=True, retry=FAST_RETRY) as c:
+            push_image(c, ref, [data])
+        digest = sha256_digest(data)
+
+        store = BlobStore({digest: data}, uses_per_url=3)
+        proxy = HTTPProxy(registry.url, redirect_blobs=store.url_for)
+        # Credentials go by the host contacted: here the proxy, which hosts.toml names.
+        config.write_text(json.dumps({"auths": {proxy.host: {"auth": token}}}))
+        credentials = CredentialStore.from_docker_config(config)
+        try:
+            hosts = hosts_through(tmp_path, registry.host, proxy.url)
+            with RegistryClient(hosts, credentials, retry=FAST_RETRY) as c:
+                c.resolve(ref)  # learn that the registry wants Basic credentials
+                rng = random.Random(5)
+                for _ in range(10):
+                    offset = rng.randrange(len(data))
+                    length = rng.randint(1, min(5000, len(data) - offset))
+                    assert (
+                        c.read_range(ref, digest, offset, length) == data[offset : offset + length]
+                    )
+        finally:
+            proxy.close()
+            store.close()
+
+        blob_gets = [h for m, p, h in proxy.requests if m == "GET" and "/blobs/" in p]
+        assert all("Authorization" in h for h in blob_gets)  # the registry got credentials
+        assert store.requests and all("Authorization" not in h for _, h in store.requests)
+        assert all(h.get("Range", "").startswith("bytes=") for _, h in store.requests)
+        # Each URL served 3 reads and then expired: the client went back to the registry.
+        assert store.expired_answers >= 2
+        assert store.signatures_issued == len(blob_gets) >= 4
+        # A cached URL is reused: fewer trips to the registry than reads.
+        assert len(blob_gets) < 10
