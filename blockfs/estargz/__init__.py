@@ -4,6 +4,7 @@ This package knows nothing of registries, EROFS or NBD: anyone who only wants to
 eStargz blob can use it alone.
 """
 
+from blockfs.estargz._compression import decompress_spans
 from blockfs.estargz._errors import (
     BuildError,
     ChunkVerificationError,
@@ -26,16 +27,23 @@ from blockfs.estargz._model import (
     Chunk,
     Entry,
 )
+from blockfs.estargz._reader import BlobReader, Piece, VerifyReport, verify_piece
 from blockfs.estargz._source import BlobSource, CountingSource, FileBlobSource
+from blockfs.estargz._toc import DEFAULT_LIMITS, Limits, clean_name, make_toc, parse_toc
+from blockfs.estargz._writer import BuildOptions, BuildResult, build, build_file
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "LANDMARKS",
     "NO_PREFETCH_LANDMARK",
     "PREFETCH_LANDMARK",
     "TOC",
     "TOC_TAR_NAME",
+    "BlobReader",
     "BlobSource",
     "BuildError",
+    "BuildOptions",
+    "BuildResult",
     "Chunk",
     "ChunkVerificationError",
     "CountingSource",
@@ -46,9 +54,19 @@ __all__ = [
     "Footer",
     "FooterError",
     "FormatError",
+    "Limits",
+    "Piece",
     "TOCDigestMismatch",
     "TOCError",
     "TOCTooLargeError",
     "TruncatedBlobError",
+    "VerifyReport",
+    "build",
+    "build_file",
+    "clean_name",
+    "decompress_spans",
+    "make_toc",
     "parse_footer",
+    "parse_toc",
+    "verify_piece",
 ]
