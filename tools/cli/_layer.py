@@ -1,0 +1,237 @@
+"""``blockfs layer …``: build, inspect, read, verify, serve and mount one eStargz layer."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from blockfs.estargz import BlobReader, BuildOptions, Entry, FileBlobSource, build_file
+
+DEFAULT_ROOT = "/var/lib/blockfs"
+
+
+def register(groups: Any) -> None:
+    layer = groups.add_parser("layer", help="work with one eStargz layer blob")
+    cmds = layer.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = cmds.add_parser("build", help="convert a tar (plain, gzip or zstd) to eStargz")
+    p.add_argument("input", metavar="IN.tar")
+    p.add_argument("output", metavar="OUT")
+    p.add_argument("--zstd", action="store_true", help="compress with zstd instead of gzip")
+    p.add_argument("--chunk-size", type=int, default=4 << 20, metavar="N")
+    p.add_argument("--min-chunk-size", type=int, default=0, metavar="N")
+    p.add_argument(
+        "--prioritize", action="append", default=[], metavar="PATH",
+        help="a file the workload reads first (repeatable, in access order)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_build)
+
+    p = cmds.add_parser("inspect", help="show a blob's footer and table of contents")
+    _blob_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = cmds.add_parser("cat", help="write one file's verified bytes to stdout")
+    _blob_args(p)
+    p.add_argument("path", metavar="PATH")
+    p.set_defaults(func=cmd_cat)
+
+    p = cmds.add_parser("verify", help="check the TOC digest and every chunk digest")
+    p.add_argument("--toc-digest", required=True, metavar="D")
+    p.add_argument("blob", metavar="BLOB")
+    p.set_defaults(func=cmd_verify)
+
+    p = cmds.add_parser("serve", help="serve a blob as an NBD export in the foreground")
+    _blob_args(p)
+    p.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
+    p.add_argument("--export", default=None, metavar="NAME", help="export name (default: blob)")
+    _state_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = cmds.add_parser("mount", help="mount a blob read-only at DIR, lazily")
+    _blob_args(p)
+    p.add_argument("mountpoint", metavar="DIR")
+    p.add_argument("--prefetch", action="store_true", help="prefetch prioritized files")
+    p.add_argument(
+        "--attach", choices=["auto", "nbd", "nbdfuse"], default="auto",
+        help="how to attach the export to the kernel (default: auto)",
+    )  # fmt: skip
+    _state_args(p)
+    p.set_defaults(func=cmd_mount)
+
+    p = cmds.add_parser("stats", help="what a mounted layer has fetched")
+    p.add_argument("mountpoint", metavar="DIR")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--root", default=DEFAULT_ROOT, metavar="DIR", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_stats)
+
+    p = cmds.add_parser("umount", help="unmount a layer and stop what its mount started")
+    p.add_argument("mountpoint", metavar="DIR")
+    p.add_argument("--root", default=DEFAULT_ROOT, metavar="DIR", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_umount)
+
+
+def _blob_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--toc-digest", metavar="D",
+        help="expected TOC digest (the layer's containerd.io/snapshot/stargz/toc.digest)",
+    )  # fmt: skip
+    p.add_argument("blob", metavar="BLOB")
+
+
+def _state_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--root", default=DEFAULT_ROOT, metavar="DIR",
+        help=f"state directory: layer indexes, chunk cache, run files (default {DEFAULT_ROOT})",
+    )  # fmt: skip
+
+
+def _open(args: argparse.Namespace) -> BlobReader:
+    return BlobReader.open(FileBlobSource(args.blob), toc_digest=args.toc_digest)
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    options = BuildOptions(
+        compression="zstd" if args.zstd else "gzip",
+        chunk_size=args.chunk_size,
+        min_chunk_size=args.min_chunk_size,
+        prioritized=tuple(args.prioritize),
+    )
+    result = build_file(args.input, args.output, options)
+    _print_json(result.to_json())
+    return 0
+
+
+def _rfc3339(seconds: int | None) -> str:
+    if seconds is None:
+        return ""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def entry_json(e: Entry) -> dict[str, Any]:
+    """One TOC entry as ``layer inspect --json`` prints it."""
+    return {
+        "name": e.name,
+        "type": e.type,
+        "size": e.size,
+        "mode": e.mode,
+        "uid": e.uid,
+        "gid": e.gid,
+        "linkName": e.link_name,
+        "digest": e.digest,
+        "xattrs": {k: base64.b64encode(v).decode() for k, v in e.xattrs.items()},
+        "modtime": _rfc3339(e.modtime),
+        "chunks": len(e.chunks),
+        **(
+            {"devMajor": e.dev_major, "devMinor": e.dev_minor}
+            if e.type in ("char", "block")
+            else {}
+        ),
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    reader = _open(args)
+    if args.json:
+        _print_json(
+            {
+                "footer": reader.footer.kind,
+                "compression": reader.compression,
+                "tocDigest": reader.toc_digest,
+                "tocOffset": reader.footer.toc_offset,
+                "blobSize": reader.source.size,
+                "entries": [entry_json(e) for e in reader.toc.entries],
+            }
+        )
+        return 0
+    entries = reader.toc.entries
+    files = [e for e in entries if e.type == "reg"]
+    print(f"blob:        {args.blob} ({reader.source.size} bytes)")
+    print(
+        f"footer:      {reader.footer.kind} ({reader.compression}), TOC at {reader.footer.toc_offset}"
+    )
+    print(f"TOC digest:  {reader.toc_digest}" + ("" if args.toc_digest else " (not verified)"))
+    print(
+        f"entries:     {len(entries)} ({len(files)} files, "
+        f"{sum(len(e.chunks) for e in files)} chunks, {sum(e.size for e in files)} bytes)"
+    )
+    prefetch = reader.prefetch_range()
+    print(f"prefetch:    {f'{prefetch[1]} bytes' if prefetch else 'none'}")
+    for e in entries:
+        link = f" -> {e.link_name}" if e.link_name else ""
+        print(f"  {e.type:8} {e.mode:04o} {e.uid}:{e.gid} {e.size:>10} {e.name}{link}")
+    return 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    reader = _open(args)
+    out = sys.stdout.buffer
+    for piece in reader.iter_file(args.path):
+        out.write(piece)
+    out.flush()
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    reader = _open(args)
+    report = reader.verify()
+    print(
+        f"OK: TOC digest {reader.toc_digest}, {report.files_verified} files, "
+        f"{report.chunks_verified} chunks verified"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from snapshotter.layermount import serve_layer
+
+    return serve_layer(
+        args.blob,
+        socket=args.socket,
+        toc_digest=args.toc_digest,
+        root=args.root,
+        export=args.export,
+    )
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from snapshotter.layermount import mount_layer
+
+    mounted = mount_layer(
+        args.blob,
+        args.mountpoint,
+        toc_digest=args.toc_digest,
+        root=args.root,
+        attach=args.attach,
+        prefetch=args.prefetch,
+    )
+    print(f"mounted {args.blob} at {args.mountpoint} (attach: {mounted.attach_summary})")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from snapshotter.layermount import layer_stats
+
+    stats = layer_stats(args.mountpoint, root=args.root)
+    if args.json:
+        _print_json(stats)
+    else:
+        for key, value in stats.items():
+            print(f"{key:24} {value}")
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from snapshotter.layermount import umount_layer
+
+    umount_layer(args.mountpoint, root=args.root)
+    return 0
