@@ -1,0 +1,43 @@
+"""A layer's block image: EROFS metadata from the TOC plus lazily fetched, verified file data."""
+
+from blockfs.image._control import ControlError, ControlServer, query_stats
+from blockfs.image._exports import ExportTable, open_file_source
+from blockfs.image._extents import ExtentMap, ExtentMapError
+from blockfs.image._layer import ChunkReader, ImageReadError, LayerImage, LayerStats
+from blockfs.image._reader import BlobChunkReader
+from blockfs.image._record import (
+    EXTENTS_FILE,
+    INDEX_FILE,
+    LAYER_JSON,
+    LayerRecord,
+    LayerStateError,
+    check_export_name,
+    index_layer,
+)
+from blockfs.image._server import ServedLayers, ServerConfig, ServerConfigError, parse_size
+
+__all__ = [
+    "EXTENTS_FILE",
+    "INDEX_FILE",
+    "LAYER_JSON",
+    "BlobChunkReader",
+    "ChunkReader",
+    "ControlError",
+    "ControlServer",
+    "ExportTable",
+    "ExtentMap",
+    "ExtentMapError",
+    "ImageReadError",
+    "LayerImage",
+    "LayerRecord",
+    "LayerStateError",
+    "LayerStats",
+    "ServedLayers",
+    "ServerConfig",
+    "ServerConfigError",
+    "check_export_name",
+    "index_layer",
+    "open_file_source",
+    "parse_size",
+    "query_stats",
+]

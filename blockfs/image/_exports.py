@@ -1,0 +1,134 @@
+"""ExportTable: the layers one NBD server process serves, by export name.
+
+Exports are the layer directories under one root: adding a layer is writing its
+directory (see ``index_layer``), so the server needs no other signal to serve it.
+A layer is opened on first use and shared by every connection to it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from blockfs.cache import ChunkCache
+from blockfs.estargz import BlobSource, CountingSource, FileBlobSource
+from blockfs.image._extents import ExtentMap
+from blockfs.image._layer import LayerImage
+from blockfs.image._reader import BlobChunkReader
+from blockfs.image._record import (
+    EXTENTS_FILE,
+    INDEX_FILE,
+    LayerRecord,
+    LayerStateError,
+    check_export_name,
+)
+
+SourceOpener = Callable[[dict[str, Any]], BlobSource]
+
+
+def open_file_source(spec: dict[str, Any]) -> BlobSource:
+    """Open a ``{"type": "file", "path": ...}`` source; other types are refused."""
+    if spec.get("type") != "file":
+        raise LayerStateError(f"this server cannot open blob sources of type {spec.get('type')!r}")
+    return FileBlobSource(spec["path"])
+
+
+class _Served:
+    def __init__(self, record: LayerRecord, image: LayerImage, source: CountingSource) -> None:
+        self.record = record
+        self.image = image
+        self.source = source
+        self.prefetch_thread: threading.Thread | None = None
+
+
+class ExportTable:
+    """Opens and keeps the LayerImage of each export under ``root``."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        cache: ChunkCache,
+        *,
+        open_source: SourceOpener = open_file_source,
+        prefetch: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.cache = cache
+        self.open_source = open_source
+        self.prefetch = prefetch
+        self._lock = threading.Lock()
+        self._served: dict[str, _Served] = {}
+        self._stop = threading.Event()
+
+    def names(self) -> list[str]:
+        """Export names of every complete layer directory under the root."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if not p.name.startswith(".") and (p / INDEX_FILE).exists()
+        )
+
+    def open(self, name: str) -> LayerImage:
+        """The image of export ``name``, opened on first use."""
+        check_export_name(name)
+        with self._lock:
+            served = self._served.get(name)
+            if served is None:
+                served = self._load(name)
+                self._served[name] = served
+            return served.image
+
+    def _load(self, name: str) -> _Served:
+        layer_dir = self.root / name
+        record = LayerRecord.load(layer_dir)
+        extents = ExtentMap.load(layer_dir / EXTENTS_FILE)
+        source = CountingSource(self.open_source(record.source))
+        reader = BlobChunkReader(source, record.compression)
+        image = LayerImage(name, layer_dir / INDEX_FILE, extents, reader, self.cache)
+        served = _Served(record, image, source)
+        if self.prefetch and record.prefetch_end:
+            end = record.prefetch_end
+            served.prefetch_thread = threading.Thread(
+                target=image.prefetch, args=(end, self._stop), name=f"prefetch-{name}", daemon=True
+            )
+            served.prefetch_thread.start()
+        return served
+
+    def forget(self, name: str) -> None:
+        """Drop export ``name`` from memory (its directory is left alone)."""
+        with self._lock:
+            served = self._served.pop(name, None)
+        if served is not None:
+            served.image.close()
+
+    def stats(self, name: str | None = None) -> dict[str, Any]:
+        """Per-export statistics: bytes fetched (indexing included), chunk and cache counters."""
+        with self._lock:
+            items = list(self._served.items())
+        layers: dict[str, Any] = {}
+        for export, served in items:
+            if name is not None and export != name:
+                continue
+            layers[export] = {
+                **served.image.stats.to_json(),
+                "bytes_fetched": served.record.index_bytes_fetched + served.source.bytes_read,
+                "range_requests": served.source.requests,
+                "image_size": served.image.size,
+                "blob_size": served.record.blob_size,
+            }
+        return {"layers": layers, "cache": attrs.asdict(self.cache.stats)}
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            served = list(self._served.values())
+            self._served.clear()
+        for s in served:
+            s.image.close()

@@ -1,0 +1,277 @@
+"""ExtentMap: block ranges of a layer's block image -> the eStargz chunks behind them.
+
+It is what the block image needs at read time, in compact arrays rather than one Python
+object per chunk, so that serving many large layers from one process stays cheap. It is
+written once when a layer is indexed and loaded by the NBD server.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+import sys
+from array import array
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from blockfs.errors import BlockfsError
+from blockfs.estargz import TOC, Chunk
+
+# extents file header, 48 bytes: 0 magic "BFSEXT01", 8 u32 version, 12 u32 block size,
+# 16 u64 metadata blocks, 24 u64 total blocks, 32 u64 extent count, 40 u64 chunk count.
+# Then, little-endian u64 arrays: extent start block[n], extent byte size[n],
+# extent first chunk[n + 1], extent name offset[n + 1]; chunk offset[m], end[m], inner
+# offset[m], file offset[m], size[m]; then m raw 32-byte sha256 digests; then the UTF-8
+# names of the extents' files, back to back (only read to name a file in an error).
+_HEADER = struct.Struct("<8sIIQQQQ")
+_MAGIC = b"BFSEXT01"
+_VERSION = 2
+
+
+class ExtentMapError(BlockfsError):
+    """An extents file is damaged or was written by an incompatible version."""
+
+
+class _Extent(Protocol):
+    @property
+    def start_block(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def entry_name(self) -> str: ...
+
+
+class _Index(Protocol):
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def meta_blocks(self) -> int: ...
+    @property
+    def total_blocks(self) -> int: ...
+    @property
+    def extents(self) -> Iterable[_Extent]: ...
+
+
+def _u64(values: Iterable[int] = ()) -> array[int]:
+    return array("Q", values)
+
+
+class ExtentMap:
+    """Which chunks hold the bytes of each file extent in the data region."""
+
+    def __init__(
+        self,
+        *,
+        block_size: int,
+        meta_blocks: int,
+        total_blocks: int,
+        ext_start: array[int],
+        ext_size: array[int],
+        ext_first_chunk: array[int],
+        chunk_offset: array[int],
+        chunk_end: array[int],
+        chunk_inner: array[int],
+        chunk_file_offset: array[int],
+        chunk_size: array[int],
+        chunk_digests: bytes,
+        name_offsets: array[int],
+        names: bytes,
+    ) -> None:
+        self.block_size = block_size
+        self.meta_blocks = meta_blocks
+        self.total_blocks = total_blocks
+        self._ext_start = ext_start
+        self._ext_size = ext_size
+        self._ext_first_chunk = ext_first_chunk
+        self._c_offset = chunk_offset
+        self._c_end = chunk_end
+        self._c_inner = chunk_inner
+        self._c_file_offset = chunk_file_offset
+        self._c_size = chunk_size
+        self._c_digests = chunk_digests
+        self._name_offsets = name_offsets
+        self._names = names
+
+    @property
+    def meta_size(self) -> int:
+        return self.meta_blocks * self.block_size
+
+    @property
+    def image_size(self) -> int:
+        return self.total_blocks * self.block_size
+
+    @property
+    def extent_count(self) -> int:
+        return len(self._ext_start)
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self._c_offset)
+
+    @classmethod
+    def build(cls, index: _Index, toc: TOC) -> ExtentMap:
+        """Map each extent of an EROFS ``index`` to the chunks of its file in ``toc``."""
+        ext_start, ext_size, ext_first = _u64(), _u64(), _u64([0])
+        c_off, c_end, c_inner, c_foff, c_size = _u64(), _u64(), _u64(), _u64(), _u64()
+        digests = bytearray()
+        name_offsets, names = _u64([0]), bytearray()
+        for ext in index.extents:
+            names += ext.entry_name.encode("utf-8", "surrogateescape")
+            name_offsets.append(len(names))
+            entry = toc.lookup(ext.entry_name)
+            ext_start.append(ext.start_block)
+            ext_size.append(ext.size)
+            for c in entry.chunks:
+                if c_off and c.offset < c_off[-1]:
+                    # chunks_in_member relies on blob order; the layout keeps it.
+                    raise ExtentMapError(f"extents of {ext.entry_name!r} are not in blob order")
+                c_off.append(c.offset)
+                c_end.append(c.end)
+                c_inner.append(c.inner_offset)
+                c_foff.append(c.chunk_offset)
+                c_size.append(c.size)
+                digests += _digest_bytes(c.digest)
+            ext_first.append(len(c_off))
+        return cls(
+            block_size=index.block_size,
+            meta_blocks=index.meta_blocks,
+            total_blocks=index.total_blocks,
+            ext_start=ext_start,
+            ext_size=ext_size,
+            ext_first_chunk=ext_first,
+            chunk_offset=c_off,
+            chunk_end=c_end,
+            chunk_inner=c_inner,
+            chunk_file_offset=c_foff,
+            chunk_size=c_size,
+            chunk_digests=bytes(digests),
+            name_offsets=name_offsets,
+            names=bytes(names),
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the map to ``path`` atomically."""
+        n, m = self.extent_count, self.chunk_count
+        parts = [
+            _HEADER.pack(
+                _MAGIC, _VERSION, self.block_size, self.meta_blocks, self.total_blocks, n, m
+            )
+        ]
+        for arr in (
+            self._ext_start,
+            self._ext_size,
+            self._ext_first_chunk,
+            self._name_offsets,
+            self._c_offset,
+            self._c_end,
+            self._c_inner,
+            self._c_file_offset,
+            self._c_size,
+        ):
+            parts.append(_le_bytes(arr))
+        parts.append(self._c_digests)
+        parts.append(self._names)
+        tmp = Path(f"{os.fspath(path)}.tmp")
+        tmp.write_bytes(b"".join(parts))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ExtentMap:
+        """Read a map written by :meth:`save`, checking its shape."""
+        data = Path(path).read_bytes()
+        if len(data) < _HEADER.size:
+            raise ExtentMapError(f"{path}: truncated extents file")
+        magic, version, bsize, meta, total, n, m = _HEADER.unpack_from(data)
+        if magic != _MAGIC or version != _VERSION:
+            raise ExtentMapError(f"{path}: not a blockfs extents file of version {_VERSION}")
+        fixed = _HEADER.size + 8 * (4 * n + 2 + 5 * m) + 32 * m
+        if len(data) < fixed:
+            raise ExtentMapError(f"{path}: truncated extents file")
+        pos = _HEADER.size
+        arrays = []
+        for count in (n, n, n + 1, n + 1, m, m, m, m, m):
+            arr = array("Q")
+            arr.frombytes(data[pos : pos + 8 * count])
+            if sys.byteorder != "little":
+                arr.byteswap()
+            arrays.append(arr)
+            pos += 8 * count
+        if len(data) != fixed + arrays[3][-1]:
+            raise ExtentMapError(f"{path}: size {len(data)} does not match its header")
+        return cls(
+            block_size=bsize,
+            meta_blocks=meta,
+            total_blocks=total,
+            ext_start=arrays[0],
+            ext_size=arrays[1],
+            ext_first_chunk=arrays[2],
+            chunk_offset=arrays[4],
+            chunk_end=arrays[5],
+            chunk_inner=arrays[6],
+            chunk_file_offset=arrays[7],
+            chunk_size=arrays[8],
+            chunk_digests=data[pos : pos + 32 * m],
+            name_offsets=arrays[3],
+            names=data[pos + 32 * m :],
+        )
+
+    def extent_at(self, offset: int) -> int | None:
+        """Number of the extent whose blocks hold image byte ``offset``, if any."""
+        i = bisect.bisect_right(self._ext_start, offset // self.block_size) - 1
+        if i < 0:
+            return None
+        start = self._ext_start[i] * self.block_size
+        blocks = -(-self._ext_size[i] // self.block_size)
+        return i if offset < start + blocks * self.block_size else None
+
+    def extent_span(self, i: int) -> tuple[int, int]:
+        """(first image byte, file size) of extent ``i``."""
+        return self._ext_start[i] * self.block_size, self._ext_size[i]
+
+    def chunk_in_extent(self, i: int, file_offset: int) -> int:
+        """Number of the chunk of extent ``i`` that holds byte ``file_offset`` of its file."""
+        lo, hi = self._ext_first_chunk[i], self._ext_first_chunk[i + 1]
+        return bisect.bisect_right(self._c_file_offset, file_offset, lo, hi) - 1
+
+    def chunk(self, j: int) -> Chunk:
+        """Chunk number ``j``."""
+        return Chunk(
+            offset=self._c_offset[j],
+            end=self._c_end[j],
+            inner_offset=self._c_inner[j],
+            chunk_offset=self._c_file_offset[j],
+            size=self._c_size[j],
+            digest="sha256:" + self._c_digests[32 * j : 32 * j + 32].hex(),
+        )
+
+    def extent_name(self, i: int) -> str:
+        """Name of the file whose data extent ``i`` holds."""
+        lo, hi = self._name_offsets[i], self._name_offsets[i + 1]
+        return self._names[lo:hi].decode("utf-8", "surrogateescape")
+
+    def file_of_chunk(self, j: int) -> str:
+        """Name of the file that chunk ``j`` belongs to."""
+        return self.extent_name(bisect.bisect_right(self._ext_first_chunk, j) - 1)
+
+    def chunks_in_member(self, offset: int) -> list[int]:
+        """Numbers of the chunks whose compressed stream starts at blob ``offset``."""
+        # Chunks are stored in blob order, so those of one member are adjacent.
+        lo = bisect.bisect_left(self._c_offset, offset)
+        hi = bisect.bisect_right(self._c_offset, offset)
+        return list(range(lo, hi))
+
+
+def _digest_bytes(digest: str) -> bytes:
+    if not digest.startswith("sha256:") or len(digest) != 71:
+        raise ExtentMapError(f"chunk has no sha256 digest: {digest!r}")
+    return bytes.fromhex(digest[7:])
+
+
+def _le_bytes(arr: array[int]) -> bytes:
+    if sys.byteorder == "little":
+        return arr.tobytes()
+    copy = array("Q", arr)
+    copy.byteswap()
+    return copy.tobytes()

@@ -1,0 +1,96 @@
+"""What an NBD server process holds: its configuration, chunk cache, exports and stats socket.
+
+The nbdkit plugin builds one ServedLayers after nbdkit forks and delegates every
+callback to it; nothing here knows about nbdkit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from blockfs.cache import ChunkCache
+from blockfs.errors import BlockfsError
+from blockfs.image._control import ControlServer
+from blockfs.image._exports import ExportTable
+
+
+class ServerConfigError(BlockfsError):
+    """The NBD server was started with missing or invalid parameters."""
+
+
+def parse_size(text: str) -> int:
+    """``10G``, ``256M``, ``4096`` -> bytes (binary units)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = t[-1:] if t[-1:] in units else ""
+    try:
+        value = float(t[: len(t) - len(suffix)]) * units[suffix]
+    except ValueError:
+        raise ServerConfigError(f"not a size: {text!r} (examples: 4096, 256M, 10G)") from None
+    if value < 0:
+        raise ServerConfigError(f"size must not be negative: {text!r}")
+    return int(value)
+
+
+@attrs.frozen
+class ServerConfig:
+    """Parameters of one NBD server process."""
+
+    root: Path
+    cache_dir: Path
+    cache_max: int = 10 << 30
+    memory_cache: int = 256 << 20
+    control: Path | None = None
+    prefetch: bool = False
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> ServerConfig:
+        known = {"root", "cache", "cache_max", "memory_cache", "control", "prefetch"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ServerConfigError(f"unknown parameters {unknown}; known: {sorted(known)}")
+        for required in ("root", "cache"):
+            if required not in params:
+                raise ServerConfigError(f"missing parameter {required}=DIR")
+        return cls(
+            root=Path(params["root"]).absolute(),
+            cache_dir=Path(params["cache"]).absolute(),
+            cache_max=parse_size(params.get("cache_max", "10G")),
+            memory_cache=parse_size(params.get("memory_cache", "256M")),
+            control=Path(params["control"]).absolute() if "control" in params else None,
+            prefetch=params.get("prefetch", "0").lower() in ("1", "true", "yes", "on"),
+        )
+
+    def to_params(self) -> list[str]:
+        """The ``key=value`` arguments that reproduce this configuration."""
+        out = [
+            f"root={self.root}",
+            f"cache={self.cache_dir}",
+            f"cache_max={self.cache_max}",
+            f"memory_cache={self.memory_cache}",
+            f"prefetch={int(self.prefetch)}",
+        ]
+        if self.control is not None:
+            out.append(f"control={self.control}")
+        return out
+
+
+class ServedLayers:
+    """The exports, cache and stats endpoint of one server process."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.cache = ChunkCache(
+            config.cache_dir, max_bytes=config.cache_max, memory_bytes=config.memory_cache
+        )
+        self.exports = ExportTable(config.root, self.cache, prefetch=config.prefetch)
+        self.control = (
+            ControlServer(str(config.control), self.exports.stats) if config.control else None
+        )
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        self.exports.close()

@@ -1,0 +1,138 @@
+"""LayerImage over the reference blobs: metadata from the index, file data from verified chunks."""
+
+import threading
+
+import pytest
+
+from blockfs.cache import ChunkCache
+from blockfs.estargz import BlobReader, CountingSource, FileBlobSource, FormatError
+from blockfs.image import (
+    EXTENTS_FILE,
+    INDEX_FILE,
+    BlobChunkReader,
+    ExtentMap,
+    ExtentMapError,
+    LayerImage,
+    index_layer,
+)
+from tests.helpers.testdata import TESTDATA, VERIFIABLE_BLOBS, toc_digest_of
+
+
+def open_image(blob_path, tmp_path, *, toc_digest=None, cache_bytes=0):
+    reader = BlobReader.open(FileBlobSource(blob_path), toc_digest=toc_digest)
+    layer_dir = tmp_path / "layer"
+    record = index_layer(
+        reader,
+        layer_dir,
+        name="l",
+        source={"type": "file", "path": str(blob_path)},
+        bytes_fetched=0,
+    )
+    source = CountingSource(FileBlobSource(blob_path))
+    emap = ExtentMap.load(layer_dir / EXTENTS_FILE)
+    cache = ChunkCache(tmp_path / "cache", max_bytes=1 << 30, memory_bytes=cache_bytes)
+    image = LayerImage(
+        "l", layer_dir / INDEX_FILE, emap, BlobChunkReader(source, record.compression), cache
+    )
+    return image, reader.toc, emap, source
+
+
+def file_span(emap, toc, name):
+    for i in range(emap.extent_count):
+        if emap.extent_name(i) == toc.lookup(name).name:
+            return emap.extent_span(i)
+    raise AssertionError(f"no extent for {name}")
+
+
+@pytest.mark.parametrize("blob", VERIFIABLE_BLOBS)
+def test_every_file_reads_back_exactly_through_the_image(blob, tmp_path, layer_files):
+    image, toc, emap, _ = open_image(TESTDATA / blob, tmp_path, toc_digest=toc_digest_of(blob))
+    checked = 0
+    for name, content in layer_files.items():
+        if not content or name.endswith((".wh.removed.conf", ".wh..wh..opq")):
+            continue
+        start, size = file_span(emap, toc, name)
+        assert size == len(content)
+        padded = -(-size // 4096) * 4096
+        data = image.pread(start, padded)
+        assert data[:size] == content, name
+        assert data[size:] == bytes(padded - size)
+        checked += 1
+    assert checked > 40
+
+
+def test_metadata_reads_fetch_nothing_from_the_blob(tmp_path):
+    image, _, emap, source = open_image(TESTDATA / "gzip-64k.esgz", tmp_path)
+    assert image.pread(0, emap.meta_size)[1024:1028] == bytes.fromhex("e2e1f5e0")
+    assert source.bytes_read == 0
+
+
+def test_reading_one_small_file_fetches_only_its_member(tmp_path, layer_files):
+    image, toc, emap, source = open_image(TESTDATA / "gzip-64k.esgz", tmp_path)
+    start, size = file_span(emap, toc, "etc/passwd")
+    assert image.pread(start, 4096)[:size] == layer_files["etc/passwd"]
+    chunk = toc.lookup("etc/passwd").chunks[0]
+    assert source.requests == 1
+    assert source.bytes_read == chunk.end - chunk.offset
+    assert image.stats.chunks_fetched == 1
+
+
+def test_second_read_is_served_from_the_cache(tmp_path, layer_files):
+    image, toc, emap, source = open_image(TESTDATA / "gzip-64k.esgz", tmp_path)
+    start, _ = file_span(emap, toc, "usr/lib/libbig.so")
+    first = image.pread(start, 1 << 20)
+    fetched = source.bytes_read
+    assert image.pread(start, 1 << 20) == first == layer_files["usr/lib/libbig.so"][: 1 << 20]
+    assert source.bytes_read == fetched
+    assert image.stats.cache_hits >= 16
+
+
+def test_concurrent_reads_of_one_chunk_fetch_it_once(tmp_path):
+    image, toc, emap, source = open_image(TESTDATA / "gzip-default.esgz", tmp_path)
+    start, _ = file_span(emap, toc, "usr/lib/libbig.so")
+    results = []
+    threads = [
+        threading.Thread(target=lambda k=k: results.append(image.pread(start + k * 4096, 4096)))
+        for k in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8
+    assert image.stats.members_fetched == 1
+    assert source.requests == 1
+
+
+def test_flipped_chunk_byte_fails_that_file_and_leaves_others_readable(
+    tmp_path, blob_copy, layer_files
+):
+    path = blob_copy("gzip-64k.esgz")
+    reader = BlobReader.open(FileBlobSource(path))
+    chunk = reader.toc.lookup("usr/share/doc/README").chunks[0]
+    data = bytearray(path.read_bytes())
+    data[(chunk.offset + chunk.end) // 2] ^= 0x55
+    path.write_bytes(bytes(data))
+    image, toc, emap, _ = open_image(path, tmp_path)
+    start, _ = file_span(emap, toc, "usr/share/doc/README")
+    with pytest.raises(FormatError):
+        image.pread(start, 4096)
+    assert image.stats.verification_failures == 1
+    with pytest.raises(FormatError):  # still refused: nothing bad was cached
+        image.pread(start, 4096)
+    start, size = file_span(emap, toc, "etc/passwd")
+    assert image.pread(start, 4096)[:size] == layer_files["etc/passwd"]
+
+
+def test_damaged_extents_file_is_refused(tmp_path):
+    open_image(TESTDATA / "gzip-64k.esgz", tmp_path)
+    path = tmp_path / "layer" / EXTENTS_FILE
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ExtentMapError):
+        ExtentMap.load(path)
+
+
+def test_reads_outside_the_image_are_refused(tmp_path):
+    image, *_ = open_image(TESTDATA / "gzip-64k.esgz", tmp_path)
+    with pytest.raises(Exception, match="outside"):
+        image.pread(image.size - 10, 20)
