@@ -1,0 +1,185 @@
+"""The NBD server process: nbdkit running blockfs's Python plugin over a unix socket.
+
+It runs apart from whatever starts it (the CLI or the snapshotter daemon), in its own
+session, so that restarting the starter never takes a mounted layer away. Its pid file,
+socket and log live in one run directory, which is also how a new starter finds and
+adopts a server that is already running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import blockfs
+from blockfs.errors import BlockfsError
+from blockfs.image import ServerConfig
+
+PLUGIN = Path(__file__).resolve().parent.parent / "plugins" / "blockfs_nbdkit.py"
+
+# Runs "$@" (with output appended to the log "$1") under a subshell that prints the
+# child's pid, lets go of the caller's pipes and stays as the child's parent until it ends.
+_SUPERVISE = 'log=$1; shift; ( "$@" </dev/null >>"$log" 2>&1 & echo $!; exec >/dev/null 2>&1; wait ) &'
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+class NBDServerError(BlockfsError):
+    """The NBD server could not be started or stopped."""
+
+
+def plugin_pythonpath() -> str:
+    """PYTHONPATH that lets nbdkit's embedded Python import blockfs and its dependencies."""
+    project = Path(blockfs.__file__).resolve().parent.parent
+    paths = [str(project), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    return os.pathsep.join(dict.fromkeys(paths))
+
+
+class NBDServer:
+    """An nbdkit process serving the layers of ``config.root`` on ``run_dir/nbd.sock``."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        config: ServerConfig,
+        *,
+        socket: str | os.PathLike[str] | None = None,
+        threads: int = 16,
+    ):
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.socket = Path(socket).absolute() if socket else self.run_dir / "nbd.sock"
+        self.threads = threads
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "nbdkit.pid"
+
+    @property
+    def logfile(self) -> Path:
+        return self.run_dir / "nbdkit.log"
+
+    def command(self) -> list[str]:
+        """The nbdkit command line."""
+        return [
+            "nbdkit",
+            "--foreground",
+            "--readonly",
+            "--unix",
+            str(self.socket),
+            "--pidfile",
+            str(self.pidfile),
+            "--threads",
+            str(self.threads),
+            "python",
+            str(PLUGIN),
+            *self.config.to_params(),
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = plugin_pythonpath()
+        env.pop("PYTHONHOME", None)
+        # nbdkit's embedded interpreter finds the venv through the python3 first on PATH.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def pid(self) -> int | None:
+        """Pid of the running server, or None if it is not running."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        if b"nbdkit" not in cmdline or str(self.socket).encode() not in cmdline:
+            return None  # a stale pid file whose number was reused
+        return pid
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def start(self, timeout: float = 30.0) -> int:
+        """Start the server detached from this process and wait until it accepts connections."""
+        if (pid := self.pid()) is not None:
+            return pid
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (self.socket, self.pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        # nbdkit 1.32 as packaged by Debian arms a parent-death signal (SIGTERM) even
+        # without --exit-with-parent, so its parent must outlive whoever starts it: a
+        # detached shell that only waits for it is that parent.
+        launched = subprocess.run(
+            ["/bin/sh", "-c", _SUPERVISE, "sh", str(self.logfile), *self.command()],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=self.environment(),
+            start_new_session=True,
+            check=False,
+        )
+        if launched.returncode != 0 or not launched.stdout.strip().isdigit():
+            raise NBDServerError(f"cannot start nbdkit: {launched.stderr.strip()}")
+        child = int(launched.stdout.strip())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (pid := self.pid()) is not None and self.socket.exists():
+                return pid
+            if not _alive(child):
+                raise NBDServerError(
+                    f"nbdkit exited while starting; its log {self.logfile} says:\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        raise NBDServerError(f"nbdkit did not start within {timeout} s; see {self.logfile}")
+
+    def run(self) -> int:
+        """Run the server in the foreground until it exits or is interrupted; its status."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        proc = subprocess.Popen(self.command(), env=self.environment())
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGTERM)
+            return proc.wait()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket.unlink()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and remove its socket and pid file."""
+        pid = self.pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.05)
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for path in (self.socket, self.pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
