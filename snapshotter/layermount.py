@@ -21,7 +21,7 @@ from blockfs.errors import BlockfsError
 from blockfs.estargz import BlobReader, CountingSource, FileBlobSource
 from blockfs.image import ServerConfig, index_layer, query_stats
 from snapshotter.attach import Attachment, attach_and_mount, choose_mode, unmount_and_detach
-from snapshotter.nbdserver import NBDServer
+from snapshotter.nbdserver import NBDServer, socket_path
 
 MOUNT_JSON = "mount.json"
 
@@ -74,7 +74,7 @@ def _server_config(root: str | os.PathLike[str], run_dir: Path, *, prefetch: boo
     return ServerConfig(
         root=run_dir / "layers",
         cache_dir=Path(root).absolute() / "cache" / "chunks",
-        control=run_dir / "control.sock",
+        control=socket_path(run_dir, "control.sock"),
         prefetch=prefetch,
     )
 
@@ -151,7 +151,7 @@ def _load(mountpoint: str, root: str) -> LayerMount:
 def layer_stats(mountpoint: str, *, root: str) -> dict[str, Any]:
     """Statistics of the layer mounted at ``mountpoint``, as its NBD server counts them."""
     mounted = _load(mountpoint, root)
-    reply = query_stats(str(Path(mounted.run_dir) / "control.sock"), mounted.export)
+    reply = query_stats(str(socket_path(mounted.run_dir, "control.sock")), mounted.export)
     stats: dict[str, Any] = dict(reply["layers"].get(mounted.export, {}))
     stats["attach"] = mounted.attachment.mode.value
     stats["mount_method"] = mounted.attachment.mount_method

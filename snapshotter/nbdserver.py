@@ -9,7 +9,9 @@ adopts a server that is already running.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +27,29 @@ PLUGIN = Path(__file__).resolve().parent.parent / "plugins" / "blockfs_nbdkit.py
 
 # Runs "$@" (with output appended to the log "$1") under a subshell that prints the
 # child's pid, lets go of the caller's pipes and stays as the child's parent until it ends.
-_SUPERVISE = 'log=$1; shift; ( "$@" </dev/null >>"$log" 2>&1 & echo $!; exec >/dev/null 2>&1; wait ) &'
+_SUPERVISE = (
+    'log=$1; shift; ( "$@" </dev/null >>"$log" 2>&1 & echo $!; exec >/dev/null 2>&1; wait ) &'
+)
+
+
+# sockaddr_un holds at most 107 bytes of path.
+_MAX_SOCKET_PATH = 107
+RUNTIME_DIR = Path("/run/blockfs")
+
+
+def socket_path(run_dir: str | os.PathLike[str], name: str) -> Path:
+    """Where the unix socket ``name`` of ``run_dir`` lives.
+
+    Inside ``run_dir`` when the path fits in a socket address; otherwise in a private
+    directory under /run/blockfs named after ``run_dir``, so it is still found again.
+    """
+    path = Path(run_dir).absolute() / name
+    if len(os.fsencode(path)) <= _MAX_SOCKET_PATH:
+        return path
+    key = hashlib.sha256(os.fsencode(Path(run_dir).absolute())).hexdigest()[:16]
+    short = RUNTIME_DIR / key
+    short.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return short / name
 
 
 def _alive(pid: int) -> bool:
@@ -60,7 +84,7 @@ class NBDServer:
     ):
         self.run_dir = Path(run_dir)
         self.config = config
-        self.socket = Path(socket).absolute() if socket else self.run_dir / "nbd.sock"
+        self.socket = Path(socket).absolute() if socket else socket_path(self.run_dir, "nbd.sock")
         self.threads = threads
 
     @property
@@ -139,8 +163,7 @@ class NBDServer:
                 return pid
             if not _alive(child):
                 raise NBDServerError(
-                    f"nbdkit exited while starting; its log {self.logfile} says:\n"
-                    f"{self.log_tail()}"
+                    f"nbdkit exited while starting; its log {self.logfile} says:\n{self.log_tail()}"
                 )
             time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError):
@@ -148,17 +171,25 @@ class NBDServer:
         raise NBDServerError(f"nbdkit did not start within {timeout} s; see {self.logfile}")
 
     def run(self) -> int:
-        """Run the server in the foreground until it exits or is interrupted; its status."""
+        """Run the server in the foreground until it exits or this process is told to stop.
+
+        SIGTERM and SIGINT are passed on to nbdkit, which finishes its requests and exits;
+        the socket is removed afterwards. Returns nbdkit's exit status.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         proc = subprocess.Popen(self.command(), env=self.environment())
+
+        def forward(signum: int, frame: object) -> None:
+            proc.send_signal(signal.SIGTERM)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             return proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGTERM)
-            return proc.wait()
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             with contextlib.suppress(FileNotFoundError):
                 self.socket.unlink()
 
@@ -177,6 +208,8 @@ class NBDServer:
         for path in (self.socket, self.pidfile):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        if self.socket.parent.parent == RUNTIME_DIR:
+            shutil.rmtree(self.socket.parent, ignore_errors=True)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
