@@ -1,0 +1,158 @@
+"""``blockfs-snapshotter``: the containerd proxy snapshotter daemon.
+
+It serves containerd's Snapshots API on a unix socket until SIGTERM or SIGINT, then stops
+taking calls, lets running ones finish and exits. Mounts handed to containerd belong to
+containerd and the kernel, so stopping the daemon never disturbs a running container.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from blockfs.errors import BlockfsError
+from snapshotter._jsonlog import setup_json_logging
+from snapshotter.config import (
+    DEFAULT_CONFIG_PATH,
+    LOG_LEVELS,
+    ConfigError,
+    SnapshotterConfig,
+    load_config,
+)
+from snapshotter.mountspec import overlay_index_off_supported
+from snapshotter.service import SnapshotsService, start_server
+from snapshotter.store import SnapshotStore
+
+log = logging.getLogger("snapshotter")
+
+# How long running calls may take to finish after SIGTERM.
+STOP_GRACE_SECONDS = 10.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every flag but --config overrides the configuration file."""
+    p = argparse.ArgumentParser(
+        prog="blockfs-snapshotter",
+        description="containerd proxy snapshotter that pulls eStargz images lazily",
+    )
+    p.add_argument(
+        "--config",
+        help=f"TOML configuration file (default: {DEFAULT_CONFIG_PATH} when it exists)",
+    )
+    p.add_argument("--root", help="state directory (default: /var/lib/blockfs)")
+    p.add_argument("--address", help="unix socket to serve (default: ROOT/run/snapshotter.sock)")
+    p.add_argument("--hosts-dir", help="registry hosts.toml directory")
+    p.add_argument("--cache-size", help="chunk cache size limit, e.g. 10G")
+    p.add_argument(
+        "--prefetch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fetch a layer's prioritised files when it is mounted",
+    )
+    p.add_argument(
+        "--background-fetch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fetch the rest of each layer in the background",
+    )
+    p.add_argument("--attach", choices=("auto", "nbd", "nbdfuse"), help="how layers are attached")
+    p.add_argument("--log-level", choices=LOG_LEVELS)
+    p.add_argument("--metrics-address", help="HOST:PORT for the Prometheus /metrics endpoint")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SnapshotterConfig:
+    """The configuration file named by ``args`` with the flags applied on top."""
+    overrides = {
+        "root": args.root,
+        "address": args.address,
+        "hosts_dir": args.hosts_dir,
+        "cache_size": args.cache_size,
+        "prefetch": args.prefetch,
+        "background_fetch": args.background_fetch,
+        "attach": args.attach,
+        "log_level": args.log_level,
+        "metrics_address": args.metrics_address,
+    }
+    return load_config(args.config, overrides)
+
+
+def notify_systemd(state: str) -> None:
+    """Tell systemd ``state`` (READY=1, STOPPING=1) when it started us with Type=notify."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):  # abstract socket namespace
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.sendto(state.encode(), address)
+        except OSError as e:
+            log.warning("cannot notify systemd", extra={"state": state, "error": str(e)})
+
+
+def run(config: SnapshotterConfig, stop: threading.Event) -> None:
+    """Serve until ``stop`` is set; then stop the server and close the store."""
+    index_off = overlay_index_off_supported()
+    store = SnapshotStore(config.root)
+    try:
+        removed = store.cleanup()
+        if removed:
+            log.info("removed orphan snapshot directories", extra={"directories": removed})
+        server = start_server(SnapshotsService(store, index_off=index_off), config.socket)
+        try:
+            log.info(
+                "serving containerd snapshots API",
+                extra={
+                    "address": str(config.socket),
+                    "root": str(config.root),
+                    "pid": os.getpid(),
+                    "overlay_index_off": index_off,
+                },
+            )
+            notify_systemd("READY=1")
+            stop.wait()
+            notify_systemd("STOPPING=1")
+            log.info("stopping")
+        finally:
+            server.stop(STOP_GRACE_SECONDS).wait()
+            config.socket.unlink(missing_ok=True)
+    finally:
+        store.close()
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``blockfs-snapshotter``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"blockfs-snapshotter: {e}", file=sys.stderr)
+        return 2
+    setup_json_logging(config.log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received signal", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        run(config, stop)
+    except BlockfsError as e:
+        log.error("cannot serve: %s", e, extra={"error_type": type(e).__name__})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
