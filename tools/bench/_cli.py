@@ -1,0 +1,124 @@
+"""The command line of the benchmarks: ``python -m tools.bench {estargz,image} [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from tools.bench._report import Report, command_line, progress
+
+ESTARGZ_HELP = """\
+Measure the eStargz library (issue 2), each figure beside its baseline from the same run:
+(1) write throughput of blockfs.estargz.build, MB/s of input tar, for gzip level 9 (the
+default) and 6 and zstd level 3, with automatic and with one worker, against `gzip -9`,
+`gzip -6` and `zstd -3` compressing the same tar (a tar of --tree made on the fly);
+(2) parse_toc of a generated 100,000-entry TOC in fresh subprocesses: wall time and peak
+RSS, against a subprocess that only runs json.loads on the same bytes (targets: under
+1.5 s and under 300 MB); (3) read throughput of BlobReader.read_file (verified chunks) of a
+64 MiB file from local gzip and zstd blobs with 4 MiB and 64 KiB chunks, against plain
+decompression of the same members.
+Prints Markdown tables for docs/benchmarks.md on stdout, progress on stderr."""
+
+IMAGE_HELP = """\
+Measure the lazy block image (issue 3) as served in production (NBDServer, nbdkit with
+the blockfs plugin): (1) warm sequential read of a large file through the export with
+`nbdcopy URI null:` (all chunks cached), against a trivial nbdkit Python plugin serving
+the same bytes from a plain file (target: at least 50% of its MB/s), plus warm from the
+disk cache only; (2) cold read from a local blob with an empty chunk cache (decompression
+and verification bound), gzip and zstd, beside in-process decompression; (3) index build
+time (blockfs.erofs.build_index + ExtentMap.build) for a 100,000-entry TOC, parse timed
+apart (target: under 2 s); (4) VmRSS of the nbdkit process with 1 and with 20 layers open
+(target: under 8 MiB more per added layer).
+Prints Markdown tables for docs/benchmarks.md on stdout, progress on stderr."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.bench",
+        description="Benchmarks of blockfs. Figures, not tests: nothing here passes or fails "
+        "on time. Results and how to read them are in docs/benchmarks.md.",
+    )
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    e = sub.add_parser(
+        "estargz",
+        help="eStargz write, TOC parse and verified read throughput",
+        description=ESTARGZ_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument(
+        "--tree", type=Path, default=Path("/usr/lib/python3.11"), metavar="DIR",
+        help="directory whose tar is the write input (default: %(default)s, about 50 MB)",
+    )  # fmt: skip
+    e.add_argument("--toc-entries", type=int, default=100_000, metavar="N")
+    i = sub.add_parser(
+        "image",
+        help="NBD export read throughput, index build time and nbdkit memory",
+        description=IMAGE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    i.add_argument("--file-size", type=int, default=128, metavar="MiB",
+                   help="size of the large file read through the export (default: %(default)s)")  # fmt: skip
+    i.add_argument("--toc-entries", type=int, default=100_000, metavar="N")
+    i.add_argument("--layers", type=int, default=20, metavar="N",
+                   help="layers served for the memory figure (default: %(default)s)")  # fmt: skip
+    for p in (e, i):
+        p.add_argument("--quick", action="store_true",
+                       help="tiny inputs and one repetition: checks that the bench runs, "
+                       "its figures mean nothing")  # fmt: skip
+        p.add_argument("--repeat", type=int, default=3, metavar="N",
+                       help="runs per figure; the best is reported (default: %(default)s)")  # fmt: skip
+        p.add_argument("--workdir", type=Path, metavar="DIR",
+                       help="where inputs and blobs go (default: a new directory in /var/tmp)")  # fmt: skip
+        p.add_argument("--keep", action="store_true", help="keep the work directory")
+        p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m tools.bench``; returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(args_list)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=args.workdir))
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="blockfs-bench-", dir="/var/tmp"))
+    try:
+        report = _run(args, workdir, command_line(args_list))
+    finally:
+        if args.keep:
+            progress(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(report.markdown())
+    if args.json is not None:
+        report.write_json(args.json)
+    return 0
+
+
+def _run(args: argparse.Namespace, workdir: Path, command: str) -> Report:
+    # Imported here so that `--help` and the one that is not run cost nothing.
+    if args.bench == "estargz":
+        from tools.bench._estargz import EstargzBench
+
+        return EstargzBench(
+            workdir,
+            tree=args.tree,
+            quick=args.quick,
+            repeat=args.repeat,
+            toc_entries=args.toc_entries,
+        ).run(command)
+    from tools.bench._image import ImageBench
+
+    return ImageBench(
+        workdir,
+        quick=args.quick,
+        repeat=args.repeat,
+        toc_entries=args.toc_entries,
+        file_size=args.file_size << 20,
+        layers=args.layers,
+    ).run(command)
