@@ -1,8 +1,10 @@
 """ChunkCache: verified chunk plaintext on disk (atomic writes, size limit) plus a memory LRU.
 
 Chunks are keyed by their sha256, so a chunk that appears in many layers or images is
-stored once. Only bytes whose digest was verified are put in; bytes read back from disk
-are verified again, so a damaged or tampered cache file is a miss, never wrong data.
+stored once. Only bytes whose digest was verified are put in; a file read back from disk
+is verified again the first time this process reads it, so a damaged cache file is a
+miss, never wrong data. After that, ranges of it are read without hashing the whole
+chunk again (cache files are written once and replaced only by rename).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class ChunkCache:
         self._memory_used = 0
         # Files on disk in least-recently-used order, with their sizes.
         self._disk: OrderedDict[str, int] = OrderedDict()
+        # Files this process has read back and verified since they were last written.
+        self._verified: set[str] = set()
         self.root.mkdir(parents=True, exist_ok=True)
         self._scan()
 
@@ -111,6 +115,7 @@ class ChunkCache:
             return None
         with self._lock:
             self.stats.disk_hits += 1
+            self._verified.add(hex_)
             if hex_ in self._disk:
                 self._disk.move_to_end(hex_)
             else:  # stored by another process sharing the directory
@@ -118,6 +123,33 @@ class ChunkCache:
                 self.stats.disk_bytes += len(data)
             self._remember_locked(hex_, data)
         return data
+
+    def read(self, digest: str, offset: int, length: int) -> bytes | None:
+        """Bytes ``[offset, offset + length)`` of the cached chunk ``digest``, or None."""
+        hex_ = _hex_of(digest)
+        with self._lock:
+            data = self._memory.get(hex_)
+            if data is not None:
+                self._memory.move_to_end(hex_)
+                self.stats.memory_hits += 1
+                return data[offset : offset + length]
+            trusted = hex_ in self._verified
+        if trusted:
+            try:
+                with open(self._path(hex_), "rb") as f:
+                    part = os.pread(f.fileno(), length, offset)
+            except FileNotFoundError:
+                part = b""
+            if len(part) == length:
+                with self._lock:
+                    self.stats.disk_hits += 1
+                    if hex_ in self._disk:
+                        self._disk.move_to_end(hex_)
+                return part
+            with self._lock:
+                self._verified.discard(hex_)
+        data = self.get(digest)
+        return None if data is None else data[offset : offset + length]
 
     def put(self, digest: str, data: bytes) -> None:
         """Store ``data``, whose sha256 the caller has verified equals ``digest``."""
@@ -167,6 +199,7 @@ class ChunkCache:
             self._memory_used -= len(old)
 
     def _forget_locked(self, hex_: str) -> None:
+        self._verified.discard(hex_)
         size = self._disk.pop(hex_, None)
         if size is not None:
             self.stats.disk_bytes -= size
@@ -174,6 +207,7 @@ class ChunkCache:
     def _evict_locked(self) -> None:
         while self.stats.disk_bytes > self.max_bytes and self._disk:
             hex_, size = self._disk.popitem(last=False)
+            self._verified.discard(hex_)
             self.stats.disk_bytes -= size
             self.stats.evictions += 1
             with contextlib.suppress(OSError):
@@ -186,6 +220,7 @@ class ChunkCache:
                 with contextlib.suppress(OSError):
                     self._path(hex_).unlink()
             self._disk.clear()
+            self._verified.clear()
             self._memory.clear()
             self._memory_used = 0
             self.stats.disk_bytes = 0

@@ -127,10 +127,9 @@ class LayerImage:
                 continue
             j = self.extents.chunk_in_extent(i, file_offset)
             chunk = self.extents.chunk(j)
-            data = self._chunk_bytes(chunk)
             within = file_offset - chunk.chunk_offset
             take = min(chunk.size - within, end - pos, file_size - file_offset)
-            out[pos - offset : pos - offset + take] = data[within : within + take]
+            out[pos - offset : pos - offset + take] = self._chunk_range(chunk, within, take)
             pos += take
         with self._lock:
             self.stats.reads += 1
@@ -138,13 +137,14 @@ class LayerImage:
             self.stats.data_reads += touched_data
         return bytes(out)
 
-    def _chunk_bytes(self, chunk: Chunk) -> bytes:
-        data = self.cache.get(chunk.digest)
+    def _chunk_range(self, chunk: Chunk, start: int, length: int) -> bytes:
+        """Bytes ``[start, start + length)`` of ``chunk``: from the cache, else fetched."""
+        data = self.cache.read(chunk.digest, start, length)
         if data is not None:
             with self._lock:
                 self.stats.cache_hits += 1
             return data
-        return self._fetch_member(chunk.offset)[chunk.digest]
+        return self._fetch_member(chunk.offset)[chunk.digest][start : start + length]
 
     def _fetch_member(self, member_offset: int) -> dict[str, bytes]:
         """Fetch (once, however many threads ask) every chunk that starts at ``member_offset``."""

@@ -97,3 +97,37 @@ def test_concurrent_puts_of_the_same_chunk_store_it_once(tmp_path):
         t.join()
     assert cache.stats.disk_bytes == len(data)
     assert [f.name for f in tmp_path.rglob("*") if f.is_file()] == [digest(data)[7:]]
+
+
+def test_range_read_returns_the_slice_from_memory_and_from_disk(tmp_path):
+    data = os.urandom(20000)
+    ChunkCache(tmp_path, max_bytes=1 << 20).put(digest(data), data)
+    cache = ChunkCache(tmp_path, max_bytes=1 << 20)  # nothing in memory
+    assert cache.read(digest(data), 100, 50) == data[100:150]  # verifies the whole file
+    assert cache.read(digest(data), 19990, 10) == data[19990:]  # then reads just the range
+    assert cache.stats.disk_hits == 2
+    hot = ChunkCache(tmp_path, max_bytes=1 << 20, memory_bytes=1 << 20)
+    hot.get(digest(data))
+    assert hot.read(digest(data), 5, 5) == data[5:10]
+    assert hot.stats.memory_hits == 1
+
+
+def test_range_read_of_a_damaged_file_is_a_miss(tmp_path):
+    data = os.urandom(8192)
+    ChunkCache(tmp_path, max_bytes=1 << 20).put(digest(data), data)
+    path = tmp_path / digest(data)[7:9] / digest(data)[7:]
+    damaged = bytearray(path.read_bytes())
+    damaged[0] ^= 1
+    path.write_bytes(bytes(damaged))
+    cache = ChunkCache(tmp_path, max_bytes=1 << 20)
+    assert cache.read(digest(data), 1000, 10) is None
+    assert cache.stats.corrupt == 1
+
+
+def test_range_read_after_eviction_is_a_miss(tmp_path):
+    a, b = os.urandom(3000), os.urandom(3000)
+    cache = ChunkCache(tmp_path, max_bytes=4000)
+    cache.put(digest(a), a)
+    assert cache.read(digest(a), 0, 10) == a[:10]
+    cache.put(digest(b), b)  # evicts a
+    assert cache.read(digest(a), 0, 10) is None
