@@ -55,7 +55,9 @@ class MountError(BlockfsError, OSError):
     """A mount, unmount or loop-device call failed; ``errno`` says why."""
 
     def __init__(self, errno_: int, message: str) -> None:
-        super().__init__(errno_, f"{message}: {os.strerror(errno_)}")
+        text = f"{message}: {os.strerror(errno_)}"
+        OSError.__init__(self, errno_, text)
+        self.message = text
 
 
 def mount(source: str, target: str, fstype: str, flags: int = 0, data: str | None = None) -> None:

@@ -97,12 +97,11 @@ class NetlinkError(BlockfsError):
     """The kernel refused a netlink request; ``errno`` is the error it returned."""
 
     def __init__(self, message: str, *, errno_: int) -> None:
-        self.message = message
+        super().__init__(f"{message}: {os.strerror(errno_)}")
         self.errno = errno_
-        super().__init__(message)
 
-    def __str__(self) -> str:
-        return f"{self.message}: {os.strerror(self.errno)} (errno {self.errno})"
+    def context(self) -> list[str]:
+        return [f"errno {self.errno}"]
 
 
 class FamilyNotFoundError(NetlinkError):

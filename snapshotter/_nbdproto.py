@@ -114,13 +114,12 @@ class HandshakeError(BlockfsError):
     """
 
     def __init__(self, message: str, *, export: str, reply: int | None = None) -> None:
-        self.message = message
+        super().__init__(message)
         self.export = export
         self.reply = reply
-        super().__init__(message)
 
-    def __str__(self) -> str:
-        return f"{self.message} (export {self.export!r})"
+    def context(self) -> list[str]:
+        return [f"export {self.export!r}"]
 
 
 class ExportNotFoundError(HandshakeError):

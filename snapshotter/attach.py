@@ -66,18 +66,17 @@ class AttachError(BlockfsError):
     def __init__(
         self, message: str, *, export: str | None = None, mountpoint: str | None = None
     ) -> None:
-        self.message = message
+        super().__init__(message)
         self.export = export
         self.mountpoint = mountpoint
-        super().__init__(message)
 
-    def __str__(self) -> str:
+    def context(self) -> list[str]:
         where = []
         if self.export is not None:
             where.append(f"export {self.export!r}")
         if self.mountpoint is not None:
             where.append(f"mountpoint {self.mountpoint}")
-        return f"{self.message} ({', '.join(where)})" if where else self.message
+        return where
 
 
 class AttachMode(enum.Enum):

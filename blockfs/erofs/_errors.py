@@ -13,15 +13,14 @@ class LayoutError(BlockfsError):
     """
 
     def __init__(self, message: str, *, entry: str | None = None, layer: str | None = None) -> None:
-        self.message = message
+        super().__init__(message)
         self.entry = entry
         self.layer = layer
-        super().__init__(message)
 
-    def __str__(self) -> str:
+    def context(self) -> list[str]:
         where = []
         if self.layer is not None:
             where.append(f"layer {self.layer}")
         if self.entry is not None:
             where.append(f"entry {self.entry!r}")
-        return f"{self.message} ({', '.join(where)})" if where else self.message
+        return where

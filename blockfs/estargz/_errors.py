@@ -20,13 +20,12 @@ class FormatError(BlockfsError):
         entry: str | None = None,
         offset: int | None = None,
     ) -> None:
-        self.message = message
+        super().__init__(message)
         self.layer = layer
         self.entry = entry
         self.offset = offset
-        super().__init__(message)
 
-    def __str__(self) -> str:
+    def context(self) -> list[str]:
         where = []
         if self.layer is not None:
             where.append(f"layer {self.layer}")
@@ -34,7 +33,7 @@ class FormatError(BlockfsError):
             where.append(f"entry {self.entry!r}")
         if self.offset is not None:
             where.append(f"offset {self.offset}")
-        return f"{self.message} ({', '.join(where)})" if where else self.message
+        return where
 
 
 class TruncatedBlobError(FormatError):

@@ -32,12 +32,11 @@ class LayoutError(OCIError):
     """
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
-        self.message = message
-        self.path = path
         super().__init__(message)
+        self.path = path
 
-    def __str__(self) -> str:
-        return f"{self.message} ({self.path})" if self.path else self.message
+    def context(self) -> list[str]:
+        return [self.path] if self.path else []
 
 
 class LayoutDigestMismatch(LayoutError):

@@ -22,15 +22,14 @@ class RegistryError(BlockfsError):
         status: int | None = None,
         hint: str | None = None,
     ) -> None:
-        self.message = message
+        super().__init__(message)
         self.host = host
         self.repository = repository
         self.digest = digest
         self.status = status
         self.hint = hint
-        super().__init__(message)
 
-    def __str__(self) -> str:
+    def context(self) -> list[str]:
         where = []
         if self.host is not None:
             where.append(f"host {self.host}")
@@ -40,7 +39,10 @@ class RegistryError(BlockfsError):
             where.append(f"digest {self.digest}")
         if self.status is not None:
             where.append(f"HTTP {self.status}")
-        text = f"{self.message} ({', '.join(where)})" if where else self.message
+        return where
+
+    def __str__(self) -> str:
+        text = super().__str__()
         return f"{text}. {self.hint}" if self.hint else text
 
 
