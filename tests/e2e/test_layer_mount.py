@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,22 @@ def test_umount_leaves_no_mount_process_or_state(workdir):
     assert not os.path.ismount(mnt)
     assert list((root / "mounts").iterdir()) == []
     # the workdir fixture also checks that no mount, loop device or process refers to it
+
+
+def test_prefetch_fetches_the_prioritized_files_without_any_read(mount_layer):
+    blob = "gzip-prio.esgz"
+    from blockfs.estargz import BlobReader, FileBlobSource
+
+    reader = BlobReader.open(FileBlobSource(TESTDATA / blob))
+    prefetch = reader.prefetch_range()
+    assert prefetch is not None
+    prioritized = {c.offset for e in reader.toc.entries for c in e.chunks if c.offset < prefetch[1]}
+    mnt = mount_layer(TESTDATA / blob, "--prefetch", "--toc-digest", toc_digest_of(blob))
+    deadline = time.monotonic() + 30
+    while stats(mount_layer, mnt)["members_fetched"] < len(prioritized):
+        assert time.monotonic() < deadline, stats(mount_layer, mnt)
+        time.sleep(0.1)
+    after = stats(mount_layer, mnt)
+    assert after["members_fetched"] == len(prioritized)  # and nothing past the landmark
+    assert (mnt / "etc/passwd").read_bytes().startswith(b"root:")
+    assert stats(mount_layer, mnt)["members_fetched"] == len(prioritized)  # served from cache
