@@ -139,12 +139,17 @@ class LayerImage:
 
     def _chunk_range(self, chunk: Chunk, start: int, length: int) -> bytes:
         """Bytes ``[start, start + length)`` of ``chunk``: from the cache, else fetched."""
-        data = self.cache.read(chunk.digest, start, length)
-        if data is not None:
-            with self._lock:
-                self.stats.cache_hits += 1
-            return data
-        return self._fetch_member(chunk.offset)[chunk.digest][start : start + length]
+        for _ in range(3):
+            data = self.cache.read(chunk.digest, start, length)
+            if data is not None:
+                with self._lock:
+                    self.stats.cache_hits += 1
+                return data
+            fetched = self._fetch_member(chunk.offset)
+            if chunk.digest in fetched:
+                return fetched[chunk.digest][start : start + length]
+            # Another reader cached the member between our look and our fetch: look again.
+        raise ImageReadError(f"layer {self.name}: chunk {chunk.digest} keeps leaving the cache")
 
     def _fetch_member(self, member_offset: int) -> dict[str, bytes]:
         """Fetch (once, however many threads ask) every chunk that starts at ``member_offset``."""
@@ -158,6 +163,10 @@ class LayerImage:
         try:
             members = self.extents.chunks_in_member(member_offset)
             chunks = [(self.extents.file_of_chunk(k), self.extents.chunk(k)) for k in members]
+            if all(c.digest in self.cache for _, c in chunks):
+                # A fetch that finished just before ours began already cached it all.
+                future.set_result({})
+                return {}
             started = time.monotonic()
             try:
                 plain = self.reader.read_chunks(chunks)
