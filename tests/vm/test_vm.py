@@ -1,0 +1,117 @@
+"""The real-kernel VM test, run as part of the suite: tools/vm-test must print PASS.
+
+It boots Debian's kernel under qemu (KVM when it works, else TCG), attaches the blockfs
+export as /dev/nbd0 with snapshotter.attach, mounts EROFS and an overlay, verifies file
+checksums and survives a restart of the NBD server. Its log is shown live, so that CI
+output records the guest kernel, the attach, the mounts and the reconnect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VM_TEST = REPO / "tools" / "vm-test"
+# tools/vm-test gives up by itself before this (its default --timeout is 540 s).
+TIMEOUT = 600
+
+# What the guest must print, in this order.
+GUEST_LINES = [
+    r"\[guest .*\] guest kernel: Linux \S+",
+    r"/dev/nbd0 attached by blockfs: snapshotter\.attach\.attach_and_mount, netlink "
+    r"NBD_CMD_CONNECT with \d+ connections, dead-connection timeout \d+ s",
+    r"EROFS mounted: /dev/nbd0 on /mnt/layer type erofs \(ro",
+    r"overlay mounted: overlay on /mnt/merged type overlay",
+    r"checksums verified: \d+ files",
+    r"reads blocked while the server is down",
+    r"reconnect after restart: snapshotter\.attach\.reconnect gave /dev/nbd0",
+    r"blocked reads resumed: \d+ files, \d+ bytes, checksums verified",
+    r"no remount: still /dev/nbd0 on /mnt/layer",
+    r"all \d+ files verified again after the restart",
+    r"VM TEST: PASS",
+]
+# What the host must print (its lines interleave with the guest's console).
+HOST_LINES = [
+    r"\[host .*\] NBD server started: nbdkit pid \d+",
+    r"\[host .*\] NBD server stopped",
+    r"\[host .*\] NBD server restarted: nbdkit pid \d+",
+    r"\[host .*\] VM TEST: PASS",
+]
+
+
+def _stop_leftover_server(work: Path) -> None:
+    """Kill the NBD server of this run if the harness died without stopping it.
+
+    nbdkit runs in its own session (it must outlive whatever starts it), so killing the
+    harness's process group does not reach it; its pid file does.
+    """
+    pidfile = work / "run" / "nbdkit.pid"
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"nbdkit" in cmdline and os.fsencode(str(work)) in cmdline:
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_vm_kernel_nbd_attach_mount_verify_and_reconnect_after_server_restart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "work"
+    lines: list[str] = []
+    # Its own process group, with qemu in it: killing the group on a timeout takes both.
+    proc = subprocess.Popen(
+        [str(VM_TEST), "--work-dir", str(work)],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    with capsys.disabled():
+        print(f"\n--- {VM_TEST.relative_to(REPO)} ---", flush=True)
+
+        def show() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line.rstrip("\n"))
+                print(line, end="", flush=True)
+
+        reader = threading.Thread(target=show, daemon=True)
+        reader.start()
+        try:
+            proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # SIGTERM lets the harness stop qemu and the server; SIGKILL if it does not.
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            pytest.fail(f"tools/vm-test did not finish within {TIMEOUT} s")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # anything of the run still alive
+            _stop_leftover_server(work)
+            reader.join(10)
+            print(f"--- end of {VM_TEST.relative_to(REPO)} ---", flush=True)
+
+    log = "\n".join(lines)
+    assert proc.returncode == 0, f"tools/vm-test failed (exit {proc.returncode})"
+    position = 0
+    for pattern in GUEST_LINES:
+        match = re.compile(pattern).search(log, position)
+        assert match is not None, f"the VM test log lacks /{pattern}/ (after offset {position})"
+        position = match.end()
+    for pattern in HOST_LINES:
+        assert re.search(pattern, log) is not None, f"the VM test log lacks /{pattern}/"
