@@ -9,7 +9,6 @@ attached, so that ``umount`` can undo exactly what ``mount`` did. The chunk cach
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -18,12 +17,20 @@ from typing import Any
 import attrs
 
 from blockfs.errors import BlockfsError
-from blockfs.estargz import BlobReader, CountingSource, FileBlobSource
-from blockfs.image import ServerConfig, index_layer, query_stats
+from blockfs.estargz import BlobReader, CountingSource
+from blockfs.image import BlobSources, index_layer, open_blob, query_stats
+from snapshotter._rundir import (
+    LAYER_RECORD,
+    fresh_run_dir,
+    read_record,
+    run_dir_of,
+    server_config,
+    write_record,
+)
 from snapshotter.attach import Attachment, attach_and_mount, choose_mode, unmount_and_detach
 from snapshotter.nbdserver import NBDServer, socket_path
 
-MOUNT_JSON = "mount.json"
+MOUNT_JSON = LAYER_RECORD
 
 
 class LayerMountError(BlockfsError):
@@ -65,34 +72,32 @@ class LayerMount:
         )
 
 
-def _run_dir(root: str | os.PathLike[str], mountpoint: str | os.PathLike[str]) -> Path:
-    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:20]
-    return Path(root).absolute() / "mounts" / key
+def _index(
+    blob: str,
+    toc_digest: str | None,
+    layers_dir: Path,
+    export: str | None = None,
+    *,
+    plain_http: bool = False,
+    hosts_dir: str | None = None,
+) -> tuple[str, str]:
+    """Index ``blob`` (a file or ``REF@sha256:…``) into ``layers_dir``.
 
-
-def _server_config(root: str | os.PathLike[str], run_dir: Path, *, prefetch: bool) -> ServerConfig:
-    return ServerConfig(
-        root=run_dir / "layers",
-        cache_dir=Path(root).absolute() / "cache" / "chunks",
-        control=socket_path(run_dir, "control.sock"),
-        prefetch=prefetch,
-    )
-
-
-def _index(blob: str, toc_digest: str | None, layers_dir: Path, export: str | None = None) -> str:
-    """Index ``blob`` into ``layers_dir``; returns the export name (default: from the TOC digest)."""
-    path = os.path.abspath(blob)
-    source = CountingSource(FileBlobSource(path))
-    reader = BlobReader.open(source, toc_digest=toc_digest)
-    export = export or reader.toc_digest.replace(":", "-")
-    index_layer(
-        reader,
-        layers_dir / export,
-        name=export,
-        source={"type": "file", "path": path},
-        bytes_fetched=source.bytes_read,
-    )
-    return export
+    Returns the export name (default: from the TOC digest) and what the blob is called.
+    """
+    with BlobSources() as sources:
+        opened, spec = open_blob(blob, sources, plain_http=plain_http, hosts_dir=hosts_dir)
+        source = CountingSource(opened)
+        reader = BlobReader.open(source, toc_digest=toc_digest)
+        export = export or reader.toc_digest.replace(":", "-")
+        index_layer(
+            reader,
+            layers_dir / export,
+            name=export,
+            source=spec,
+            bytes_fetched=source.bytes_read,
+        )
+    return export, spec.get("path") or spec["ref"]
 
 
 def mount_layer(
@@ -103,21 +108,23 @@ def mount_layer(
     root: str,
     attach: str = "auto",
     prefetch: bool = False,
+    plain_http: bool = False,
+    hosts_dir: str | None = None,
 ) -> LayerMount:
-    """Index ``blob``, serve it and mount it read-only at ``mountpoint``."""
+    """Index ``blob`` (a file or a registry blob ``REF@sha256:…``), serve it and mount it
+    read-only at ``mountpoint``."""
     if not os.path.isdir(mountpoint):
         raise LayerMountError(f"mount point {mountpoint} is not a directory; create it first")
-    run_dir = _run_dir(root, mountpoint)
-    if (run_dir / MOUNT_JSON).exists():
-        raise LayerMountError(
-            f"{mountpoint} already has a blockfs layer mount; run `blockfs layer umount {mountpoint}`"
-        )
     mode = choose_mode(attach)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True, mode=0o700)
-    server = NBDServer(run_dir, _server_config(root, run_dir, prefetch=prefetch))
     try:
-        export = _index(blob, toc_digest, run_dir / "layers")
+        run_dir = fresh_run_dir(root, mountpoint)
+    except FileExistsError as e:
+        raise LayerMountError(str(e)) from None
+    server = NBDServer(run_dir, server_config(root, run_dir, prefetch=prefetch))
+    try:
+        export, name = _index(
+            blob, toc_digest, run_dir / "layers", plain_http=plain_http, hosts_dir=hosts_dir
+        )
         server.start()
         attachment = attach_and_mount(
             str(server.socket), export, os.path.abspath(mountpoint),
@@ -129,23 +136,22 @@ def mount_layer(
         raise
     mounted = LayerMount(
         mountpoint=os.path.abspath(mountpoint),
-        blob=os.path.abspath(blob),
+        blob=name,
         export=export,
         run_dir=str(run_dir),
         attachment=attachment,
     )
-    (run_dir / MOUNT_JSON).write_text(json.dumps(mounted.to_json(), indent=2) + "\n")
+    write_record(run_dir, MOUNT_JSON, mounted.to_json())
     return mounted
 
 
 def _load(mountpoint: str, root: str) -> LayerMount:
-    record = _run_dir(root, mountpoint) / MOUNT_JSON
-    try:
-        return LayerMount.from_json(json.loads(record.read_text()))
-    except FileNotFoundError:
+    record = read_record(run_dir_of(root, mountpoint), MOUNT_JSON)
+    if record is None:
         raise LayerMountError(
             f"{mountpoint} is not a blockfs layer mount (no record under {root}/mounts)"
-        ) from None
+        )
+    return LayerMount.from_json(record)
 
 
 def layer_stats(mountpoint: str, *, root: str) -> dict[str, Any]:
@@ -163,21 +169,36 @@ def umount_layer(mountpoint: str, *, root: str) -> None:
     mounted = _load(mountpoint, root)
     run_dir = Path(mounted.run_dir)
     unmount_and_detach(mounted.attachment)
-    NBDServer(run_dir, _server_config(root, run_dir, prefetch=False)).stop()
+    NBDServer(run_dir, server_config(root, run_dir, prefetch=False)).stop()
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def serve_layer(
-    blob: str, *, socket: str, toc_digest: str | None, root: str, export: str | None = None
+    blob: str,
+    *,
+    socket: str,
+    toc_digest: str | None,
+    root: str,
+    export: str | None = None,
+    plain_http: bool = False,
+    hosts_dir: str | None = None,
 ) -> int:
-    """Serve ``blob`` as an NBD export on ``socket`` in the foreground (for debugging)."""
+    """Serve ``blob`` (a file or ``REF@sha256:…``) as an NBD export on ``socket`` in the
+    foreground (for debugging)."""
     key = hashlib.sha256(os.path.abspath(socket).encode()).hexdigest()[:20]
     run_dir = Path(root).absolute() / "serve" / key
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, mode=0o700)
     try:
-        name = _index(blob, toc_digest, run_dir / "layers", export)
-        server = NBDServer(run_dir, _server_config(root, run_dir, prefetch=False), socket=socket)
+        name, _ = _index(
+            blob,
+            toc_digest,
+            run_dir / "layers",
+            export,
+            plain_http=plain_http,
+            hosts_dir=hosts_dir,
+        )
+        server = NBDServer(run_dir, server_config(root, run_dir, prefetch=False), socket=socket)
         print(f"serving {blob} as export {name!r} on {os.path.abspath(socket)}", flush=True)
         print(f"  nbdinfo 'nbd+unix:///{name}?socket={os.path.abspath(socket)}'", flush=True)
         return server.run()

@@ -1,7 +1,7 @@
 """A layer's block image: EROFS metadata from the TOC plus lazily fetched, verified file data."""
 
 from blockfs.image._control import ControlError, ControlServer, query_stats
-from blockfs.image._exports import ExportTable, open_file_source
+from blockfs.image._exports import ExportTable, SourceOpener
 from blockfs.image._extents import ExtentMap, ExtentMapError
 from blockfs.image._layer import ChunkReader, ImageReadError, LayerImage, LayerStats
 from blockfs.image._reader import BlobChunkReader
@@ -15,12 +15,25 @@ from blockfs.image._record import (
     index_layer,
 )
 from blockfs.image._server import ServedLayers, ServerConfig, ServerConfigError, parse_size
+from blockfs.image._sources import (
+    BlobSourceError,
+    BlobSources,
+    SourceSpec,
+    blob_source_spec,
+    docker_config_path,
+    file_source_spec,
+    open_blob,
+    open_file_source,
+    registry_source_spec,
+)
 
 __all__ = [
     "EXTENTS_FILE",
     "INDEX_FILE",
     "LAYER_JSON",
     "BlobChunkReader",
+    "BlobSourceError",
+    "BlobSources",
     "ChunkReader",
     "ControlError",
     "ControlServer",
@@ -35,9 +48,16 @@ __all__ = [
     "ServedLayers",
     "ServerConfig",
     "ServerConfigError",
+    "SourceOpener",
+    "SourceSpec",
+    "blob_source_spec",
     "check_export_name",
+    "docker_config_path",
+    "file_source_spec",
     "index_layer",
+    "open_blob",
     "open_file_source",
     "parse_size",
     "query_stats",
+    "registry_source_spec",
 ]

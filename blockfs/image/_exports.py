@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from blockfs.cache import ChunkCache
-from blockfs.estargz import BlobSource, CountingSource, FileBlobSource
+from blockfs.estargz import BlobSource, CountingSource
 from blockfs.image._extents import ExtentMap
 from blockfs.image._layer import LayerImage
 from blockfs.image._reader import BlobChunkReader
@@ -24,18 +24,11 @@ from blockfs.image._record import (
     EXTENTS_FILE,
     INDEX_FILE,
     LayerRecord,
-    LayerStateError,
     check_export_name,
 )
+from blockfs.image._sources import BlobSources, SourceSpec
 
-SourceOpener = Callable[[dict[str, Any]], BlobSource]
-
-
-def open_file_source(spec: dict[str, Any]) -> BlobSource:
-    """Open a ``{"type": "file", "path": ...}`` source; other types are refused."""
-    if spec.get("type") != "file":
-        raise LayerStateError(f"this server cannot open blob sources of type {spec.get('type')!r}")
-    return FileBlobSource(spec["path"])
+SourceOpener = Callable[[SourceSpec], BlobSource]
 
 
 class _Served:
@@ -54,11 +47,16 @@ class ExportTable:
         root: str | os.PathLike[str],
         cache: ChunkCache,
         *,
-        open_source: SourceOpener = open_file_source,
+        open_source: SourceOpener | None = None,
         prefetch: bool = False,
     ) -> None:
         self.root = Path(root)
         self.cache = cache
+        # Without an opener given, the table opens files and registry blobs, with one
+        # registry client per configuration shared by all its layers.
+        self._own_sources: BlobSources | None = None
+        if open_source is None:
+            self._own_sources = open_source = BlobSources()
         self.open_source = open_source
         self.prefetch = prefetch
         self._lock = threading.Lock()
@@ -132,3 +130,5 @@ class ExportTable:
             self._served.clear()
         for s in served:
             s.image.close()
+        if self._own_sources is not None:
+            self._own_sources.close()

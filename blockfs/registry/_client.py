@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Literal
 from urllib.parse import quote, urljoin
@@ -283,12 +284,18 @@ class RegistryClient:
         )
 
     def stream_blob(
-        self, repository: RepositoryLike, digest: str, dest: str | os.PathLike[str]
+        self,
+        repository: RepositoryLike,
+        digest: str,
+        dest: str | os.PathLike[str],
+        *,
+        progress: Callable[[int], None] | None = None,
     ) -> int:
         """Download blob ``digest`` into the file ``dest`` and return its size.
 
         ``dest`` appears only once the blob is complete and verified. A broken download
-        resumes with a Range request where the server allows it.
+        resumes with a Range request where the server allows it. ``progress`` is called
+        with the number of bytes written so far (which drops if a download starts over).
         """
         target = self._blob_target(repository, digest)
         dest_path = Path(dest)
@@ -296,7 +303,7 @@ class RegistryClient:
         fd, tmp_name = tempfile.mkstemp(dir=dest_path.parent, prefix=f".{dest_path.name}.")
         try:
             with os.fdopen(fd, "w+b") as out:
-                download = _Download(out, digest, target)
+                download = _Download(out, digest, target, progress)
                 size = self._transport.call(
                     target,
                     lambda ep: self._transport.exchange(
@@ -418,12 +425,14 @@ class RegistryClient:
         data: bytes | BinaryIO | str | os.PathLike[str],
         *,
         mount_from: str | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> PushResult:
         """Upload a blob unless the registry already has it; says what happened.
 
         ``data`` is the bytes, a seekable binary file positioned at the blob's start, or a
         path; ``size`` (None: all of ``data``) must match it. With ``mount_from`` (another repository of the same registry), a
-        cross-repository mount is tried first, falling back to an upload.
+        cross-repository mount is tried first, falling back to an upload. ``progress`` is
+        called with the number of bytes sent so far, after each piece.
         """
         registry, repo = repository_of(repository)
         validate_digest(digest)
@@ -434,40 +443,96 @@ class RegistryClient:
             mount_from = None
         target = Target(registry, repo, "push", "upload", digest, merge_scopes(scopes))
         with _BlobBody(data, size) as body:
-            return self._transport.call(target, lambda ep: self._push(ep, target, body, mount_from))
+            return self._transport.call(
+                target, lambda ep: self._push(ep, target, body, mount_from, progress)
+            )
 
-    def _push(
-        self, ep: Endpoint, target: Target, body: _BlobBody, mount_from: str | None
-    ) -> PushResult:
-        transport = self._transport
-        digest = target.digest
-        assert digest is not None
+    def mount_blob(
+        self, repository: RepositoryLike, digest: str, mount_from: str
+    ) -> PushResult | None:
+        """Make blob ``digest`` present in ``repository`` without sending it.
+
+        Says ``"exists"`` if the repository has it, ``"mounted"`` if the registry mounted
+        it from ``mount_from`` (another repository of the same registry), and None when
+        neither worked: then the blob must be uploaded with :meth:`push_blob`. With
+        ``mount_from`` the repository itself, this only asks whether the blob is there.
+        """
+        registry, repo = repository_of(repository)
+        validate_digest(digest)
+        scopes = [repository_scope(repo, ["pull", "push"])]
+        source: str | None = None
+        if mount_from != repo:
+            source = mount_from
+            scopes.append(repository_scope(mount_from, ["pull"]))
+        target = Target(registry, repo, "push", "upload", digest, merge_scopes(scopes))
+
+        def attempt(ep: Endpoint) -> PushResult | None:
+            if source is None:
+                return "exists" if self._has_blob(ep, target) else None
+            done, upload_url = self._start_push(ep, target, source)
+            if done is None:
+                self._cancel_upload(ep, target, upload_url)
+            return done
+
+        return self._transport.call(target, attempt)
+
+    def _has_blob(self, ep: Endpoint, target: Target) -> bool:
         try:
-            transport.exchange(
+            self._transport.exchange(
                 ep,
                 target,
                 "HEAD",
                 _ignore,
-                path=f"/{target.repository}/blobs/{digest}",
+                path=f"/{target.repository}/blobs/{target.digest}",
                 kind="blob",
             )
-            return "exists"
         except (BlobNotFound, HeadRejected):
-            pass
+            return False
+        return True
 
-        def location(response: httpx.Response, ep: Endpoint) -> str:
-            if response.status_code == 201:
-                return ""  # mounted
-            value: str | None = response.headers.get("location")
-            if not value:
-                raise target.error(RegistryProtocolError, "an upload without a Location", ep.host)
-            return urljoin(str(response.url), value)
+    def _start_push(
+        self, ep: Endpoint, target: Target, mount_from: str | None
+    ) -> tuple[PushResult | None, str]:
+        """HEAD the blob, then open an upload (a mount, with ``mount_from``).
 
+        Returns ``("exists", "")`` or ``("mounted", "")`` when nothing is left to send,
+        else ``(None, upload URL)``.
+        """
+        transport = self._transport
+        digest = target.digest
+        assert digest is not None
+        if self._has_blob(ep, target):
+            return "exists", ""
         uploads = f"/{target.repository}/blobs/uploads/"
         params = {"mount": digest, "from": mount_from} if mount_from is not None else None
-        url = transport.exchange(ep, target, "POST", location, path=uploads, params=params)
+        url = transport.exchange(
+            ep, target, "POST", _upload_location(target), path=uploads, params=params
+        )
         if not url:
-            return "mounted"
+            return "mounted", ""
+        return None, url
+
+    def _cancel_upload(self, ep: Endpoint, target: Target, url: str) -> None:
+        """Cancel an upload session that will not be used (the registry would expire it)."""
+        try:
+            self._transport.exchange(ep, target, "DELETE", _ignore, url=url)
+        except RegistryError as e:
+            log.info("could not cancel an unused upload on %s: %s", ep.host, e)
+
+    def _push(
+        self,
+        ep: Endpoint,
+        target: Target,
+        body: _BlobBody,
+        mount_from: str | None,
+        progress: Callable[[int], None] | None = None,
+    ) -> PushResult:
+        transport = self._transport
+        digest = target.digest
+        assert digest is not None
+        done, url = self._start_push(ep, target, mount_from)
+        if done is not None:
+            return done
 
         body.rewind()
         final_body = b""
@@ -480,9 +545,17 @@ class RegistryClient:
                     "Content-Range": f"{offset}-{offset + len(piece) - 1}",
                 }
                 url = transport.exchange(
-                    ep, target, "PATCH", location, url=url, headers=headers, content=piece
+                    ep,
+                    target,
+                    "PATCH",
+                    _upload_location(target),
+                    url=url,
+                    headers=headers,
+                    content=piece,
                 )
                 offset += len(piece)
+                if progress is not None:
+                    progress(offset)
         else:
             final_body = body.read(body.size)
         put_url = str(httpx.URL(url).copy_merge_params({"digest": digest}))
@@ -490,6 +563,8 @@ class RegistryClient:
         transport.exchange(
             ep, target, "PUT", _ignore, url=put_url, headers=headers, content=final_body
         )
+        if progress is not None:
+            progress(body.size)
         return "uploaded"
 
     # -- helpers ---------------------------------------------------------------------
@@ -512,6 +587,20 @@ class RegistryClient:
 
 def _ignore(response: httpx.Response, ep: Endpoint) -> None:
     return None
+
+
+def _upload_location(target: Target) -> Callable[[httpx.Response, Endpoint], str]:
+    """Reads where an upload continues from an answer; "" for a 201 (a finished mount)."""
+
+    def location(response: httpx.Response, ep: Endpoint) -> str:
+        if response.status_code == 201:
+            return ""  # mounted
+        value: str | None = response.headers.get("location")
+        if not value:
+            raise target.error(RegistryProtocolError, "an upload without a Location", ep.host)
+        return urljoin(str(response.url), value)
+
+    return location
 
 
 def _default_media_type(document: Manifest | Index) -> str:
@@ -576,10 +665,17 @@ def _slice_body(
 class _Download:
     """A blob being written to a file; resumes at what is written, restarts if it must."""
 
-    def __init__(self, out: BinaryIO, digest: str, target: Target) -> None:
+    def __init__(
+        self,
+        out: BinaryIO,
+        digest: str,
+        target: Target,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         self._out = out
         self._digest = digest
         self._target = target
+        self._progress = progress
         self._hasher = new_hasher(digest)
         self._written = 0
 
@@ -601,6 +697,8 @@ class _Download:
             self._out.write(chunk)
             self._hasher.update(chunk)
             self._written += len(chunk)
+            if self._progress is not None:
+                self._progress(self._written)
         actual = f"{self._hasher.name}:{self._hasher.hexdigest()}"
         if actual != self._digest:
             self._restart()

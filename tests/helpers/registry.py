@@ -2,7 +2,8 @@
 
 - :func:`start_registry` runs Debian's ``docker-registry`` (distribution 2.8) with its
   storage in a temporary directory, optionally behind htpasswd (Basic) or token (Bearer)
-  auth; the ``registry`` fixture is one shared anonymous registry for a whole session.
+  auth (the process management is :mod:`tools.local_registry`, shared with the demo and
+  benchmarks); the ``registry`` fixture is one shared anonymous registry for a session.
 - :class:`TokenServer` issues RS256 JWTs the registry trusts (key and certificate made
   with the ``openssl`` command).
 - :class:`HTTPProxy` sits in front of a registry and misbehaves on purpose: random resets,
@@ -18,7 +19,6 @@ import contextlib
 import http.client
 import http.server
 import json
-import os
 import random
 import shutil
 import socket
@@ -33,24 +33,22 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import httpx
 import pytest
 
 from blockfs.oci import Descriptor, ImageConfig, Manifest, Reference, sha256_digest
 from blockfs.oci import media_types as mt
 from blockfs.registry import RegistryClient, RetryPolicy
+from tools.local_registry import (  # noqa: F401 - free_port is re-exported for tests
+    REGISTRY_BINARY,
+    TokenAuth,
+    free_port,
+    registry_available,
+)
+from tools.local_registry import LocalRegistry as Registry
+from tools.local_registry import start_registry as _start_registry
 
-REGISTRY_BINARY = "/usr/bin/docker-registry"
-_START_TIMEOUT = 20.0
 # Short waits keep retry tests fast; the bounds on attempts and time still apply.
 FAST_RETRY = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.05, total_timeout=20)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def unique_repository(prefix: str = "test") -> str:
@@ -61,128 +59,20 @@ def unique_repository(prefix: str = "test") -> str:
 # -- docker-registry ---------------------------------------------------------------------
 
 
-@attrs.define
-class TokenAuth:
-    """``auth.token`` settings of a registry that trusts a :class:`TokenServer`."""
-
-    realm: str
-    service: str
-    issuer: str
-    rootcertbundle: Path
-
-
-@attrs.define
-class Registry:
-    """A running docker-registry process."""
-
-    host: str  # 127.0.0.1:PORT
-    root: Path
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://{self.host}"
-
-    def stop(self) -> None:
-        """Stop the registry and wait for it."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-    def log(self) -> str:
-        """What the registry logged so far."""
-        return self.log_path.read_text(errors="replace")
-
-
-def _registry_config(root: Path, port: int, auth: Mapping[str, Any] | None) -> str:
-    lines = [
-        "version: 0.1",
-        "log:",
-        "  level: warn",
-        "  accesslog:",
-        "    disabled: true",
-        "storage:",
-        "  filesystem:",
-        f"    rootdirectory: {root / 'data'}",
-        "  delete:",
-        "    enabled: true",
-        "http:",
-        f"  addr: 127.0.0.1:{port}",
-    ]
-    if auth:
-        lines.append("auth:")
-        for kind, settings in auth.items():
-            lines.append(f"  {kind}:")
-            lines.extend(f"    {key}: {value}" for key, value in settings.items())
-    return "\n".join(lines) + "\n"
-
-
 @contextlib.contextmanager
 def start_registry(
     workdir: Path,
     *,
     htpasswd: Path | None = None,
     token: TokenAuth | None = None,
+    access_log: bool = False,
 ) -> Iterator[Registry]:
-    """Run docker-registry on a free loopback port until the block exits."""
-    if not os.access(REGISTRY_BINARY, os.X_OK):
+    """Run docker-registry on a free loopback port until the block exits (the test is
+    skipped where docker-registry is not installed)."""
+    if not registry_available():
         pytest.skip(f"{REGISTRY_BINARY} is not installed (Debian package docker-registry)")
-    workdir.mkdir(parents=True, exist_ok=True)
-    auth: dict[str, dict[str, str]] = {}
-    if htpasswd is not None:
-        auth["htpasswd"] = {"realm": "blockfs-test", "path": str(htpasswd)}
-    if token is not None:
-        auth["token"] = {
-            "realm": token.realm,
-            "service": token.service,
-            "issuer": token.issuer,
-            "rootcertbundle": str(token.rootcertbundle),
-        }
-    for _ in range(3):  # the port may be taken between choosing and binding it
-        port = free_port()
-        config = workdir / "config.yml"
-        config.write_text(_registry_config(workdir, port, auth))
-        log_path = workdir / "registry.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [REGISTRY_BINARY, "serve", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        registry = Registry(f"127.0.0.1:{port}", workdir, process, log_path)
-        try:
-            if _wait_until_serving(registry):
-                break
-        except BaseException:
-            registry.stop()
-            raise
-        registry.stop()
-    else:
-        raise RuntimeError(f"docker-registry did not start:\n{registry.log()}")
-    try:
-        yield registry
-    finally:
-        registry.stop()
-
-
-def _wait_until_serving(registry: Registry) -> bool:
-    deadline = time.monotonic() + _START_TIMEOUT
-    while time.monotonic() < deadline:
-        if registry.process.poll() is not None:
-            return False
-        try:
-            httpx.get(f"{registry.url}/v2/", timeout=1.0)
-            return True
-        except httpx.TransportError:
-            time.sleep(0.05)
-    return False
+    with _start_registry(workdir, htpasswd=htpasswd, token=token, access_log=access_log) as r:
+        yield r
 
 
 @pytest.fixture(scope="session")

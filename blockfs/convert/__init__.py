@@ -1,0 +1,34 @@
+"""Image conversion: rebuild an image's layers as eStargz and store it in a layout or a
+registry, so that blockfs can mount it lazily.
+"""
+
+from blockfs.convert._convert import ConvertOptions, ConvertResult, LayerConversion, convert_image
+from blockfs.convert._errors import ConvertError
+from blockfs.convert._locations import (
+    ImageLocation,
+    LayoutLocation,
+    RegistryLocation,
+    ResolvedImage,
+    Transfer,
+    open_location,
+    resolve_image,
+)
+from blockfs.convert._progress import Progress, ProgressTask, SilentProgress
+
+__all__ = [
+    "ConvertError",
+    "ConvertOptions",
+    "ConvertResult",
+    "ImageLocation",
+    "LayerConversion",
+    "LayoutLocation",
+    "Progress",
+    "ProgressTask",
+    "RegistryLocation",
+    "ResolvedImage",
+    "SilentProgress",
+    "Transfer",
+    "convert_image",
+    "open_location",
+    "resolve_image",
+]

@@ -1,0 +1,273 @@
+"""Convert an image's layers to eStargz and store the result as a new image.
+
+For each layer of the chosen manifest, bottom first:
+
+- an eStargz layer whose ``toc.digest`` annotation verifies against its TOC is kept as it
+  is (copied, or mounted from the source repository when both are in one registry);
+- any other layer is fetched, rebuilt as eStargz, and its descriptor gets the TOC digest
+  and uncompressed-size annotations.
+
+The config's ``rootfs.diff_ids`` are replaced by those of the new layers; the manifest is
+an OCI manifest, pushed (or written) under the destination's tag.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, BinaryIO, Literal, cast
+
+import attrs
+
+from blockfs.convert._errors import ConvertError
+from blockfs.convert._locations import ImageLocation, Transfer, resolve_image
+from blockfs.convert._progress import Progress, ProgressTask, SilentProgress
+from blockfs.estargz import BlobReader, BuildOptions, FileBlobSource, FormatError, build
+from blockfs.estargz._model import Compression
+from blockfs.oci import (
+    Descriptor,
+    ImageConfig,
+    Manifest,
+    Platform,
+)
+from blockfs.oci import annotations as ann
+from blockfs.oci import media_types as mt
+
+# Annotations a converted layer must not inherit from its source: they described the
+# old blob.
+_STALE_ANNOTATIONS = frozenset(
+    {
+        ann.ESTARGZ_TOC_DIGEST,
+        ann.ESTARGZ_UNCOMPRESSED_SIZE,
+        ann.ZSTD_CHUNKED_MANIFEST_CHECKSUM,
+        ann.ZSTD_CHUNKED_MANIFEST_POSITION,
+    }
+)
+# Docker layer types of a kept layer, renamed for the OCI manifest (the bytes are the same).
+_OCI_LAYER_TYPE = {
+    mt.DOCKER_LAYER: mt.OCI_LAYER,
+    mt.DOCKER_LAYER_GZIP: mt.OCI_LAYER_GZIP,
+    mt.DOCKER_LAYER_ZSTD: mt.OCI_LAYER_ZSTD,
+}
+
+
+@attrs.frozen
+class ConvertOptions:
+    """How to build the eStargz layers (see :class:`blockfs.estargz.BuildOptions`).
+
+    ``platform`` chooses the manifest of a multi-platform index (default: this host's).
+    ``tmpdir`` is where layers are fetched and built (default: the system's).
+    """
+
+    compression: Compression = "gzip"
+    chunk_size: int = 4 << 20
+    min_chunk_size: int = 0
+    prioritized: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    platform: Platform | None = None
+    tmpdir: str | None = None
+
+    def build_options(self) -> BuildOptions:
+        """The writer's options; prioritized files missing from a layer are fine (they are
+        in another layer)."""
+        return BuildOptions(
+            compression=self.compression,
+            chunk_size=self.chunk_size,
+            min_chunk_size=self.min_chunk_size,
+            prioritized=self.prioritized,
+            allow_missing_prioritized=True,
+        )
+
+
+@attrs.frozen
+class LayerConversion:
+    """What happened to one layer: ``kept`` as it was, or ``converted`` to ``result``."""
+
+    source: Descriptor
+    result: Descriptor
+    action: Literal["kept", "converted"]
+    transfer: Transfer
+    note: str = ""
+
+
+@attrs.frozen
+class ConvertResult:
+    """The new image: its manifest descriptor and each layer's fate, bottom first."""
+
+    manifest: Descriptor
+    config: Descriptor
+    layers: tuple[LayerConversion, ...]
+    platform: Platform | None = None  # the platform chosen, when the source was an index
+
+
+def convert_image(
+    src: ImageLocation,
+    dst: ImageLocation,
+    options: ConvertOptions = ConvertOptions(),
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """Convert the image at ``src`` to eStargz and store it at ``dst``."""
+    progress = progress or SilentProgress()
+    image = resolve_image(src, options.platform)
+    manifest, platform = image.manifest, image.platform
+    if platform is not None:
+        whose = "this host's platform" if options.platform is None else "the platform asked for"
+        progress.note(
+            f"{src.name} is an index of {image.index_size} manifests; converting only the "
+            f"one for {platform} ({whose}): the result is a single-platform image"
+        )
+    config = ImageConfig.from_bytes(src.read_blob(manifest.config))
+    diff_ids = config.diff_ids
+    if len(diff_ids) != len(manifest.layers):
+        raise ConvertError(
+            f"{src.name}: the config lists {len(diff_ids)} diff_ids for "
+            f"{len(manifest.layers)} layers"
+        )
+    with tempfile.TemporaryDirectory(prefix="blockfs-convert-", dir=options.tmpdir) as tmp:
+        workdir = Path(tmp)
+        outcomes: list[LayerConversion] = []
+        new_diff_ids: list[str] = []
+        for position, (layer, diff_id) in enumerate(zip(manifest.layers, diff_ids, strict=True)):
+            label = f"layer {position + 1}/{len(manifest.layers)} {_short(layer.digest)}"
+            outcome, new_diff_id = _convert_layer(
+                src, dst, layer, diff_id, options, workdir, label, progress
+            )
+            outcomes.append(outcome)
+            new_diff_ids.append(new_diff_id)
+    new_config = config.with_diff_ids(new_diff_ids)
+    config_data = new_config.to_bytes()
+    config_descriptor = new_config.descriptor(mt.OCI_CONFIG)
+    dst.put_blob(config_descriptor, config_data, lambda n: None)
+    new_manifest = Manifest(
+        config=config_descriptor,
+        layers=tuple(o.result for o in outcomes),
+        media_type=mt.OCI_MANIFEST,
+        annotations=manifest.annotations,
+    )
+    descriptor = dst.put_manifest(new_manifest)
+    progress.note(f"stored {dst.name} ({descriptor.digest})")
+    return ConvertResult(descriptor, config_descriptor, tuple(outcomes), platform)
+
+
+def _short(digest: str) -> str:
+    return digest.partition(":")[2][:12]
+
+
+def _verified_estargz(src: ImageLocation, layer: Descriptor) -> str | None:
+    """Why ``layer`` cannot be kept as it is, or None if it is verifiable eStargz."""
+    toc_digest = layer.annotations.get(ann.ESTARGZ_TOC_DIGEST)
+    if toc_digest is None:
+        return "no TOC digest annotation"
+    if mt.layer_compression(layer.media_type) not in ("gzip", "zstd"):
+        return f"media type {layer.media_type} cannot be eStargz"
+    source = src.blob_source(layer)
+    try:
+        BlobReader.open(source, toc_digest=toc_digest)
+    except FormatError as e:
+        return f"its eStargz TOC does not verify: {e}"
+    finally:
+        if isinstance(source, FileBlobSource):
+            source.close()
+    return None
+
+
+def _convert_layer(
+    src: ImageLocation,
+    dst: ImageLocation,
+    layer: Descriptor,
+    diff_id: str,
+    options: ConvertOptions,
+    workdir: Path,
+    label: str,
+    progress: Progress,
+) -> tuple[LayerConversion, str]:
+    if not mt.is_layer(layer.media_type):
+        raise ConvertError(
+            f"{src.name}: {layer.digest} has media type {layer.media_type!r}, not a layer"
+        )
+    if mt.is_nondistributable(layer.media_type):
+        progress.note(f"{label}: non-distributable layer, kept as it is and not copied")
+        return LayerConversion(layer, layer, "kept", "exists", "non-distributable"), diff_id
+    reason = _verified_estargz(src, layer)
+    if reason is None:
+        kept = attrs.evolve(
+            layer, media_type=_OCI_LAYER_TYPE.get(layer.media_type, layer.media_type)
+        )
+        transfer = _copy_blob(src, dst, layer, workdir, label, progress)
+        progress.note(f"{label}: already eStargz with a verified TOC, kept ({transfer})")
+        return LayerConversion(layer, kept, "kept", transfer), diff_id
+
+    fetch = progress.task(f"{label} fetch", layer.size)
+    local = src.local_blob(layer, workdir, fetch.update)
+    fetch.finish()
+    out_path = workdir / f"{_short(layer.digest)}.esgz"
+    task = progress.task(f"{label} convert", os.path.getsize(local))
+    try:
+        with open(local, "rb") as raw, open(out_path, "wb") as out:
+            counted = cast(IO[bytes], _ReadCounter(raw, task))
+            result = build(counted, out, options.build_options(), tmpdir=str(workdir))
+    finally:
+        if local.parent == workdir:
+            local.unlink()
+    task.finish(f"{_human(result.blob_size)} eStargz ({options.compression})")
+    media_type = mt.OCI_LAYER_ZSTD if options.compression == "zstd" else mt.OCI_LAYER_GZIP
+    annotations: Mapping[str, str] = {
+        **{k: v for k, v in layer.annotations.items() if k not in _STALE_ANNOTATIONS},
+        **result.annotations,
+    }
+    converted = Descriptor(media_type, result.blob_digest, result.blob_size, annotations)
+    upload = progress.task(f"{label} store", result.blob_size)
+    try:
+        transfer = dst.put_blob(converted, out_path, upload.update)
+    finally:
+        out_path.unlink()
+    upload.finish(transfer)
+    return LayerConversion(layer, converted, "converted", transfer, reason), result.diff_id
+
+
+def _copy_blob(
+    src: ImageLocation,
+    dst: ImageLocation,
+    layer: Descriptor,
+    workdir: Path,
+    label: str,
+    progress: Progress,
+) -> Transfer:
+    """Put ``layer``'s blob at ``dst`` as it is, without fetching it if the registry can mount it."""
+    done = dst.present(layer, src)
+    if done is not None:
+        return done
+    fetch = progress.task(f"{label} fetch", layer.size)
+    local = src.local_blob(layer, workdir, fetch.update)
+    fetch.finish()
+    upload = progress.task(f"{label} store", layer.size)
+    try:
+        transfer = dst.put_blob(layer, local, upload.update)
+    finally:
+        if local.parent == workdir:
+            local.unlink()
+    upload.finish(transfer)
+    return transfer
+
+
+class _ReadCounter:
+    """A read-only, unseekable view of a file that reports how much has been read."""
+
+    def __init__(self, inner: BinaryIO, task: ProgressTask) -> None:
+        self._inner = inner
+        self._task = task
+        self._done = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._inner.read(size)
+        self._done += len(data)
+        self._task.update(self._done)
+        return data
+
+    def seekable(self) -> bool:
+        return False
+
+
+def _human(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.1f} KiB"

@@ -1,0 +1,216 @@
+"""A throwaway ``docker-registry`` process on loopback, for the demo, benchmarks and tests.
+
+:func:`start_registry` runs Debian's ``docker-registry`` (distribution 2.8) on a free port
+of 127.0.0.1 with its storage in a given directory, optionally behind htpasswd (Basic)
+or token (Bearer) auth. With ``access_log`` it logs every request with its status and the
+number of body bytes it sent, which :meth:`LocalRegistry.access_log` parses: that is
+how much crossed the wire, counted by the registry itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+
+from blockfs.errors import BlockfsError
+
+REGISTRY_BINARY = "/usr/bin/docker-registry"
+_START_TIMEOUT = 20.0
+# Apache combined log format, as distribution's access log writes it.
+_ACCESS_LINE = re.compile(
+    r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>[A-Z]+) (?P<path>\S+) [^"]*" '
+    r"(?P<status>\d{3}) (?P<size>\d+|-) "
+)
+
+
+class RegistryProcessError(BlockfsError):
+    """The local registry could not be started."""
+
+
+def registry_available() -> bool:
+    """Whether ``docker-registry`` is installed."""
+    return os.access(REGISTRY_BINARY, os.X_OK)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@attrs.define
+class TokenAuth:
+    """``auth.token`` settings of a registry that trusts a token server."""
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: Path
+
+
+@attrs.frozen
+class AccessLogEntry:
+    """One request as the registry logged it: ``size`` is the body bytes it sent."""
+
+    method: str
+    path: str
+    status: int
+    size: int
+
+
+@attrs.define
+class LocalRegistry:
+    """A running docker-registry process."""
+
+    host: str  # 127.0.0.1:PORT
+    root: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://{self.host}"
+
+    def stop(self) -> None:
+        """Stop the registry and wait for it."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def log(self) -> str:
+        """What the registry logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def access_log(self) -> list[AccessLogEntry]:
+        """Every request logged so far (needs ``access_log=True`` at start)."""
+        entries = []
+        for line in self.log().splitlines():
+            match = _ACCESS_LINE.match(line)
+            if match is not None:
+                size = match["size"]
+                entries.append(
+                    AccessLogEntry(
+                        match["method"],
+                        match["path"],
+                        int(match["status"]),
+                        0 if size == "-" else int(size),
+                    )
+                )
+        return entries
+
+    def bytes_sent(self, *, blobs_only: bool = False) -> int:
+        """Body bytes the registry has sent so far (all requests, or blob requests only)."""
+        return sum(
+            e.size for e in self.access_log() if not blobs_only or "/blobs/sha256:" in e.path
+        )
+
+
+def _registry_config(
+    root: Path, port: int, auth: Mapping[str, Mapping[str, Any]], access_log: bool
+) -> str:
+    lines = [
+        "version: 0.1",
+        "log:",
+        "  level: warn",
+        "  accesslog:",
+        f"    disabled: {'false' if access_log else 'true'}",
+        "storage:",
+        "  filesystem:",
+        f"    rootdirectory: {root / 'data'}",
+        "  delete:",
+        "    enabled: true",
+        "http:",
+        f"  addr: 127.0.0.1:{port}",
+        # Uploads are signed with this; a random one per process is fine on loopback.
+        f"  secret: {os.urandom(16).hex()}",
+    ]
+    if auth:
+        lines.append("auth:")
+        for kind, settings in auth.items():
+            lines.append(f"  {kind}:")
+            lines.extend(f"    {key}: {value}" for key, value in settings.items())
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def start_registry(
+    workdir: Path,
+    *,
+    htpasswd: Path | None = None,
+    token: TokenAuth | None = None,
+    access_log: bool = False,
+) -> Iterator[LocalRegistry]:
+    """Run docker-registry on a free loopback port, storing into ``workdir``, until the
+    block exits."""
+    if not registry_available():
+        raise RegistryProcessError(
+            f"{REGISTRY_BINARY} is not installed (Debian package docker-registry; tools/setup)"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    auth: dict[str, dict[str, str]] = {}
+    if htpasswd is not None:
+        auth["htpasswd"] = {"realm": "blockfs-local", "path": str(htpasswd)}
+    if token is not None:
+        auth["token"] = {
+            "realm": token.realm,
+            "service": token.service,
+            "issuer": token.issuer,
+            "rootcertbundle": str(token.rootcertbundle),
+        }
+    registry: LocalRegistry | None = None
+    for _ in range(3):  # the port may be taken between choosing and binding it
+        port = free_port()
+        config = workdir / "config.yml"
+        config.write_text(_registry_config(workdir, port, auth, access_log))
+        log_path = workdir / "registry.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [REGISTRY_BINARY, "serve", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        registry = LocalRegistry(f"127.0.0.1:{port}", workdir, process, log_path)
+        try:
+            if _wait_until_serving(registry):
+                break
+        except BaseException:
+            registry.stop()
+            raise
+        registry.stop()
+    else:
+        log_text = registry.log() if registry is not None else ""
+        raise RegistryProcessError(f"docker-registry did not start:\n{log_text}")
+    try:
+        yield registry
+    finally:
+        registry.stop()
+
+
+def _wait_until_serving(registry: LocalRegistry) -> bool:
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline:
+        if registry.process.poll() is not None:
+            return False
+        try:
+            httpx.get(f"{registry.url}/v2/", timeout=1.0)
+            return True
+        except httpx.TransportError:
+            time.sleep(0.05)
+    return False
