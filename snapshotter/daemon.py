@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from blockfs.errors import BlockfsError
+from blockfs.image import docker_config_path
 from snapshotter._jsonlog import setup_json_logging
 from snapshotter.config import (
     DEFAULT_CONFIG_PATH,
@@ -26,7 +27,10 @@ from snapshotter.config import (
     SnapshotterConfig,
     load_config,
 )
+from snapshotter.layers import LayerManager
+from snapshotter.metrics import MetricsServer
 from snapshotter.mountspec import overlay_index_off_supported
+from snapshotter.remote import RegistrySettings
 from snapshotter.service import SnapshotsService, start_server
 from snapshotter.store import SnapshotStore
 
@@ -99,14 +103,31 @@ def notify_systemd(state: str) -> None:
 
 
 def run(config: SnapshotterConfig, stop: threading.Event) -> None:
-    """Serve until ``stop`` is set; then stop the server and close the store."""
+    """Serve until ``stop`` is set; then stop the server and close the store.
+
+    The NBD server and the layer mounts are left running when the daemon stops, for the
+    containers that use them; the next daemon adopts them.
+    """
     index_off = overlay_index_off_supported()
-    store = SnapshotStore(config.root)
+    layers = LayerManager(
+        config.root,
+        attach=config.attach,
+        cache_size=config.cache_size,
+        prefetch=config.prefetch,
+    )
+    store = SnapshotStore(config.root, layer_mountpoint=layers.mountpoint)
+    metrics: MetricsServer | None = None
     try:
         removed = store.cleanup()
         if removed:
             log.info("removed orphan snapshot directories", extra={"directories": removed})
-        server = start_server(SnapshotsService(store, index_off=index_off), config.socket)
+        layers.start(store.layer_in_use)
+        registry = RegistrySettings(hosts_dir=config.hosts_dir, docker_config=docker_config_path())
+        service = SnapshotsService(store, index_off=index_off, layers=layers, registry=registry)
+        if config.metrics_address:
+            metrics = MetricsServer(config.metrics_address, layers)
+            log.info("serving metrics", extra={"address": metrics.address})
+        server = start_server(service, config.socket)
         try:
             log.info(
                 "serving containerd snapshots API",
@@ -125,6 +146,9 @@ def run(config: SnapshotterConfig, stop: threading.Event) -> None:
             server.stop(STOP_GRACE_SECONDS).wait()
             config.socket.unlink(missing_ok=True)
     finally:
+        if metrics is not None:
+            metrics.close()
+        layers.close()
         store.close()
     log.info("stopped")
 

@@ -29,7 +29,17 @@ from blockfs.errors import BlockfsError
 from snapshotter._gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter._gen.containerd.types import mount_pb2
 from snapshotter.filters import FilterSyntaxError, parse_filters
+from snapshotter.layers import LayerManager, LayerUnavailable
 from snapshotter.mountspec import Mount, MountPlan, mounts_for
+from snapshotter.remote import (
+    REMOTE_LABEL,
+    REMOTE_VALUE,
+    TARGET_LABEL,
+    NoRemoteSource,
+    RegistrySettings,
+    layer_name,
+    remote_layer,
+)
 from snapshotter.store import (
     InvalidSnapshotRequest,
     Kind,
@@ -54,17 +64,30 @@ MAX_SOCKET_PATH = 107
 _Request = TypeVar("_Request", bound=Message)
 _Response = TypeVar("_Response", bound=Message)
 
+
+class LayerNotMounted(BlockfsError):
+    """A lazily served layer below a snapshot cannot be mounted (answered UNAVAILABLE)."""
+
+
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (SnapshotNotFound, grpc.StatusCode.NOT_FOUND),
     (SnapshotExists, grpc.StatusCode.ALREADY_EXISTS),
     (SnapshotStateError, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidSnapshotRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (FilterSyntaxError, grpc.StatusCode.INVALID_ARGUMENT),
+    (LayerNotMounted, grpc.StatusCode.UNAVAILABLE),
 )
 
 
 class ServiceSocketError(BlockfsError):
     """The service cannot listen on its socket (in use, path too long, no permission)."""
+
+
+def _log_fallback(key: str, target: str, layer_digest: str | None, reason: Exception) -> None:
+    log.info(
+        "remote snapshot not possible; containerd unpacks the layer",
+        extra={"key": key, "target": target, "layer_digest": layer_digest, "reason": str(reason)},
+    )
 
 
 def _status_of(error: Exception) -> grpc.StatusCode | None:
@@ -101,34 +124,119 @@ def info_message(info: SnapshotInfo) -> pb.Info:
 
 
 class SnapshotsService:
-    """The RPCs of the Snapshots service, served from one SnapshotStore."""
+    """The RPCs of the Snapshots service, served from one SnapshotStore.
 
-    def __init__(self, store: SnapshotStore, *, index_off: bool = False) -> None:
+    With ``layers``, Prepare serves eStargz layers lazily (remote snapshots) where the
+    labels allow it, reading registries as ``registry`` says.
+    """
+
+    def __init__(
+        self,
+        store: SnapshotStore,
+        *,
+        index_off: bool = False,
+        layers: LayerManager | None = None,
+        registry: RegistrySettings | None = None,
+    ) -> None:
         self.store = store
         self.index_off = index_off
+        self.layers = layers
+        self.registry = registry if registry is not None else RegistrySettings()
 
     # Every RPC below takes the request and the caller's namespace.
 
     def prepare(
         self, request: pb.PrepareSnapshotRequest, namespace: str | None
     ) -> pb.PrepareSnapshotResponse:
-        # The remote (lazy) path goes here: with containerd.io/snapshot.ref in the labels
-        # and a layer that can be served lazily, commit the target and answer
-        # ALREADY_EXISTS; otherwise fall through to the ordinary snapshot below.
-        plan = self.store.create(
-            namespace, Kind.ACTIVE, request.key, request.parent, dict(request.labels)
-        )
+        labels = dict(request.labels)
+        if self.layers is not None and TARGET_LABEL in labels:
+            # Answers ALREADY_EXISTS when the layer is served lazily.
+            self._prepare_remote(self.layers, namespace, request.key, request.parent, labels)
+        self._mount_layers(namespace, request.parent)
+        plan = self.store.create(namespace, Kind.ACTIVE, request.key, request.parent, labels)
         return pb.PrepareSnapshotResponse(mounts=_mount_messages(plan, self.index_off))
+
+    def _prepare_remote(
+        self,
+        layers: LayerManager,
+        namespace: str | None,
+        key: str,
+        parent: str,
+        labels: dict[str, str],
+    ) -> None:
+        """Commit ``labels``' target from a lazily mounted layer and raise SnapshotExists;
+        return (after logging why) when the layer must be unpacked by containerd."""
+        target = labels[TARGET_LABEL]
+        try:
+            existing = self.store.stat(namespace, target)
+        except SnapshotNotFound:
+            pass
+        else:
+            if existing.kind is Kind.COMMITTED and existing.parent == parent:
+                self._mount_layers(namespace, target)
+                raise SnapshotExists(f"target snapshot {target!r}: already exists", key=target)
+            conflict = (
+                f"a {existing.kind.word} snapshot named {target!r} exists on {existing.parent!r}"
+            )
+            _log_fallback(key, target, None, NoRemoteSource(conflict))
+            return
+        try:
+            layer = remote_layer(labels, self.registry)
+        except NoRemoteSource as e:
+            _log_fallback(key, target, e.layer_digest, e)
+            return
+        layers.resolve_ahead(layer)
+        self._mount_layers(namespace, parent)
+        name = layer_name(layer.digest)
+        with layers.holding(name):
+            try:
+                layers.acquire(layer)
+            except LayerUnavailable as e:
+                _log_fallback(key, target, layer.digest, e)
+                return
+            try:
+                self.store.commit_remote(
+                    namespace, target, parent, {**labels, REMOTE_LABEL: REMOTE_VALUE}, name
+                )
+            except SnapshotExists:
+                pass  # committed by a concurrent Prepare of the same target
+            finally:
+                if not self.store.layer_in_use(name):
+                    layers.release(name)
+        log.info(
+            "remote snapshot prepared",
+            extra={
+                "key": key,
+                "target": target,
+                "layer_digest": layer.digest,
+                "labeller": layer.labeller,
+                "mountpoint": str(layers.mountpoint(name)),
+            },
+        )
+        raise SnapshotExists(f"target snapshot {target!r}: already exists", key=target)
+
+    def _mount_layers(self, namespace: str | None, key: str) -> None:
+        """Make sure the lazily served layers under ``key`` are mounted (after a reboot)."""
+        if self.layers is None:
+            return
+        for name in self.store.chain_layers(namespace, key):
+            with self.layers.holding(name):
+                try:
+                    self.layers.ensure_mounted(name)
+                except LayerUnavailable as e:
+                    raise LayerNotMounted(str(e)) from e
 
     def view(
         self, request: pb.ViewSnapshotRequest, namespace: str | None
     ) -> pb.ViewSnapshotResponse:
+        self._mount_layers(namespace, request.parent)
         plan = self.store.create(
             namespace, Kind.VIEW, request.key, request.parent, dict(request.labels)
         )
         return pb.ViewSnapshotResponse(mounts=_mount_messages(plan, self.index_off))
 
     def mounts(self, request: pb.MountsRequest, namespace: str | None) -> pb.MountsResponse:
+        self._mount_layers(namespace, request.key)
         plan = self.store.mount_plan(namespace, request.key)
         return pb.MountsResponse(mounts=_mount_messages(plan, self.index_off))
 
@@ -146,7 +254,11 @@ class SnapshotsService:
         return empty_pb2.Empty()
 
     def remove(self, request: pb.RemoveSnapshotRequest, namespace: str | None) -> empty_pb2.Empty:
-        self.store.remove(namespace, request.key)
+        layer = self.store.remove(namespace, request.key)
+        if layer is not None and self.layers is not None:
+            with self.layers.holding(layer):
+                if not self.store.layer_in_use(layer) and self.layers.release(layer):
+                    log.info("released layer", extra={"layer": layer})
         return empty_pb2.Empty()
 
     def stat(
@@ -190,6 +302,10 @@ class SnapshotsService:
         removed = self.store.cleanup()
         if removed:
             log.info("removed orphan snapshot directories", extra={"directories": removed})
+        if self.layers is not None:
+            released = self.layers.reconcile(self.store.layer_in_use)
+            if released:
+                log.info("released layers no snapshot uses", extra={"layers": released})
         return empty_pb2.Empty()
 
     # -- gRPC plumbing -------------------------------------------------------------------

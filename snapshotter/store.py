@@ -10,6 +10,12 @@ whose record is gone, is an orphan that :meth:`SnapshotStore.cleanup` removes.
 Layout under ``root``: ``store.db`` and ``snapshots/<id>/{fs,work}``, where ``<id>`` is
 the record's integer id, never reused.
 
+Remote snapshots: a committed snapshot may be served by a lazily mounted layer instead of
+a directory of its own (:meth:`SnapshotStore.commit_remote`). Its record names the layer,
+whose mountpoint is the lower dir of the snapshots above it; it has no ``snapshots/<id>``
+directory and uses no space of its own. The layers themselves belong to
+:mod:`snapshotter.layers`; the store only says which snapshots use which layer.
+
 Namespaces: containerd names every backend snapshot ``<namespace>/<seq>/<name>`` and sends
 the caller's namespace as gRPC metadata, except in its garbage collector, which lists and
 removes across all namespaces. So each operation takes ``namespace``: a string confines
@@ -26,7 +32,7 @@ import sqlite3
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,7 +49,7 @@ log = logging.getLogger(__name__)
 
 STORE_DB = "store.db"
 SNAPSHOTS_DIR = "snapshots"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # containerd's own limit on one label (key plus value), checked again here so that a
 # client that talks to the snapshotter directly gets the same answer.
 MAX_LABEL_BYTES = 4096
@@ -75,11 +81,24 @@ _SCHEMA = (
     """,
 )
 
+# Each version's statements turn the schema of the version before into its own.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: _SCHEMA,
+    2: (
+        # The lazily mounted layer that serves a remote snapshot; NULL for ordinary ones.
+        "ALTER TABLE snapshots ADD COLUMN layer TEXT",
+        "CREATE INDEX snapshots_by_layer ON snapshots (layer)",
+    ),
+}
+
 _SELECT = """
 SELECT s.id, s.namespace, s.name, s.kind, s.parent_id, p.name, s.created_us, s.updated_us,
-       s.size, s.inodes
+       s.size, s.inodes, s.layer
 FROM snapshots AS s LEFT JOIN snapshots AS p ON p.id = s.parent_id
 """
+
+# Where a layer is mounted, given its name (see snapshotter.layers).
+LayerMountpoint = Callable[[str], Path]
 
 
 class Kind(enum.IntEnum):
@@ -178,10 +197,11 @@ class _Record:
     updated_us: int
     size: int
     inodes: int
+    layer: str | None = None
 
     @classmethod
     def from_row(cls, row: tuple[object, ...]) -> _Record:
-        sid, ns, name, kind, parent_id, parent, created, updated, size, inodes = row
+        sid, ns, name, kind, parent_id, parent, created, updated, size, inodes, layer = row
         return cls(
             id=int(str(sid)),
             namespace=str(ns),
@@ -193,6 +213,7 @@ class _Record:
             updated_us=int(str(updated)),
             size=int(str(size)),
             inodes=int(str(inodes)),
+            layer=None if layer is None else str(layer),
         )
 
     def info(self, labels: Mapping[str, str]) -> SnapshotInfo:
@@ -264,7 +285,8 @@ def disk_usage(path: str | os.PathLike[str]) -> Usage:
     return Usage(size=size, inodes=len(seen))
 
 
-def _mounts_under(path: Path) -> list[str]:
+def mounts_under(path: str | os.PathLike[str]) -> list[str]:
+    """Mount points at or below ``path`` (which rmtree must not walk into)."""
     prefix = os.path.realpath(path)
     return [
         m.mountpoint
@@ -277,10 +299,17 @@ def _mounts_under(path: Path) -> list[str]:
 
 
 class SnapshotStore:
-    """Snapshot records and directories under ``root``; safe to share between threads."""
+    """Snapshot records and directories under ``root``; safe to share between threads.
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    ``layer_mountpoint`` says where a remote snapshot's layer is mounted; without it the
+    store refuses remote snapshots.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, layer_mountpoint: LayerMountpoint | None = None
+    ) -> None:
         self.root = Path(root).absolute()
+        self._layer_mountpoint = layer_mountpoint
         self.snapshots_dir = self.root / SNAPSHOTS_DIR
         self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
         # Upper dirs hold containers' files: only root may look inside.
@@ -311,16 +340,16 @@ class SnapshotStore:
     def _migrate(self) -> None:
         with self._transaction() as db:
             version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            if version == SCHEMA_VERSION:
-                return
-            if version != 0:
+            if version > SCHEMA_VERSION:
                 raise SnapshotStoreError(
                     f"{self.root / STORE_DB} has schema version {version}; this blockfs "
-                    f"knows version {SCHEMA_VERSION} only"
+                    f"knows versions up to {SCHEMA_VERSION} only"
                 )
-            for statement in _SCHEMA:
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    db.execute(statement)
+            if version != SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -341,7 +370,15 @@ class SnapshotStore:
 
     def _lower_dir(self, record: _Record) -> Path:
         # The file system a committed snapshot contributes to the snapshots above it.
-        return self.snapshot_dir(record.id) / "fs"
+        if record.layer is None:
+            return self.snapshot_dir(record.id) / "fs"
+        if self._layer_mountpoint is None:
+            raise SnapshotStateError(
+                f"snapshot {record.name!r} is served by layer {record.layer!r}, but this "
+                "store was opened without remote layers",
+                key=record.name,
+            )
+        return self._layer_mountpoint(record.layer)
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -374,6 +411,21 @@ class SnapshotStore:
             "INSERT INTO labels (snapshot_id, key, value) VALUES (?, ?, ?)",
             [(snapshot_id, k, v) for k, v in sorted(labels.items()) if v != ""],
         )
+
+    def _committed_parent(
+        self, db: sqlite3.Connection, namespace: str | None, parent: str
+    ) -> _Record | None:
+        """The record of ``parent`` (None for ``""``), which must exist and be committed."""
+        if not parent:
+            return None
+        record = self._find(db, namespace, parent)
+        if record is None:
+            raise SnapshotNotFound(f"parent snapshot {parent!r} does not exist", key=parent)
+        if record.kind is not Kind.COMMITTED:
+            raise InvalidSnapshotRequest(
+                f"parent {parent!r} is {record.kind.word}, not committed", key=parent
+            )
+        return record
 
     def _chain(self, db: sqlite3.Connection, record: _Record) -> list[_Record]:
         """``record`` and its ancestors, nearest first."""
@@ -421,18 +473,7 @@ class SnapshotStore:
                 with self._transaction() as db:
                     if self._find(db, home_namespace, key) is not None:
                         raise SnapshotExists(f"snapshot {key!r} already exists", key=key)
-                    parent_record = None
-                    if parent:
-                        parent_record = self._find(db, namespace, parent)
-                        if parent_record is None:
-                            raise SnapshotNotFound(
-                                f"parent snapshot {parent!r} does not exist", key=parent
-                            )
-                        if parent_record.kind is not Kind.COMMITTED:
-                            raise InvalidSnapshotRequest(
-                                f"parent {parent!r} is {parent_record.kind.word}, not committed",
-                                key=parent,
-                            )
+                    parent_record = self._committed_parent(db, namespace, parent)
                     now = _now_us()
                     cursor = db.execute(
                         "INSERT INTO snapshots (namespace, name, kind, parent_id, created_us,"
@@ -462,6 +503,69 @@ class SnapshotStore:
                 raise
         log.debug("created snapshot", extra={"namespace": namespace, "key": key})
         return plan
+
+    def commit_remote(
+        self,
+        namespace: str | None,
+        name: str,
+        parent: str,
+        labels: Mapping[str, str],
+        layer: str,
+    ) -> SnapshotInfo:
+        """Record committed snapshot ``name`` on ``parent``, served by the mounted ``layer``.
+
+        This is how a lazily pulled layer enters the store: no active snapshot precedes
+        it and no directory holds it. Usage of such a snapshot is zero.
+        """
+        _check_name("name", name)
+        if self._layer_mountpoint is None:
+            raise InvalidSnapshotRequest("this store was opened without remote layers")
+        labels = dict(labels)
+        _check_labels(labels)
+        home_namespace = namespace or ""
+        with self._transaction() as db:
+            if self._find(db, home_namespace, name) is not None:
+                raise SnapshotExists(f"snapshot {name!r} already exists", key=name)
+            parent_record = self._committed_parent(db, namespace, parent)
+            now = _now_us()
+            cursor = db.execute(
+                "INSERT INTO snapshots (namespace, name, kind, parent_id, created_us,"
+                " updated_us, layer) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    home_namespace,
+                    name,
+                    int(Kind.COMMITTED),
+                    None if parent_record is None else parent_record.id,
+                    now,
+                    now,
+                    layer,
+                ),
+            )
+            self._set_labels(db, int(cursor.lastrowid or 0), labels)
+            record = self._get(db, home_namespace, name)
+            return record.info(self._labels(db, record.id))
+
+    def chain_layers(self, namespace: str | None, key: str) -> list[str]:
+        """The layers serving ``key`` and its ancestors, nearest first; ``""``: none."""
+        if not key:
+            return []
+        with self._transaction() as db:
+            record = self._find(db, namespace, key)
+            if record is None:
+                return []
+            return [r.layer for r in self._chain(db, record) if r.layer is not None]
+
+    def layer_in_use(self, layer: str) -> bool:
+        """Whether any snapshot is served by ``layer``."""
+        with self._transaction() as db:
+            row = db.execute("SELECT 1 FROM snapshots WHERE layer = ? LIMIT 1", (layer,))
+            return row.fetchone() is not None
+
+    def layers_in_use(self) -> set[str]:
+        """Every layer that serves at least one snapshot."""
+        with self._transaction() as db:
+            rows = db.execute("SELECT DISTINCT layer FROM snapshots WHERE layer IS NOT NULL")
+            return {str(layer) for (layer,) in rows.fetchall()}
 
     def mount_plan(self, namespace: str | None, key: str) -> MountPlan:
         """What the mounts of active or view snapshot ``key`` are made of."""
@@ -517,8 +621,11 @@ class SnapshotStore:
             committed = self._get(db, record.namespace, name)
             return committed.info(self._labels(db, committed.id))
 
-    def remove(self, namespace: str | None, key: str) -> None:
-        """Delete snapshot ``key`` and its directory; it must have no children."""
+    def remove(self, namespace: str | None, key: str) -> str | None:
+        """Delete snapshot ``key`` and its directory; it must have no children.
+
+        Returns the layer that served it when it was a remote snapshot, else None.
+        """
         with self._lock:
             with self._transaction() as db:
                 record = self._get(db, namespace, key)
@@ -530,7 +637,9 @@ class SnapshotStore:
                         f"snapshot {key!r} has {children} children; remove them first", key=key
                     )
                 db.execute("DELETE FROM snapshots WHERE id = ?", (record.id,))
-            self._discard(self.snapshot_dir(record.id))
+            if record.layer is None:
+                self._discard(self.snapshot_dir(record.id))
+        return record.layer
 
     def stat(self, namespace: str | None, key: str) -> SnapshotInfo:
         """The Info of snapshot ``key``."""
@@ -618,7 +727,7 @@ class SnapshotStore:
 
     def _discard(self, path: Path) -> bool:
         # rmtree would delete through a mount into whatever file system is mounted there.
-        mounted = _mounts_under(path)
+        mounted = mounts_under(path)
         if mounted:
             log.warning(
                 "snapshot directory still has mounts; leaving it for a later cleanup",

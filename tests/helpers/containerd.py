@@ -2,7 +2,7 @@
 
 :func:`start_containerd` runs containerd with its root, state, sockets and runc root in a
 short directory under /tmp (unix socket paths are limited to 107 bytes), the CRI plugin
-and the /opt plugin disabled, and blockfs-like snapshotters registered as
+and the /opt plugin disabled (CRI on request), and blockfs-like snapshotters registered as
 ``[proxy_plugins.NAME]``. Nothing it starts touches a system containerd: its gRPC, ttrpc
 and debug sockets are its own, :meth:`Containerd.ctr` passes ``--runc-root`` and
 ``--fifo-dir`` for ``run``, and each call gets a namespace of its own. When the block exits, containerd, any shim it left (found by our socket in the
@@ -141,13 +141,46 @@ class Containerd:
             subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
 
-def _config(dir: Path, proxies: Mapping[str, Path]) -> str:
+@attrs.frozen
+class CRISettings:
+    """The CRI plugin's image service, pulling for ``snapshotter`` with the snapshot
+    annotations on (what lazy pulling needs) and registry hosts from ``hosts_dir``."""
+
+    snapshotter: str
+    hosts_dir: Path
+
+
+def _cri_config(dir: Path, cri: CRISettings) -> list[str]:
+    # Only PullImage and friends are used: CNI and streaming point at private dirs and
+    # loopback, so that nothing of the host's Kubernetes setup is touched.
+    section = '[plugins."io.containerd.grpc.v1.cri"'
+    return [
+        f"{section}]",
+        "  disable_tcp_service = true",
+        '  stream_server_address = "127.0.0.1"',
+        '  stream_server_port = "0"',
+        "  enable_cdi = false",
+        f"{section}.containerd]",
+        f'  snapshotter = "{cri.snapshotter}"',
+        "  disable_snapshot_annotations = false",
+        f"{section}.cni]",
+        f'  bin_dir = "{dir / "cni" / "bin"}"',
+        f'  conf_dir = "{dir / "cni" / "conf"}"',
+        f"{section}.registry]",
+        f'  config_path = "{cri.hosts_dir}"',
+    ]
+
+
+def _config(dir: Path, proxies: Mapping[str, Path], cri: CRISettings | None = None) -> str:
+    # CRI would start sandboxes and CNI; /opt installs packages under /opt/containerd.
+    disabled = ["io.containerd.internal.v1.opt"]
+    if cri is None:
+        disabled.append("io.containerd.grpc.v1.cri")
     lines = [
         "version = 2",
         f'root = "{dir / "root"}"',
         f'state = "{dir / "state"}"',
-        # CRI would start sandboxes and CNI; /opt installs packages under /opt/containerd.
-        'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"]',
+        "disabled_plugins = [" + ", ".join(f'"{name}"' for name in disabled) + "]",
         "[grpc]",
         f'  address = "{dir / "c.sock"}"',
         "[ttrpc]",
@@ -160,6 +193,8 @@ def _config(dir: Path, proxies: Mapping[str, Path]) -> str:
     ]
     for name, socket in proxies.items():
         lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"', f'  address = "{socket}"']
+    if cri is not None:
+        lines += _cri_config(dir, cri)
     return "\n".join(lines) + "\n"
 
 
@@ -168,12 +203,16 @@ def start_containerd(
     proxy_snapshotters: Mapping[str, Path] | None = None,
     *,
     namespace: str | None = None,
+    cri: CRISettings | None = None,
 ) -> Iterator[Containerd]:
-    """Run a private containerd until the block exits; its namespace is unique per call."""
+    """Run a private containerd until the block exits; its namespace is unique per call.
+
+    With ``cri``, the CRI plugin runs too (its images live in namespace ``k8s.io``).
+    """
     require_root_tools(CONTAINERD, CTR)
     dir = short_tempdir("bfs-ctd-")
     config = dir / "config.toml"
-    config.write_text(_config(dir, proxy_snapshotters or {}))
+    config.write_text(_config(dir, proxy_snapshotters or {}, cri))
     log_path = dir / "containerd.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(

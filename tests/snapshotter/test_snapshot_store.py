@@ -368,6 +368,6 @@ def test_store_database_uses_wal_and_a_schema_version(store: SnapshotStore) -> N
     db = sqlite3.connect(store.root / "store.db")
     try:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     finally:
         db.close()

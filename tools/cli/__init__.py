@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from blockfs.errors import BlockfsError
-from tools.cli import _layer
+from tools.cli import _image, _layer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
     _layer.register(groups)
+    _image.register(groups)
     return parser
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
+import contextlib
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from blockfs.estargz import BlobReader, BuildOptions, Entry, FileBlobSource, build_file
-
-DEFAULT_ROOT = "/var/lib/blockfs"
+from blockfs.estargz import BlobReader, BuildOptions, Entry, build_file
+from blockfs.image import BlobSources, open_blob
+from tools.cli._common import DEFAULT_ROOT, print_json, registry_args, state_args
 
 
 def register(groups: Any) -> None:
@@ -42,6 +43,7 @@ def register(groups: Any) -> None:
 
     p = cmds.add_parser("verify", help="check the TOC digest and every chunk digest")
     p.add_argument("--toc-digest", required=True, metavar="D")
+    registry_args(p)
     p.add_argument("blob", metavar="BLOB")
     p.set_defaults(func=cmd_verify)
 
@@ -49,7 +51,7 @@ def register(groups: Any) -> None:
     _blob_args(p)
     p.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
     p.add_argument("--export", default=None, metavar="NAME", help="export name (default: blob)")
-    _state_args(p)
+    state_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = cmds.add_parser("mount", help="mount a blob read-only at DIR, lazily")
@@ -60,7 +62,7 @@ def register(groups: Any) -> None:
         "--attach", choices=["auto", "nbd", "nbdfuse"], default="auto",
         help="how to attach the export to the kernel (default: auto)",
     )  # fmt: skip
-    _state_args(p)
+    state_args(p)
     p.set_defaults(func=cmd_mount)
 
     p = cmds.add_parser("stats", help="what a mounted layer has fetched")
@@ -80,23 +82,20 @@ def _blob_args(p: argparse.ArgumentParser) -> None:
         "--toc-digest", metavar="D",
         help="expected TOC digest (the layer's containerd.io/snapshot/stargz/toc.digest)",
     )  # fmt: skip
-    p.add_argument("blob", metavar="BLOB")
-
-
-def _state_args(p: argparse.ArgumentParser) -> None:
+    registry_args(p)
     p.add_argument(
-        "--root", default=DEFAULT_ROOT, metavar="DIR",
-        help=f"state directory: layer indexes, chunk cache, run files (default {DEFAULT_ROOT})",
-    )  # fmt: skip
+        "blob", metavar="BLOB", help="an eStargz file, or a registry blob HOST/REPO@sha256:…"
+    )
 
 
-def _open(args: argparse.Namespace) -> BlobReader:
-    return BlobReader.open(FileBlobSource(args.blob), toc_digest=args.toc_digest)
-
-
-def _print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, sort_keys=False)
-    sys.stdout.write("\n")
+@contextlib.contextmanager
+def _open(args: argparse.Namespace) -> Iterator[BlobReader]:
+    """The BLOB argument (a file or a registry blob), opened and its TOC checked."""
+    with BlobSources() as sources:
+        source, _ = open_blob(
+            args.blob, sources, plain_http=args.plain_http, hosts_dir=args.hosts_dir
+        )
+        yield BlobReader.open(source, toc_digest=args.toc_digest)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -107,7 +106,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         prioritized=tuple(args.prioritize),
     )
     result = build_file(args.input, args.output, options)
-    _print_json(result.to_json())
+    print_json(result.to_json())
     return 0
 
 
@@ -140,9 +139,13 @@ def entry_json(e: Entry) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    reader = _open(args)
+    with _open(args) as reader:
+        return _inspect(args, reader)
+
+
+def _inspect(args: argparse.Namespace, reader: BlobReader) -> int:
     if args.json:
-        _print_json(
+        print_json(
             {
                 "footer": reader.footer.kind,
                 "compression": reader.compression,
@@ -173,17 +176,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
-    reader = _open(args)
     out = sys.stdout.buffer
-    for piece in reader.iter_file(args.path):
-        out.write(piece)
+    with _open(args) as reader:
+        for piece in reader.iter_file(args.path):
+            out.write(piece)
     out.flush()
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    reader = _open(args)
-    report = reader.verify()
+    with _open(args) as reader:
+        report = reader.verify()
     print(
         f"OK: TOC digest {reader.toc_digest}, {report.files_verified} files, "
         f"{report.chunks_verified} chunks verified"
@@ -200,6 +203,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         toc_digest=args.toc_digest,
         root=args.root,
         export=args.export,
+        plain_http=args.plain_http,
+        hosts_dir=args.hosts_dir,
     )
 
 
@@ -213,6 +218,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         root=args.root,
         attach=args.attach,
         prefetch=args.prefetch,
+        plain_http=args.plain_http,
+        hosts_dir=args.hosts_dir,
     )
     print(f"mounted {args.blob} at {args.mountpoint} (attach: {mounted.attach_summary})")
     return 0
@@ -223,7 +230,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     stats = layer_stats(args.mountpoint, root=args.root)
     if args.json:
-        _print_json(stats)
+        print_json(stats)
     else:
         for key, value in stats.items():
             print(f"{key:24} {value}")

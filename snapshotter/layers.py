@@ -1,0 +1,476 @@
+"""The snapshotter's lazily mounted layers: one NBD server, one EROFS mount per layer.
+
+Layout under the daemon's root::
+
+    layers/<name>/           layer.json, index.erofs, extents.bin: NBD export <name>
+    layers/<name>/mnt        the layer's EROFS mount, a lower dir of overlay mounts
+    layers/<name>/attach     how the export is attached (attachment.json, nbdfuse state)
+    run/                     the NBD server's socket, pid file, log and stats socket
+    cache/chunks/            verified chunks, shared by every layer
+
+``<name>`` is the layer's blob digest as ``sha256-<hex>``, so a layer shared by several
+images (or namespaces) is indexed, attached and mounted once; the snapshot store says
+which snapshots use it, and the last one's removal releases it.
+
+The NBD server, every nbdfuse process and every mount outlive the daemon. A restarted
+daemon adopts them (:meth:`LayerManager.start`): the server by its pid file, each
+mount by its attachment record. Nothing at start touches a registry: layers that are
+indexed but not mounted (after a reboot) are attached again when a snapshot needs them.
+
+Callers serialise work on one layer with :meth:`LayerManager.holding`, and hold it from
+acquiring a layer until the snapshot that uses it is recorded, so that a concurrent
+release or cleanup never sees a layer in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from blockfs.errors import BlockfsError
+from blockfs.estargz import BlobReader, CountingSource
+from blockfs.image import (
+    LAYER_JSON,
+    BlobSources,
+    LayerRecord,
+    ServerConfig,
+    SourceSpec,
+    index_layer,
+    query_stats,
+)
+from snapshotter.attach import (
+    AttachError,
+    Attachment,
+    AttachMode,
+    attach_and_mount,
+    choose_mode,
+    is_mounted,
+    read_attachment,
+    reconnect,
+    unmount_and_detach,
+)
+from snapshotter.nbdserver import NBDServer, NBDServerError, socket_path
+from snapshotter.remote import RemoteLayer, layer_name, sibling_source
+from snapshotter.store import mounts_under
+
+log = logging.getLogger(__name__)
+
+LAYERS_DIR = "layers"
+RUN_DIR = "run"
+CACHE_DIR = "cache/chunks"
+MOUNT_DIR = "mnt"
+ATTACH_DIR = "attach"
+CONTROL_SOCKET = "control.sock"
+# How many layers' TOCs may be fetched ahead and held in memory at once.
+MAX_AHEAD = 16
+AHEAD_WORKERS = 2
+
+
+class LayerUnavailable(BlockfsError):
+    """A layer cannot be served lazily; the message says why, ``layer`` which one."""
+
+    def __init__(self, message: str, *, layer: str) -> None:
+        super().__init__(message)
+        self.layer = layer
+
+    def context(self) -> list[str]:
+        return [f"layer {self.layer}"]
+
+
+@attrs.frozen
+class _Resolved:
+    """A layer's footer and TOC, read and checked, with what reading them cost."""
+
+    reader: BlobReader
+    bytes_fetched: int
+    source: SourceSpec
+
+
+class LayerManager:
+    """Indexes, attaches, mounts and releases the layers under ``root/layers``."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        attach: str = "auto",
+        cache_size: int = 10 << 30,
+        prefetch: bool = False,
+        connections: int = 4,
+    ) -> None:
+        self.root = Path(root).absolute()
+        self.layers_dir = self.root / LAYERS_DIR
+        self.run_dir = self.root / RUN_DIR
+        self.attach = attach
+        self.connections = connections
+        self.server = NBDServer(
+            self.run_dir,
+            ServerConfig(
+                root=self.layers_dir,
+                cache_dir=self.root / CACHE_DIR,
+                cache_max=cache_size,
+                control=socket_path(self.run_dir, CONTROL_SOCKET),
+                prefetch=prefetch,
+            ),
+        )
+        self._sources = BlobSources()
+        self._lock = threading.Lock()
+        self._layer_locks: dict[str, threading.Lock] = {}
+        self._mode: AttachMode | None = None
+        self._ahead: dict[str, Future[_Resolved]] = {}
+        self._ahead_pool = ThreadPoolExecutor(AHEAD_WORKERS, thread_name_prefix="toc-ahead")
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def layer_dir(self, name: str) -> Path:
+        """``layers/<name>``: the layer's index, mountpoint and attachment state."""
+        return self.layers_dir / name
+
+    def mountpoint(self, name: str) -> Path:
+        """Where layer ``name`` is mounted: the lower dir it contributes."""
+        return self.layer_dir(name) / MOUNT_DIR
+
+    def _attach_dir(self, name: str) -> Path:
+        return self.layer_dir(name) / ATTACH_DIR
+
+    @property
+    def control_socket(self) -> Path:
+        """The NBD server's stats socket."""
+        assert self.server.config.control is not None
+        return self.server.config.control
+
+    # -- locking -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def holding(self, name: str) -> Iterator[None]:
+        """Exclusive use of layer ``name`` for the block: attach, release, reconcile."""
+        with self._lock:
+            lock = self._layer_locks.setdefault(name, threading.Lock())
+        with lock:
+            yield
+
+    # -- start and stop ------------------------------------------------------------------
+
+    def start(self, in_use: Callable[[str], bool]) -> None:
+        """Adopt what a previous daemon left and reconcile it with the store.
+
+        ``in_use(name)`` says whether a snapshot still uses layer ``name``. Layers nobody
+        uses are unmounted, detached and deleted; used ones that are still mounted are
+        kept as they are. Call it before serving requests.
+        """
+        pid = self.server.pid()
+        if pid is not None:
+            log.info("adopted the running NBD server", extra={"pid": pid})
+        for name in self._names():
+            with self.holding(name):
+                self._reconcile(name, in_use(name), server_running=pid is not None)
+
+    def close(self) -> None:
+        """Stop background work; stop the NBD server too if no layer is attached."""
+        self._ahead_pool.shutdown(wait=False, cancel_futures=True)
+        self._sources.close()
+        attached = self.attached()
+        if not attached and self.server.is_running():
+            self.server.stop()
+            log.info("stopped the NBD server: no layer is attached")
+        elif attached:
+            log.info(
+                "leaving the NBD server running for the attached layers",
+                extra={"layers": len(attached)},
+            )
+
+    def _names(self) -> list[str]:
+        if not self.layers_dir.is_dir():
+            return []
+        return sorted(os.listdir(self.layers_dir))
+
+    def _reconcile(self, name: str, used: bool, *, server_running: bool) -> None:
+        if name.startswith("."):
+            # An index that was being written when a daemon died.
+            self._remove_dir(name)
+            return
+        att = self._attachment(name)
+        if not used:
+            if self._teardown(name, att):
+                log.info("removed a layer no snapshot uses", extra={"layer": name})
+            return
+        if att is None:
+            return  # attached again when a snapshot needs it
+        if not self._healthy(att):
+            log.warning(
+                "layer attachment is stale; it is attached again when needed",
+                extra={"layer": name, "mountpoint": att.mountpoint},
+            )
+            self._undo(att)
+            return
+        if att.mode is AttachMode.KERNEL_NBD and not server_running:
+            # The kernel's connections died with the old server: give them new ones.
+            self._ensure_server()
+            try:
+                reconnect(att, str(self.server.socket))
+            except AttachError as e:
+                log.error("cannot reconnect layer", extra={"layer": name, "error": str(e)})
+                return
+        log.info("adopted layer mount", extra={"layer": name, "mountpoint": att.mountpoint})
+
+    def reconcile(self, in_use: Callable[[str], bool]) -> list[str]:
+        """Release every layer that ``in_use`` says no snapshot uses; their names."""
+        removed = []
+        for name in self._names():
+            with self.holding(name):
+                if name.startswith(".") or in_use(name):
+                    continue
+                if self._teardown(name, self._attachment(name)):
+                    removed.append(name)
+        return removed
+
+    # -- acquire and release -------------------------------------------------------------
+
+    def acquire(self, layer: RemoteLayer) -> Path:
+        """Index, attach and mount ``layer`` unless it is already; its mountpoint.
+
+        Hold :meth:`holding` for the layer. Raises LayerUnavailable when the layer is not
+        eStargz, its TOC does not match the TOC digest, the registry fails, or attaching
+        fails; nothing is left mounted then.
+        """
+        name = layer_name(layer.digest)
+        try:
+            att = self._attachment(name)
+            if att is not None and self._healthy(att):
+                self._check_toc(name, layer.toc_digest)
+                return Path(att.mountpoint)
+            self._index(name, layer)
+            try:
+                return self._attach(name)
+            except LayerUnavailable:
+                self._teardown(name, self._attachment(name))
+                raise
+        except OSError as e:
+            # A full disk, say: the layer is unpacked the ordinary way instead.
+            raise LayerUnavailable(f"cannot set the layer up: {e}", layer=name) from e
+
+    def ensure_mounted(self, name: str) -> Path:
+        """Mount layer ``name`` again if it is indexed but not mounted (after a reboot)."""
+        att = self._attachment(name)
+        if att is not None and self._healthy(att):
+            return Path(att.mountpoint)
+        if not (self.layer_dir(name) / LAYER_JSON).is_file():
+            raise LayerUnavailable(
+                f"the layer's index is gone from {self.layers_dir}; remove the image and "
+                "pull it again",
+                layer=name,
+            )
+        return self._attach(name)
+
+    def release(self, name: str) -> bool:
+        """Unmount, detach and delete layer ``name`` (hold :meth:`holding`); done or not.
+
+        A layer that cannot be unmounted yet is left for a later :meth:`reconcile`.
+        """
+        return self._teardown(name, self._attachment(name))
+
+    def attached(self) -> list[str]:
+        """Names of the layers attached and mounted now."""
+        names = []
+        for name in self._names():
+            att = self._attachment(name)
+            if att is not None and is_mounted(att.mountpoint):
+                names.append(name)
+        return names
+
+    def stats(self) -> dict[str, Any]:
+        """The NBD server's statistics per layer and of its cache; empty when it is not running."""
+        if not self.server.is_running():
+            return {}
+        return query_stats(str(self.control_socket))
+
+    # -- resolving ahead -----------------------------------------------------------------
+
+    def resolve_ahead(self, layer: RemoteLayer) -> None:
+        """Fetch the footers and TOCs of the image's later layers in the background.
+
+        They are kept in memory until their own Prepare arrives, which then only checks
+        the TOC digest; nothing is written to disk ahead.
+        """
+        with self._lock:
+            for digest in layer.image_layers:
+                name = layer_name(digest)
+                if name in self._ahead or (self.layer_dir(name) / LAYER_JSON).exists():
+                    continue
+                while len(self._ahead) >= MAX_AHEAD:
+                    oldest = next(iter(self._ahead))
+                    self._ahead.pop(oldest).cancel()
+                spec = sibling_source(layer, digest)
+                self._ahead[name] = self._ahead_pool.submit(self._read_toc, name, spec, None)
+
+    def _read_toc(self, name: str, spec: SourceSpec, toc_digest: str | None) -> _Resolved:
+        source = CountingSource(self._sources.open(spec))
+        try:
+            reader = BlobReader.open(source, toc_digest=toc_digest)
+        except BlockfsError as e:
+            raise LayerUnavailable(
+                f"cannot read the layer's footer and TOC: {e}", layer=name
+            ) from e
+        return _Resolved(reader, source.bytes_read, {**spec, "size": source.size})
+
+    def _resolve(self, name: str, layer: RemoteLayer) -> _Resolved:
+        with self._lock:
+            ahead = self._ahead.pop(name, None)
+        if ahead is not None:
+            with contextlib.suppress(Exception):
+                resolved = ahead.result()
+                if resolved.reader.toc_digest == layer.toc_digest:
+                    log.debug("using the footer and TOC resolved ahead", extra={"layer": name})
+                    return resolved
+        return self._read_toc(name, layer.source, layer.toc_digest)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _index(self, name: str, layer: RemoteLayer) -> None:
+        layer_dir = self.layer_dir(name)
+        if (layer_dir / LAYER_JSON).exists():
+            try:
+                self._check_toc(name, layer.toc_digest)
+                return
+            except LayerUnavailable:
+                # An index of other content under this blob digest cannot be right:
+                # make it again, unless it is in use.
+                if not self._teardown(name, self._attachment(name)):
+                    raise
+        resolved = self._resolve(name, layer)
+        self.layers_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            index_layer(
+                resolved.reader,
+                layer_dir,
+                name=name,
+                source=resolved.source,
+                bytes_fetched=resolved.bytes_fetched,
+            )
+        except BlockfsError as e:
+            raise LayerUnavailable(f"cannot index the layer: {e}", layer=name) from e
+        log.info(
+            "indexed layer",
+            extra={
+                "layer": name,
+                "toc_digest": layer.toc_digest,
+                "bytes_fetched": resolved.bytes_fetched,
+                "blob_size": resolved.source.get("size"),
+            },
+        )
+
+    def _check_toc(self, name: str, toc_digest: str) -> None:
+        try:
+            record = LayerRecord.load(self.layer_dir(name))
+        except BlockfsError as e:
+            raise LayerUnavailable(str(e), layer=name) from e
+        if record.toc_digest != toc_digest:
+            raise LayerUnavailable(
+                f"the layer is indexed with TOC {record.toc_digest}, but the image says "
+                f"{toc_digest}",
+                layer=name,
+            )
+
+    def _attach(self, name: str) -> Path:
+        stale = self._attachment(name)
+        if stale is not None:
+            self._undo(stale)
+        try:
+            mode = self._attach_mode()
+            self._ensure_server()
+        except (AttachError, NBDServerError) as e:
+            raise LayerUnavailable(str(e), layer=name) from e
+        mountpoint = self.mountpoint(name)
+        mountpoint.mkdir(exist_ok=True)
+        try:
+            att = attach_and_mount(
+                str(self.server.socket),
+                name,
+                str(mountpoint),
+                state_dir=str(self._attach_dir(name)),
+                mode=mode,
+                connections=self.connections,
+            )
+        except AttachError as e:
+            raise LayerUnavailable(f"cannot attach and mount the layer: {e}", layer=name) from e
+        log.info(
+            "mounted layer",
+            extra={
+                "layer": name,
+                "mountpoint": att.mountpoint,
+                "attach": att.mode.value,
+                "mount_method": att.mount_method,
+            },
+        )
+        return Path(att.mountpoint)
+
+    def _attach_mode(self) -> AttachMode:
+        with self._lock:
+            if self._mode is None:
+                self._mode = choose_mode(self.attach)
+                log.info("layers are attached with %s", self._mode.value)
+            return self._mode
+
+    def _ensure_server(self) -> None:
+        with self._lock:
+            if self.server.pid() is None:
+                (self.root / CACHE_DIR).mkdir(parents=True, exist_ok=True, mode=0o700)
+                pid = self.server.start()
+                log.info("started the NBD server", extra={"pid": pid})
+
+    def _attachment(self, name: str) -> Attachment | None:
+        try:
+            return read_attachment(str(self._attach_dir(name)))
+        except AttachError as e:
+            log.warning("unreadable attachment record", extra={"layer": name, "error": str(e)})
+            return None
+
+    @staticmethod
+    def _healthy(att: Attachment) -> bool:
+        """Mounted, and (nbdfuse) its file still answers: nbdfuse is alive."""
+        if not is_mounted(att.mountpoint):
+            return False
+        if att.mode is AttachMode.NBDFUSE:
+            try:
+                os.stat(att.device)
+            except OSError:
+                return False
+        return True
+
+    def _undo(self, att: Attachment) -> bool:
+        try:
+            unmount_and_detach(att)
+        except AttachError as e:
+            log.warning(
+                "cannot unmount and detach layer; leaving it for a later cleanup",
+                extra={"layer": att.export, "error": str(e)},
+            )
+            return False
+        return True
+
+    def _teardown(self, name: str, att: Attachment | None) -> bool:
+        if att is not None and not self._undo(att):
+            return False
+        return self._remove_dir(name)
+
+    def _remove_dir(self, name: str) -> bool:
+        path = self.layer_dir(name)
+        mounted = mounts_under(path)
+        if mounted:
+            # rmtree would reach into whatever is mounted there.
+            log.warning(
+                "layer directory still has mounts; leaving it for a later cleanup",
+                extra={"layer": name, "mounts": mounted},
+            )
+            return False
+        shutil.rmtree(path, ignore_errors=True)
+        return not path.exists()

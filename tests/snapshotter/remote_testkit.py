@@ -1,0 +1,241 @@
+"""Helpers of the remote-snapshot tests: eStargz and plain images pushed to a real
+registry, and a proxy in front of the registry that counts what it serves."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import http.server
+import io
+import threading
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import grpc
+
+from blockfs.estargz import BuildOptions, build
+from blockfs.oci import Descriptor, ImageConfig, Manifest, Reference, host_platform
+from blockfs.oci import media_types as mt
+from blockfs.registry import RegistryClient
+
+
+@attrs.frozen
+class Layer:
+    """A layer blob ready to push: its bytes, media type, diffID and annotations."""
+
+    blob: bytes
+    diff_id: str
+    annotations: Mapping[str, str] = attrs.field(factory=dict)
+    media_type: str = mt.OCI_LAYER_GZIP
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.blob).hexdigest()
+
+    @property
+    def toc_digest(self) -> str | None:
+        return self.annotations.get("containerd.io/snapshot/stargz/toc.digest")
+
+
+def estargz_layer(tar: bytes, *, prioritized: Sequence[str] = ()) -> Layer:
+    """``tar`` as an eStargz blob with the annotations of a converted image."""
+    out = io.BytesIO()
+    options = BuildOptions(prioritized=tuple(prioritized), gzip_level=1)
+    result = build(io.BytesIO(tar), out, options)
+    return Layer(out.getvalue(), result.diff_id, result.annotations)
+
+
+def gzip_layer(tar: bytes) -> Layer:
+    """``tar`` as an ordinary gzip layer (no TOC: not lazily pullable)."""
+    return Layer(gzip.compress(tar, compresslevel=1, mtime=0), _sha256(tar))
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@attrs.frozen
+class PushedImage:
+    """An image in the registry: its reference and what it is made of."""
+
+    ref: Reference
+    manifest: Descriptor
+    layers: tuple[Layer, ...]
+
+    @property
+    def chain_ids(self) -> tuple[str, ...]:
+        chain: list[str] = []
+        for layer in self.layers:
+            diff = layer.diff_id
+            chain.append(diff if not chain else _sha256(f"{chain[-1]} {diff}".encode()))
+        return tuple(chain)
+
+    @property
+    def compressed_size(self) -> int:
+        return sum(len(layer.blob) for layer in self.layers)
+
+
+def push_test_image(
+    client: RegistryClient, ref: Reference, layers: Sequence[Layer], *, cmd: Sequence[str]
+) -> PushedImage:
+    """Push ``layers``, a config for this host running ``cmd`` and a manifest to ``ref``."""
+    descriptors = []
+    for layer in layers:
+        client.push_blob(ref, layer.digest, len(layer.blob), layer.blob)
+        descriptors.append(
+            Descriptor(layer.media_type, layer.digest, len(layer.blob), layer.annotations)
+        )
+    platform = host_platform()
+    config = ImageConfig.from_json(
+        {
+            "architecture": platform.architecture,
+            "os": platform.os,
+            "config": {"Cmd": list(cmd), "Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
+        }
+    )
+    data = config.to_bytes()
+    client.push_blob(ref, config.digest, len(data), data)
+    manifest = Manifest(config=config.descriptor(), layers=tuple(descriptors))
+    descriptor = client.push_manifest(ref, ref.tag_or_digest, mt.OCI_MANIFEST, manifest.to_bytes())
+    return PushedImage(ref, descriptor, tuple(layers))
+
+
+class CountingProxy:
+    """A reverse proxy on 127.0.0.1 in front of ``upstream`` that counts the body bytes
+    it sends back, per blob digest; every client in a test goes through it."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urllib.parse.urlsplit(upstream).netloc
+        self._lock = threading.Lock()
+        self.blob_bytes: dict[str, int] = {}
+        # The Range header of each blob GET, per digest ("" for a whole-blob GET).
+        self.blob_ranges: dict[str, list[str]] = {}
+        self.total_bytes = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                proxy._forward(self)
+
+            do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = do_GET
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.blob_bytes.clear()
+            self.blob_ranges.clear()
+            self.total_bytes = 0
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _forward(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else None
+        headers = {
+            k: v for k, v in handler.headers.items() if k.lower() not in ("connection", "host")
+        }
+        upstream = http.client.HTTPConnection(self.upstream, timeout=60)
+        try:
+            upstream.request(handler.command, handler.path, body=body, headers=headers)
+            answer = upstream.getresponse()
+            data = answer.read() if handler.command != "HEAD" else b""
+            handler.send_response(answer.status)
+            for name, value in answer.getheaders():
+                if name.lower() not in ("connection", "transfer-encoding", "content-length"):
+                    handler.send_header(name, value)
+            declared = answer.getheader("Content-Length")
+            size = declared if handler.command == "HEAD" and declared else str(len(data))
+            handler.send_header("Content-Length", size)
+            handler.end_headers()
+            handler.wfile.write(data)
+        finally:
+            upstream.close()
+        path = urllib.parse.urlsplit(handler.path).path
+        with self._lock:
+            self.total_bytes += len(data)
+            if "/blobs/sha256:" in path and handler.command == "GET":
+                digest = path.rsplit("/", 1)[1]
+                self.blob_bytes[digest] = self.blob_bytes.get(digest, 0) + len(data)
+                ranges = self.blob_ranges.setdefault(digest, [])
+                ranges.append(handler.headers.get("Range", ""))
+
+
+# -- a minimal CRI image client ------------------------------------------------------------
+#
+# Debian has no crictl. PullImageRequest and RemoveImageRequest of runtime.v1 both hold an
+# ImageSpec in field 1 whose field 1 is the image reference; PullImageResponse holds the
+# image's id in field 1 (field numbers as containerd 1.6 registers them). That is little
+# enough to encode by hand instead of generating the whole CRI API.
+
+CRI_IMAGE_SERVICE = "/runtime.v1.ImageService/"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _string_field(number: int, value: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+def _image_spec_request(image: str) -> bytes:
+    return _string_field(1, _string_field(1, image.encode()))
+
+
+def _first_string(message: bytes) -> str:
+    if not message:
+        return ""
+    assert message[0] == (1 << 3 | 2), message[:16]
+    length, shift, pos = 0, 0, 1
+    while True:
+        byte = message[pos]
+        length |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return message[pos : pos + length].decode()
+
+
+def cri_call(address: str, method: str, image: str, timeout: float = 120) -> str:
+    """Call ImageService ``method`` (PullImage or RemoveImage) for ``image`` over CRI."""
+    with grpc.insecure_channel(f"unix://{address}") as channel:
+        call = channel.unary_unary(
+            CRI_IMAGE_SERVICE + method,
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        reply: bytes = call(_image_spec_request(image), timeout=timeout)
+    return _first_string(reply)
+
+
+def byte_ranges(headers: Sequence[str]) -> list[tuple[int, int]]:
+    """The ``(start, end)`` byte ranges (end exclusive) that Range headers asked for."""
+    out = []
+    for header in headers:
+        assert header.startswith("bytes="), f"not a ranged request: {header!r}"
+        for part in header.removeprefix("bytes=").split(","):
+            start, _, end = part.strip().partition("-")
+            out.append((int(start), int(end) + 1))
+    return sorted(out)

@@ -1,0 +1,147 @@
+"""The snapshotter's layer manager with a real NBD server, nbdfuse and kernel mounts:
+one mount per layer, release, and adoption by a manager that replaces a dead one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from remote_testkit import Layer, estargz_layer, gzip_layer
+
+from blockfs.image import file_source_spec
+from snapshotter.attach import read_attachment
+from snapshotter.layers import LayerManager, LayerUnavailable
+from snapshotter.remote import RemoteLayer, layer_name
+from tests.helpers.containerd import layer_tar, mounts_under, require_root_tools, short_tempdir
+from tests.snapshotter.attach_testkit import force_cleanup, leftovers
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+MOTD = b"served lazily\n"
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    require_root_tools("/usr/bin/nbdkit", "/usr/bin/nbdfuse")
+    work = short_tempdir("bfs-lm-")
+    try:
+        yield work / "root"
+    finally:
+        left = leftovers(work)
+        force_cleanup(work)
+        shutil.rmtree(work, ignore_errors=True)
+    assert left == [], f"left behind: {left}"
+
+
+def blob_layer(root: Path, layer: Layer) -> RemoteLayer:
+    """``layer`` written to a file next to ``root``, as the remote layer to acquire."""
+    path = root.parent / layer.digest.replace(":", "-")
+    path.write_bytes(layer.blob)
+    return RemoteLayer(
+        digest=layer.digest,
+        toc_digest=layer.toc_digest or "sha256:" + "0" * 64,
+        source=file_source_spec(path),
+        labeller="test",
+    )
+
+
+@pytest.fixture
+def motd_layer(root: Path) -> RemoteLayer:
+    return blob_layer(root, estargz_layer(layer_tar({"etc/motd": MOTD})))
+
+
+def test_a_layer_acquired_twice_is_mounted_once_and_release_removes_it(
+    root: Path, motd_layer: RemoteLayer
+) -> None:
+    layers = LayerManager(root)
+    layers.start(lambda name: True)
+    name = layer_name(motd_layer.digest)
+    with layers.holding(name):
+        first = layers.acquire(motd_layer)
+    with layers.holding(name):
+        second = layers.acquire(motd_layer)
+    assert first == second == layers.mountpoint(name)
+    assert (first / "etc" / "motd").read_bytes() == MOTD
+    assert layers.attached() == [name]
+    assert mounts_under(first) == [str(first)]
+    stats = layers.stats()["layers"][name]
+    assert stats["bytes_fetched"] > 0
+    with layers.holding(name):
+        assert layers.release(name)
+    assert not layers.layer_dir(name).exists()
+    layers.close()
+    assert not layers.server.is_running()
+
+
+def test_a_wrong_toc_digest_leaves_nothing_behind(root: Path, motd_layer: RemoteLayer) -> None:
+    layers = LayerManager(root)
+    wrong = RemoteLayer(motd_layer.digest, "sha256:" + "f" * 64, motd_layer.source, "test")
+    name = layer_name(wrong.digest)
+    with layers.holding(name), pytest.raises(LayerUnavailable, match="TOC digest"):
+        layers.acquire(wrong)
+    assert not layers.layer_dir(name).exists()
+    layers.close()
+
+
+def test_a_gzip_layer_without_toc_cannot_be_served(root: Path) -> None:
+    plain = blob_layer(root, gzip_layer(layer_tar({"etc/motd": MOTD})))
+    layers = LayerManager(root)
+    with layers.holding("x"), pytest.raises(LayerUnavailable, match="footer"):
+        layers.acquire(plain)
+    assert layers.attached() == []
+    layers.close()
+
+
+def test_a_new_manager_adopts_the_server_and_mounts_of_a_dead_one(
+    root: Path, motd_layer: RemoteLayer
+) -> None:
+    dead = LayerManager(root)
+    name = layer_name(motd_layer.digest)
+    with dead.holding(name):
+        mountpoint = dead.acquire(motd_layer)
+    server_pid = dead.server.pid()
+    attachment = read_attachment(str(dead.layer_dir(name) / "attach"))
+    # The dead manager is never closed, as after kill -9.
+    layers = LayerManager(root)
+    layers.start(lambda n: n == name)
+    assert layers.server.pid() == server_pid
+    assert read_attachment(str(layers.layer_dir(name) / "attach")) == attachment
+    with layers.holding(name):
+        assert layers.ensure_mounted(name) == mountpoint
+    assert (mountpoint / "etc" / "motd").read_bytes() == MOTD
+    # Layers that no snapshot uses are released at start.
+    again = LayerManager(root)
+    again.start(lambda n: False)
+    assert again.attached() == [] and not again.layer_dir(name).exists()
+    again.close()
+    assert not again.server.is_running()
+
+
+def test_a_layer_whose_nbdfuse_died_is_attached_again_when_needed(
+    root: Path, motd_layer: RemoteLayer
+) -> None:
+    dead = LayerManager(root, attach="nbdfuse")
+    name = layer_name(motd_layer.digest)
+    with dead.holding(name):
+        mountpoint = dead.acquire(motd_layer)
+    before = read_attachment(str(dead.layer_dir(name) / "attach"))
+    assert before is not None and before.nbdfuse_pid is not None
+    os.kill(before.nbdfuse_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{before.nbdfuse_pid}"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    layers = LayerManager(root, attach="nbdfuse")
+    layers.start(lambda n: True)
+    assert layers.attached() == []  # the stale mount was undone
+    with layers.holding(name):
+        assert layers.ensure_mounted(name) == mountpoint
+    assert (mountpoint / "etc" / "motd").read_bytes() == MOTD
+    with layers.holding(name):
+        assert layers.release(name)
+    layers.close()

@@ -1,0 +1,413 @@
+"""End to end: lazy pulls through containerd 1.6 with blockfs-snapshotter as its proxy
+snapshotter, from a real docker-registry behind a proxy that counts every byte served.
+
+``blockfs image pull`` prepares each layer through containerd; the snapshotter mounts
+eStargz layers lazily (remote snapshots) and leaves the others to containerd (fallback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+from remote_testkit import (
+    CountingProxy,
+    Layer,
+    PushedImage,
+    byte_ranges,
+    cri_call,
+    estargz_layer,
+    gzip_layer,
+    push_test_image,
+)
+
+from blockfs.oci import Reference
+from blockfs.registry import RegistryClient
+from snapshotter._gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from snapshotter.metrics import metric_value
+from tests.helpers.cli import blockfs
+from tests.helpers.containerd import (
+    RUNC,
+    Containerd,
+    CRISettings,
+    layer_tar,
+    mounts_under,
+    require_root_tools,
+    short_tempdir,
+    start_containerd,
+)
+from tests.helpers.registry import free_port, start_registry
+from tests.helpers.snapshotter_daemon import SnapshotterDaemon, snapshots_stub, start_snapshotter
+from tests.snapshotter.attach_testkit import force_cleanup, leftovers
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+BUSYBOX = Path("/bin/busybox")
+BIG_BYTES = 50 << 20
+READ_FILES = 16
+FALLBACK_MSG = "remote snapshot not possible; containerd unpacks the layer"
+
+
+@attrs.frozen
+class Images:
+    """Images in a registry reached through a counting proxy."""
+
+    proxy: CountingProxy
+    lazy: PushedImage  # eStargz: busybox, then 50 MB never read plus files read one by one
+    sibling: PushedImage  # eStargz: the same busybox layer, then its own /etc/motd
+    plain: PushedImage  # gzip only
+    mixed: PushedImage  # gzip busybox, eStargz /etc/motd
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
+    if not BUSYBOX.is_file():
+        pytest.skip("needs the static busybox of the busybox-static Debian package")
+    busybox = layer_tar({"bin/busybox": BUSYBOX.read_bytes()}, modes={"bin/busybox": 0o755})
+    data: dict[str, bytes | None] = {"data/big": os.urandom(BIG_BYTES), "tmp": None}
+    data.update({f"data/files/f{i:02}": os.urandom(64 << 10) for i in range(READ_FILES)})
+    data_tar = layer_tar(data, modes={"tmp": 0o1777})
+    motd = layer_tar({"etc/motd": b"lazy motd\n"})
+    busybox_esgz = estargz_layer(busybox)
+    with start_registry(tmp_path_factory.mktemp("registry")) as registry:
+        proxy = CountingProxy(registry.url)
+        try:
+            with RegistryClient(plain_http=True) as client:
+
+                def push(name: str, layers: list[Layer], cmd: list[str]) -> PushedImage:
+                    # Pushed straight to the registry; pulled through the proxy.
+                    pushed = push_test_image(
+                        client, Reference.parse(f"{registry.host}/{name}"), layers, cmd=cmd
+                    )
+                    ref = Reference.parse(f"{proxy.host}/{name}")
+                    return attrs.evolve(pushed, ref=ref)
+
+                yield Images(
+                    proxy=proxy,
+                    lazy=push(
+                        "blockfs/lazy:1",
+                        [busybox_esgz, estargz_layer(data_tar)],
+                        ["/bin/busybox", "echo", "hello"],
+                    ),
+                    sibling=push(
+                        "blockfs/sibling:1",
+                        [busybox_esgz, estargz_layer(motd)],
+                        ["/bin/busybox", "cat", "/etc/motd"],
+                    ),
+                    plain=push(
+                        "blockfs/plain:1",
+                        [gzip_layer(busybox), gzip_layer(motd)],
+                        ["/bin/busybox", "cat", "/etc/motd"],
+                    ),
+                    mixed=push(
+                        "blockfs/mixed:1",
+                        [gzip_layer(busybox), estargz_layer(motd)],
+                        ["/bin/busybox", "cat", "/etc/motd"],
+                    ),
+                )
+        finally:
+            proxy.close()
+
+
+@attrs.define
+class Stack:
+    """blockfs-snapshotter as containerd's proxy snapshotter ``blockfs``."""
+
+    work: Path
+    snapshotter: SnapshotterDaemon
+    containerd: Containerd
+    metrics_address: str
+    exits: contextlib.ExitStack
+
+    @property
+    def root(self) -> Path:
+        return self.work / "root"
+
+    def ctr(self, *args: str) -> str:
+        return self.containerd.ctr(*args).stdout
+
+    def pull(self, image: PushedImage) -> str:
+        return blockfs(
+            "image", "pull", "--plain-http", "--address", str(self.containerd.address),
+            "--namespace", self.containerd.namespace, str(image.ref),
+        ).stdout  # fmt: skip
+
+    def run(self, image: PushedImage, name: str, *argv: str) -> str:
+        return self.ctr("run", "--rm", "--snapshotter", "blockfs", str(image.ref), name, *argv)
+
+    def snapshots(self) -> dict[str, tuple[str, str]]:
+        """``ctr snapshots ls``: containerd's name -> (parent, kind)."""
+        rows = {}
+        for line in self.ctr("snapshots", "--snapshotter", "blockfs", "ls").splitlines()[1:]:
+            fields = line.split()
+            rows[fields[0]] = (fields[1], fields[2]) if len(fields) == 3 else ("", fields[1])
+        return rows
+
+    def backend_snapshots(self) -> list[pb.Info]:
+        with self.snapshotter.channel() as channel:
+            stub = snapshots_stub(channel)
+            return [i for m in stub.List(pb.ListSnapshotsRequest(), timeout=30) for i in m.info]
+
+    def layer_dirs(self) -> list[str]:
+        return sorted(os.listdir(self.root / "layers"))
+
+    def exports(self) -> list[str]:
+        """The NBD server's export list, asked over NBD."""
+        socket = self.root / "run" / "nbd.sock"
+        done = subprocess.run(
+            ["nbdinfo", "--list", "--json", f"nbd+unix:///?socket={socket}"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return sorted(e["export-name"] for e in json.loads(done.stdout)["exports"])
+
+    def restart_snapshotter(self, sig: signal.Signals) -> None:
+        self.snapshotter.stop(sig)
+        self.snapshotter = self.exits.enter_context(
+            start_snapshotter(
+                self.root, self.work / "s.sock", "--metrics-address", self.metrics_address
+            )
+        )
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://{self.metrics_address}/metrics", timeout=10) as r:
+            return str(r.read().decode())
+
+    def fallback_records(self) -> list[dict[str, object]]:
+        return [r for r in self.snapshotter.log_records() if r.get("msg") == FALLBACK_MSG]
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    require_root_tools(RUNC)
+    work = short_tempdir("bfs-rs-")
+    metrics = f"127.0.0.1:{free_port()}"
+    try:
+        with contextlib.ExitStack() as exits:
+            snapshotter = exits.enter_context(
+                start_snapshotter(work / "root", work / "s.sock", "--metrics-address", metrics)
+            )
+            containerd = exits.enter_context(start_containerd({"blockfs": work / "s.sock"}))
+            yield Stack(work, snapshotter, containerd, metrics, exits)
+    finally:
+        left = leftovers(work)
+        force_cleanup(work)
+        shutil.rmtree(work, ignore_errors=True)
+    assert left == [], f"left behind: {left}"
+
+
+def remove_image(stack: Stack, image: PushedImage) -> None:
+    # --sync waits for containerd's garbage collection, which removes the snapshots.
+    stack.ctr("images", "rm", "--sync", str(image.ref))
+
+
+def assert_clean(stack: Stack) -> None:
+    assert stack.backend_snapshots() == []
+    assert stack.layer_dirs() == []
+    assert stack.exports() == []
+    assert os.listdir(stack.root / "snapshots") == []
+    assert mounts_under(stack.work) == []
+    nbdfuse = [p for p in leftovers(stack.work) if "nbdfuse" in p]
+    assert nbdfuse == []
+
+
+def test_pull_then_run_is_lazy_and_shares_layers(stack: Stack, images: Images) -> None:
+    lazy, sibling = images.lazy, images.sibling
+    images.proxy.reset()
+    out = stack.pull(lazy)
+    assert out.count(": lazy (") == 2
+    assert stack.run(lazy, "hello-1", "/bin/busybox", "echo", "hello") == "hello\n"
+    # Counted at the registry: manifest, config, each layer's footer and TOC, busybox.
+    fetched = images.proxy.total_bytes
+    assert fetched < lazy.compressed_size * 0.2, (fetched, lazy.compressed_size)
+    assert images.proxy.blob_bytes.get(lazy.layers[1].digest, 0) < 1 << 20
+
+    bottom, top = lazy.chain_ids
+    assert stack.snapshots() == {bottom: ("", "Committed"), top: (bottom, "Committed")}
+    info = json.loads(stack.ctr("snapshots", "--snapshotter", "blockfs", "info", top))
+    assert info["Labels"]["containerd.io/snapshot/remote"] == "true"
+    [usage] = stack.ctr("snapshots", "--snapshotter", "blockfs", "usage", top).splitlines()[1:]
+    assert usage.split()[1:] == ["0.0", "B", "0"]
+    names = [f"sha256-{layer.digest.split(':')[1]}" for layer in lazy.layers]
+    assert stack.layer_dirs() == sorted(names)
+    assert stack.exports() == sorted(names)
+
+    # The second image shares the busybox layer: it is attached and mounted once.
+    stack.pull(sibling)
+    assert stack.run(sibling, "motd-1") == "lazy motd\n"
+    sibling_top = f"sha256-{sibling.layers[1].digest.split(':')[1]}"
+    assert stack.layer_dirs() == sorted([*names, sibling_top])
+    erofs = [m for m in mounts_under(stack.root / "layers") if m.endswith("/mnt")]
+    assert len(erofs) == 3
+
+    metrics = stack.metrics()
+    assert metric_value(metrics, "blockfs_layers_mounted") == 3
+    busybox_fetched = metric_value(
+        metrics, "blockfs_layer_fetched_bytes_total", [("layer", names[0])]
+    )
+    assert busybox_fetched is not None and busybox_fetched > 0
+
+    # Removing one image releases only the layers no other image uses.
+    remove_image(stack, lazy)
+    assert stack.layer_dirs() == sorted([names[0], sibling_top])
+    assert stack.run(sibling, "motd-2") == "lazy motd\n"
+    remove_image(stack, sibling)
+    assert_clean(stack)
+
+
+def test_plain_and_mixed_images_run_through_the_fallback(stack: Stack, images: Images) -> None:
+    plain, mixed = images.plain, images.mixed
+    assert stack.pull(plain).count(": unpacked (") == 2
+    assert stack.run(plain, "plain-1") == "lazy motd\n"
+    out = stack.pull(mixed)
+    assert out.count(": unpacked (") == 1 and out.count(": lazy (") == 1
+    assert stack.run(mixed, "mixed-1") == "lazy motd\n"
+    bottom, top = mixed.chain_ids
+    rows = stack.snapshots()
+    assert rows[bottom] == ("", "Committed") and rows[top] == (bottom, "Committed")
+    # Each fallback is logged with the layer and the reason.
+    reasons = {r["layer_digest"]: str(r["reason"]) for r in stack.fallback_records()}
+    for layer in (*plain.layers, mixed.layers[0]):
+        assert "not an eStargz layer" in reasons[layer.digest]
+    assert mixed.layers[1].digest not in reasons
+    assert stack.layer_dirs() == [f"sha256-{mixed.layers[1].digest.split(':')[1]}"]
+
+    remove_image(stack, plain)
+    remove_image(stack, mixed)
+    assert_clean(stack)
+
+
+def test_containers_survive_kill_9_of_the_daemon(stack: Stack, images: Images) -> None:
+    lazy = images.lazy
+    stack.pull(lazy)
+    # Reads a file it never read before every quarter second: each read reaches the
+    # registry through nbdfuse and the NBD server, never through the daemon.
+    script = (
+        "for f in /data/files/*; do /bin/busybox cat $f > /dev/null || exit 3; "
+        "/bin/busybox sleep 0.25; done; echo read-all"
+    )
+    result: list[subprocess.CompletedProcess[str]] = []
+    reader = threading.Thread(
+        target=lambda: result.append(
+            stack.containerd.ctr(
+                "run", "--rm", "--snapshotter", "blockfs", str(lazy.ref), "reader",
+                "/bin/busybox", "sh", "-c", script, check=False,
+            )
+        )
+    )  # fmt: skip
+    reader.start()
+    try:
+        deadline = time.monotonic() + 30
+        while "RUNNING" not in stack.ctr("tasks", "ls"):
+            assert time.monotonic() < deadline and reader.is_alive()
+            time.sleep(0.1)
+        time.sleep(1)
+        stack.restart_snapshotter(signal.SIGKILL)
+    finally:
+        reader.join(timeout=60)
+    [done] = result
+    assert (done.returncode, done.stdout) == (0, "read-all\n"), done.stderr
+    log = [r["msg"] for r in stack.snapshotter.log_records()]
+    assert "adopted the running NBD server" in log
+    assert log.count("adopted layer mount") == 2
+
+    # containerd redials the restarted daemon; a second container starts from the image.
+    deadline = time.monotonic() + 30
+    while True:
+        run = stack.containerd.ctr(
+            "run", "--rm", "--snapshotter", "blockfs", str(lazy.ref), "after", check=False
+        )
+        if run.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert run.stdout == "hello\n", run.stderr
+    remove_image(stack, lazy)
+    assert_clean(stack)
+
+
+def test_eight_containers_at_once_fetch_each_chunk_once(stack: Stack, images: Images) -> None:
+    lazy = images.lazy
+    stack.pull(lazy)
+    images.proxy.reset()
+    script = "/bin/busybox cat /data/files/* | /bin/busybox md5sum"
+    results: list[subprocess.CompletedProcess[str]] = []
+
+    def run(i: int) -> None:
+        results.append(
+            stack.containerd.ctr(
+                "run", "--rm", "--snapshotter", "blockfs", str(lazy.ref), f"many-{i}",
+                "/bin/busybox", "sh", "-c", script, check=False,
+            )
+        )  # fmt: skip
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [r.returncode for r in results] == [0] * 8, [r.stderr for r in results]
+    assert len({r.stdout for r in results}) == 1
+    # Counted at the registry: no byte of the data layer was asked for twice.
+    ranges = byte_ranges(images.proxy.blob_ranges[lazy.layers[1].digest])
+    overlaps = [(a, b) for a, b in itertools.pairwise(ranges) if b[0] < a[1]]
+    assert overlaps == []
+    assert sum(end - start for start, end in ranges) >= READ_FILES * (64 << 10)
+    remove_image(stack, lazy)
+    assert_clean(stack)
+
+
+def test_cri_pull_image_pulls_lazily_and_the_image_runs(images: Images) -> None:
+    require_root_tools(RUNC)
+    lazy = images.lazy
+    work = short_tempdir("bfs-cri-")
+    # The registry speaks plain HTTP: a hosts.toml says so to containerd and the daemon.
+    hosts = work / "hosts"
+    (hosts / images.proxy.host).mkdir(parents=True)
+    (hosts / images.proxy.host / "hosts.toml").write_text(
+        f'server = "http://{images.proxy.host}"\n'
+    )
+    cri = CRISettings(snapshotter="blockfs", hosts_dir=hosts)
+    try:
+        with (
+            start_snapshotter(work / "root", work / "s.sock", "--hosts-dir", str(hosts)) as sn,
+            start_containerd({"blockfs": work / "s.sock"}, namespace="k8s.io", cri=cri) as ctd,
+        ):
+            images.proxy.reset()
+            image_id = cri_call(str(ctd.address), "PullImage", str(lazy.ref))
+            assert image_id.startswith("sha256:")
+            prepared = [r for r in sn.log_records() if r.get("msg") == "remote snapshot prepared"]
+            assert [r["labeller"] for r in prepared] == ["cri", "cri"]
+            # The second layer's TOC was fetched while the first was being prepared.
+            ahead = [
+                r for r in sn.log_records() if str(r.get("msg")).startswith("using the footer")
+            ]
+            assert [r["layer"] for r in ahead] == [f"sha256-{lazy.layers[1].digest[7:]}"]
+            fetched = images.proxy.total_bytes
+            assert fetched < lazy.compressed_size * 0.2, (fetched, lazy.compressed_size)
+            out = ctd.ctr("run", "--rm", "--snapshotter", "blockfs", str(lazy.ref), "cri-1")
+            assert out.stdout == "hello\n"
+
+            cri_call(str(ctd.address), "RemoveImage", str(lazy.ref))
+            deadline = time.monotonic() + 30
+            with sn.channel() as channel:
+                stub = snapshots_stub(channel)
+                while list(stub.List(pb.ListSnapshotsRequest(), timeout=30)):
+                    assert time.monotonic() < deadline, "the snapshots were not collected"
+                    time.sleep(0.2)
+            assert os.listdir(work / "root" / "layers") == []
+    finally:
+        left = leftovers(work)
+        force_cleanup(work)
+        shutil.rmtree(work, ignore_errors=True)
+    assert left == [], f"left behind: {left}"

@@ -1,0 +1,77 @@
+"""``blockfs image pull``: pull an image through containerd for lazy use by blockfs-snapshotter."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from blockfs.image import BlobSources, docker_config_path
+from blockfs.oci import Platform, Reference
+from snapshotter.ctrclient import DEFAULT_ADDRESS, ContainerdClient
+from snapshotter.pull import DEFAULT_SNAPSHOTTER, PulledLayer, pull_image
+from tools.cli._common import registry_args
+
+
+def add_pull_command(cmds: Any) -> None:
+    """Add ``pull`` to the ``image`` group's subcommands ``cmds``."""
+    p = cmds.add_parser(
+        "pull",
+        help="pull an image into containerd, its eStargz layers lazily (like ctr-remote rpull)",
+        description="Stores the manifest and config in containerd's content store and "
+        "prepares each layer's snapshot through containerd with the labels that let "
+        "blockfs-snapshotter mount it lazily; layers that are not eStargz are downloaded "
+        "and unpacked as by a normal pull. Then `ctr run --snapshotter blockfs REF` starts it.",
+    )
+    p.add_argument("ref", metavar="REF", help="image reference, e.g. registry:5000/app:1")
+    p.add_argument(
+        "--address", default=os.environ.get("CONTAINERD_ADDRESS", DEFAULT_ADDRESS),
+        metavar="SOCKET", help=f"containerd's socket (default {DEFAULT_ADDRESS})",
+    )  # fmt: skip
+    p.add_argument(
+        "--namespace", "-n", default=os.environ.get("CONTAINERD_NAMESPACE", "default"),
+        metavar="NS", help="containerd namespace (default: default)",
+    )  # fmt: skip
+    p.add_argument(
+        "--snapshotter", default=DEFAULT_SNAPSHOTTER, metavar="NAME",
+        help="the proxy snapshotter's name in containerd's config (default: blockfs)",
+    )  # fmt: skip
+    p.add_argument(
+        "--platform", metavar="OS/ARCH[/VARIANT]", default=None, type=Platform.parse,
+        help="the platform to take from a multi-platform index (default: this host's)",
+    )  # fmt: skip
+    registry_args(p)
+    p.set_defaults(func=cmd_pull)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    ref = Reference.parse(args.ref)
+
+    def report(layer: PulledLayer) -> None:
+        how = "lazy" if layer.lazy else "unpacked"
+        print(f"{layer.digest}: {how} ({layer.size} bytes)", flush=True)
+
+    with (
+        BlobSources() as sources,
+        ContainerdClient(args.address, args.namespace) as ctr,
+    ):
+        registry = sources.client(
+            plain_http=args.plain_http,
+            hosts_dir=args.hosts_dir,
+            docker_config=docker_config_path(),
+        )
+        result = pull_image(
+            ctr,
+            registry,
+            ref,
+            snapshotter=args.snapshotter,
+            plain_http=args.plain_http,
+            platform=args.platform,
+            report=report,
+        )
+    lazy = sum(1 for layer in result.layers if layer.lazy)
+    print(
+        f"pulled {result.name} ({result.manifest.digest}): {lazy} of {len(result.layers)} "
+        "layers lazy"
+    )
+    return 0
