@@ -1,7 +1,10 @@
-"""The README's main job: convert a layer to eStargz, inspect it, mount it lazily, read a file.
+"""The README's main job, ``tools/run demo``: a whole image, lazily, from a local registry.
 
-Run with ``tools/run demo``. Every step is a ``blockfs`` command, printed before it runs,
-so the output doubles as a walk-through. Needs root (it mounts).
+By default it runs :func:`tools.demo_image.run_demo`: build a base image from Debian
+packages, convert it to eStargz, push it to a loopback registry, mount it lazily, run a
+program from it and count the bytes fetched. ``tools/run demo --layer`` walks through one
+layer instead: build, inspect, verify, mount, read a file. Every step is a ``blockfs``
+command, printed before it runs. Needs root (it mounts).
 """
 
 from __future__ import annotations
@@ -36,10 +39,20 @@ def sample_layer(path: Path) -> None:
                filter=lambda m: None if "__pycache__" in m.name else m)  # fmt: skip
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
     if os.geteuid() != 0:
         print("demo: run as root (it mounts a filesystem)", file=sys.stderr)
         return 1
+    if "--layer" not in args:
+        from tools.demo_image import run_demo
+
+        return run_demo()
+    return layer_demo()
+
+
+def layer_demo() -> int:
+    """Build, inspect, verify and lazily mount one layer made of this machine's stdlib."""
     work = Path(tempfile.mkdtemp(prefix="blockfs-demo-"))
     root, mnt = work / "state", work / "mnt"
     mnt.mkdir()
