@@ -114,6 +114,7 @@ def run(config: SnapshotterConfig, stop: threading.Event) -> None:
         attach=config.attach,
         cache_size=config.cache_size,
         prefetch=config.prefetch,
+        background_fetch=config.background_fetch,
     )
     store = SnapshotStore(config.root, layer_mountpoint=layers.mountpoint)
     metrics: MetricsServer | None = None

@@ -105,6 +105,7 @@ class LayerManager:
         attach: str = "auto",
         cache_size: int = 10 << 30,
         prefetch: bool = False,
+        background_fetch: bool = False,
         connections: int = 4,
     ) -> None:
         self.root = Path(root).absolute()
@@ -120,6 +121,7 @@ class LayerManager:
                 cache_max=cache_size,
                 control=socket_path(self.run_dir, CONTROL_SOCKET),
                 prefetch=prefetch,
+                background_fetch=background_fetch,
             ),
         )
         self._sources = BlobSources()

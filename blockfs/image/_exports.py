@@ -49,6 +49,7 @@ class ExportTable:
         *,
         open_source: SourceOpener | None = None,
         prefetch: bool = False,
+        background_fetch: bool = False,
     ) -> None:
         self.root = Path(root)
         self.cache = cache
@@ -59,6 +60,7 @@ class ExportTable:
             self._own_sources = open_source = BlobSources()
         self.open_source = open_source
         self.prefetch = prefetch
+        self.background_fetch = background_fetch
         self._lock = threading.Lock()
         self._served: dict[str, _Served] = {}
         self._stop = threading.Event()
@@ -91,13 +93,22 @@ class ExportTable:
         reader = BlobChunkReader(source, record.compression)
         image = LayerImage(name, layer_dir / INDEX_FILE, extents, reader, self.cache)
         served = _Served(record, image, source)
-        if self.prefetch and record.prefetch_end:
-            end = record.prefetch_end
+        prefetch_end = record.prefetch_end if self.prefetch else None
+        if prefetch_end or self.background_fetch:
             served.prefetch_thread = threading.Thread(
-                target=image.prefetch, args=(end, self._stop), name=f"prefetch-{name}", daemon=True
+                target=self._warm,
+                args=(image, prefetch_end, record.blob_size if self.background_fetch else None),
+                name=f"prefetch-{name}",
+                daemon=True,
             )
             served.prefetch_thread.start()
         return served
+
+    def _warm(self, image: LayerImage, prefetch_end: int | None, fetch_end: int | None) -> None:
+        """Fetch the prioritized files first, then (background fetch) the rest of the layer."""
+        for end in (prefetch_end, fetch_end):
+            if end:
+                image.prefetch(end, self._stop)
 
     def forget(self, name: str) -> None:
         """Drop export ``name`` from memory (its directory is left alone)."""

@@ -34,6 +34,10 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def _flag(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes", "on")
+
+
 @attrs.frozen
 class ServerConfig:
     """Parameters of one NBD server process."""
@@ -44,10 +48,13 @@ class ServerConfig:
     memory_cache: int = 256 << 20
     control: Path | None = None
     prefetch: bool = False
+    background_fetch: bool = False
 
     @classmethod
     def from_params(cls, params: dict[str, str]) -> ServerConfig:
-        known = {"root", "cache", "cache_max", "memory_cache", "control", "prefetch"}
+        known = {
+            "root", "cache", "cache_max", "memory_cache", "control", "prefetch", "background_fetch",
+        }  # fmt: skip
         unknown = sorted(set(params) - known)
         if unknown:
             raise ServerConfigError(f"unknown parameters {unknown}; known: {sorted(known)}")
@@ -60,7 +67,8 @@ class ServerConfig:
             cache_max=parse_size(params.get("cache_max", "10G")),
             memory_cache=parse_size(params.get("memory_cache", "256M")),
             control=Path(params["control"]).absolute() if "control" in params else None,
-            prefetch=params.get("prefetch", "0").lower() in ("1", "true", "yes", "on"),
+            prefetch=_flag(params.get("prefetch", "0")),
+            background_fetch=_flag(params.get("background_fetch", "0")),
         )
 
     def to_params(self) -> list[str]:
@@ -71,6 +79,7 @@ class ServerConfig:
             f"cache_max={self.cache_max}",
             f"memory_cache={self.memory_cache}",
             f"prefetch={int(self.prefetch)}",
+            f"background_fetch={int(self.background_fetch)}",
         ]
         if self.control is not None:
             out.append(f"control={self.control}")
@@ -85,7 +94,12 @@ class ServedLayers:
         self.cache = ChunkCache(
             config.cache_dir, max_bytes=config.cache_max, memory_bytes=config.memory_cache
         )
-        self.exports = ExportTable(config.root, self.cache, prefetch=config.prefetch)
+        self.exports = ExportTable(
+            config.root,
+            self.cache,
+            prefetch=config.prefetch,
+            background_fetch=config.background_fetch,
+        )
         self.control = (
             ControlServer(str(config.control), self.exports.stats) if config.control else None
         )

@@ -1,0 +1,67 @@
+"""ExportTable: exports opened from layer directories, warmed in the background when asked."""
+
+import time
+
+import pytest
+
+from blockfs.cache import ChunkCache
+from blockfs.estargz import LANDMARKS, BlobReader, FileBlobSource
+from blockfs.image import ExportTable, LayerStateError, index_layer
+from tests.helpers.testdata import TESTDATA
+
+
+def make_table(tmp_path, blob, **options):
+    path = TESTDATA / blob
+    index_layer(
+        BlobReader.open(FileBlobSource(path)),
+        tmp_path / "layers" / "l",
+        name="l",
+        source={"type": "file", "path": str(path)},
+        bytes_fetched=0,
+    )
+    cache = ChunkCache(tmp_path / "cache", max_bytes=1 << 30)
+    return ExportTable(tmp_path / "layers", cache, **options)
+
+
+def members_of(blob):
+    """Compressed members holding file data (landmarks are not part of the filesystem)."""
+    toc = BlobReader.open(FileBlobSource(TESTDATA / blob)).toc
+    return {c.offset for e in toc.entries if e.name not in LANDMARKS for c in e.chunks}
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_background_fetch_caches_every_member_without_a_read(tmp_path):
+    table = make_table(tmp_path, "gzip-64k.esgz", background_fetch=True)
+    try:
+        image = table.open("l")
+        total = len(members_of("gzip-64k.esgz"))
+        wait_for(lambda: image.stats.members_fetched == total)
+        assert image.stats.reads == 0
+    finally:
+        table.close()
+
+
+def test_without_prefetch_or_background_fetch_nothing_is_fetched(tmp_path):
+    table = make_table(tmp_path, "gzip-prio.esgz")
+    try:
+        image = table.open("l")
+        time.sleep(0.3)
+        assert image.stats.members_fetched == 0
+        assert table.stats("l")["layers"]["l"]["bytes_fetched"] == 0
+    finally:
+        table.close()
+
+
+def test_unknown_or_unsafe_export_names_are_refused(tmp_path):
+    table = make_table(tmp_path, "gzip-64k.esgz")
+    with pytest.raises(LayerStateError):
+        table.open("../l")
+    with pytest.raises(LayerStateError):
+        table.open("missing")
+    assert table.names() == ["l"]
