@@ -7,7 +7,7 @@ Example ``/etc/blockfs/config.toml`` (every key is optional; these are the defau
     hosts_dir = "/etc/containerd/certs.d"               # registry hosts.toml files
     cache_size = "10G"                                  # chunk cache limit on disk
     prefetch = true                                     # fetch prioritised files at mount
-    background_fetch = true                             # then fetch the rest when idle
+    background_fetch = false                            # then fetch the rest of each layer
     attach = "auto"                                     # "auto", "nbd" or "nbdfuse"
     log_level = "info"                                  # "debug", "info", "warning", "error"
     metrics_address = ""                                # "127.0.0.1:9145" serves /metrics
@@ -46,7 +46,7 @@ class SnapshotterConfig:
     hosts_dir: Path = Path("/etc/containerd/certs.d")
     cache_size: int = 10 << 30
     prefetch: bool = True
-    background_fetch: bool = True
+    background_fetch: bool = False
     attach: str = "auto"
     log_level: str = "info"
     metrics_address: str = ""
