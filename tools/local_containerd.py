@@ -1,0 +1,369 @@
+"""A private containerd with blockfs-snapshotter as its proxy snapshotter, for the demo,
+benchmarks and tests.
+
+:func:`start_containerd` runs Debian's containerd (1.6) with its root, state, sockets and
+runc root in a short directory under /tmp (unix socket paths are limited to 107 bytes),
+the CRI plugin and the /opt plugin disabled (CRI on request), and blockfs-like
+snapshotters registered as ``[proxy_plugins.NAME]``. Nothing it starts touches a system
+containerd: its gRPC, ttrpc and debug sockets are its own, :meth:`Containerd.ctr` passes
+``--runc-root`` and ``--fifo-dir`` for ``run``, and each call gets a namespace of its own.
+When the block exits, containerd, any shim it left (found by our socket in the shim's
+command line) and mounts under its directory are stopped and removed.
+
+:func:`start_snapshotter` runs ``python -m snapshotter.daemon`` on a private socket until
+the block exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import grpc
+
+from blockfs.errors import BlockfsError
+from snapshotter._mount import read_mountinfo
+
+CONTAINERD = "/usr/bin/containerd"
+CTR = "/usr/bin/ctr"
+RUNC = "/usr/bin/runc"
+PROJECT = Path(__file__).resolve().parents[1]
+_START_TIMEOUT = 30.0
+
+
+class ContainerdProcessError(BlockfsError):
+    """containerd or blockfs-snapshotter did not start, or a ``ctr`` command failed."""
+
+
+def short_tempdir(prefix: str) -> Path:
+    """A new directory under /tmp, short enough for unix sockets deep inside it."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path``, deepest first."""
+    prefix = os.path.realpath(path)
+    found = [
+        m.mountpoint
+        for m in read_mountinfo()
+        if m.mountpoint == prefix or m.mountpoint.startswith(prefix + "/")
+    ]
+    return sorted(found, key=len, reverse=True)
+
+
+def _pids_with_argument(argument: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argument.encode() in argv:
+            pids.append(int(entry))
+    return pids
+
+
+@attrs.define
+class Containerd:
+    """A running private containerd."""
+
+    dir: Path
+    address: Path
+    namespace: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def runc_root(self) -> Path:
+        """runc's state directory for this containerd's containers."""
+        return self.dir / "runc"
+
+    def ctr_argv(self, *args: str) -> list[str]:
+        """The ``ctr`` command line for ``args`` against this containerd and namespace."""
+        if args[:1] == ("run",):
+            # runc's root and ctr's FIFOs default to /run/containerd, which a system
+            # containerd uses too. (Shim sockets go to /run/containerd/s whatever we do,
+            # named by a hash of our socket path, so they never collide.)
+            args = (
+                "run", "--runc-root", str(self.runc_root), "--fifo-dir", str(self.dir / "fifo"),
+                *args[1:],
+            )  # fmt: skip
+        return [CTR, "--address", str(self.address), "--namespace", self.namespace, *args]
+
+    def ctr(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``ctr`` against this containerd in its namespace."""
+        proc = subprocess.run(
+            self.ctr_argv(*args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        if check and proc.returncode != 0:
+            raise ContainerdProcessError(
+                f"ctr {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}"
+                f"\n--- containerd log (tail) ---\n{self.log()[-4000:]}"
+            )
+        return proc
+
+    def log(self) -> str:
+        """What containerd logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Stop containerd and every shim it started; unmount what is left under its dir."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+        for pid in _pids_with_argument(str(self.address)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for point in mounts_under(self.dir):
+            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+
+
+@attrs.frozen
+class CRISettings:
+    """The CRI plugin's image service, pulling for ``snapshotter`` with the snapshot
+    annotations on (what lazy pulling needs) and registry hosts from ``hosts_dir``."""
+
+    snapshotter: str
+    hosts_dir: Path
+
+
+def _cri_config(dir: Path, cri: CRISettings) -> list[str]:
+    # Only PullImage and friends are used: CNI and streaming point at private dirs and
+    # loopback, so that nothing of the host's Kubernetes setup is touched.
+    section = '[plugins."io.containerd.grpc.v1.cri"'
+    return [
+        f"{section}]",
+        "  disable_tcp_service = true",
+        '  stream_server_address = "127.0.0.1"',
+        '  stream_server_port = "0"',
+        "  enable_cdi = false",
+        f"{section}.containerd]",
+        f'  snapshotter = "{cri.snapshotter}"',
+        "  disable_snapshot_annotations = false",
+        f"{section}.cni]",
+        f'  bin_dir = "{dir / "cni" / "bin"}"',
+        f'  conf_dir = "{dir / "cni" / "conf"}"',
+        f"{section}.registry]",
+        f'  config_path = "{cri.hosts_dir}"',
+    ]
+
+
+def _config(dir: Path, proxies: Mapping[str, Path], cri: CRISettings | None = None) -> str:
+    # CRI would start sandboxes and CNI; /opt installs packages under /opt/containerd.
+    disabled = ["io.containerd.internal.v1.opt"]
+    if cri is None:
+        disabled.append("io.containerd.grpc.v1.cri")
+    lines = [
+        "version = 2",
+        f'root = "{dir / "root"}"',
+        f'state = "{dir / "state"}"',
+        "disabled_plugins = [" + ", ".join(f'"{name}"' for name in disabled) + "]",
+        "[grpc]",
+        f'  address = "{dir / "c.sock"}"',
+        "[ttrpc]",
+        f'  address = "{dir / "c.sock.ttrpc"}"',
+        "[debug]",
+        f'  address = "{dir / "debug.sock"}"',
+        '  level = "debug"',
+        "[metrics]",
+        '  address = ""',
+    ]
+    for name, socket in proxies.items():
+        lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"', f'  address = "{socket}"']
+    if cri is not None:
+        lines += _cri_config(dir, cri)
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def start_containerd(
+    proxy_snapshotters: Mapping[str, Path] | None = None,
+    *,
+    namespace: str | None = None,
+    cri: CRISettings | None = None,
+) -> Iterator[Containerd]:
+    """Run a private containerd until the block exits; its namespace is unique per call.
+
+    With ``cri``, the CRI plugin runs too (its images live in namespace ``k8s.io``).
+    Raises :class:`ContainerdProcessError` if it does not answer within 30 s.
+    """
+    dir = short_tempdir("bfs-ctd-")
+    config = dir / "config.toml"
+    config.write_text(_config(dir, proxy_snapshotters or {}, cri))
+    log_path = dir / "containerd.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [CONTAINERD, "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    daemon = Containerd(
+        dir=dir,
+        address=dir / "c.sock",
+        namespace=namespace or f"blockfs-{uuid.uuid4().hex[:8]}",
+        process=process,
+        log_path=log_path,
+    )
+    try:
+        deadline = time.monotonic() + _START_TIMEOUT
+        while daemon.ctr("version", check=False, timeout=10).returncode != 0:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise ContainerdProcessError(f"containerd did not start:\n{daemon.log()[-4000:]}")
+            time.sleep(0.1)
+        yield daemon
+    finally:
+        daemon.stop()
+        shutil.rmtree(dir, ignore_errors=True)
+
+
+# -- blockfs-snapshotter -------------------------------------------------------------------
+
+
+@attrs.define
+class SnapshotterDaemon:
+    """A running ``python -m snapshotter.daemon``."""
+
+    root: Path
+    socket: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def channel(self) -> grpc.Channel:
+        """A new gRPC channel to the daemon's socket."""
+        return grpc.insecure_channel(f"unix://{self.socket}")
+
+    def log(self) -> str:
+        """What the daemon wrote to stderr so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The daemon's log lines, each parsed as the JSON object it must be."""
+        return [json.loads(line) for line in self.log().splitlines() if line.strip()]
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Send ``sig`` and wait for the exit status (SIGKILL after 20 s)."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return self.process.returncode
+
+
+@contextlib.contextmanager
+def start_snapshotter(
+    root: Path,
+    socket: Path,
+    *extra_args: str,
+    log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    log_level: str = "debug",
+) -> Iterator[SnapshotterDaemon]:
+    """Run the daemon with ``--root`` and ``--address``; stop it when the block exits.
+
+    ``env`` is added to the daemon's environment. Raises :class:`ContainerdProcessError`
+    if it is not serving within 30 s.
+    """
+    log_path = log_path or root.parent / f"{root.name}-snapshotter.log"
+    with open(log_path, "ab") as log_file:
+        start = log_file.tell()  # a restarted daemon appends to its predecessor's log
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "snapshotter.daemon",
+                "--root", str(root), "--address", str(socket), "--log-level", log_level,
+                *extra_args,
+            ],
+            cwd=PROJECT,
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+        )  # fmt: skip
+    daemon = SnapshotterDaemon(root=root, socket=socket, process=process, log_path=log_path)
+    try:
+        deadline = time.monotonic() + _START_TIMEOUT
+        while "serving containerd snapshots API" not in daemon.log()[start:]:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise ContainerdProcessError(f"blockfs-snapshotter did not start:\n{daemon.log()}")
+            time.sleep(0.05)
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+# -- both together -------------------------------------------------------------------------
+
+
+@attrs.define
+class BlockfsContainerd:
+    """A private containerd whose proxy snapshotter ``blockfs`` is a running
+    blockfs-snapshotter with its state in ``work / "root"``."""
+
+    work: Path
+    containerd: Containerd
+    snapshotter: SnapshotterDaemon
+
+
+def sweep(work: Path) -> None:
+    """Kill every process whose command line names ``work`` (an NBD server, a FUSE helper
+    left by a crash) and lazily unmount everything below it: the last resort of cleanup."""
+    prefix = str(work.resolve())
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if prefix.encode() in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
+    for point in mounts_under(work):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def start_blockfs_containerd(work: Path, *, log_level: str = "info") -> Iterator[BlockfsContainerd]:
+    """Run blockfs-snapshotter and a containerd that uses it, with their state under
+    ``work`` (keep it short: sockets live there); stop both, and sweep ``work``, on exit.
+
+    Images pulled meanwhile should be removed first (``ctr images rm --sync``), so that
+    the snapshotter unmounts its layers and stops serving them in order.
+    """
+    socket = work / "s.sock"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        with (
+            start_snapshotter(work / "root", socket, log_level=log_level) as snapshotter,
+            start_containerd({"blockfs": socket}) as containerd,
+        ):
+            yield BlockfsContainerd(work, containerd, snapshotter)
+    finally:
+        sweep(work)
