@@ -1,10 +1,12 @@
 """The README's main job, ``tools/run demo``: a whole image, lazily, from a local registry.
 
-By default it runs :func:`tools.demo_image.run_demo`: build a base image from Debian
-packages, convert it to eStargz, push it to a loopback registry, mount it lazily, run a
-program from it and count the bytes fetched. ``tools/run demo --layer`` walks through one
-layer instead: build, inspect, verify, mount, read a file. Every step is a ``blockfs``
-command, printed before it runs. Needs root (it mounts).
+By default it runs :func:`tools.demo_container.run_demo`: build a base image from Debian
+packages, convert it to eStargz, push it to a loopback registry, pull it lazily into a
+private containerd whose proxy snapshotter is blockfs-snapshotter, run a container from it
+and report the time to first output and the bytes fetched. ``tools/run demo --image``
+mounts the whole image lazily without containerd instead (:func:`tools.demo_image.run_demo`);
+``tools/run demo --layer`` walks through one layer: build, inspect, verify, mount, read a
+file. Every step is a command, printed before it runs. Needs root (it mounts).
 """
 
 from __future__ import annotations
@@ -44,11 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("demo: run as root (it mounts a filesystem)", file=sys.stderr)
         return 1
-    if "--layer" not in args:
+    if "--layer" in args:
+        return layer_demo()
+    if "--image" in args:
         from tools.demo_image import run_demo
 
         return run_demo()
-    return layer_demo()
+    from tools.demo_container import run_demo as run_container_demo
+
+    return run_container_demo()
 
 
 def layer_demo() -> int:
