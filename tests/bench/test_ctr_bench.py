@@ -17,7 +17,6 @@ import pytest
 
 from tools.local_containerd import CONTAINERD, CTR, RUNC
 from tools.local_registry import registry_available
-from tools.mkimage import DebCache
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -31,8 +30,6 @@ def test_quick_ctr_bench_full_pull_fetches_the_whole_image_and_blockfs_less(
         pytest.skip("needs root")
     if not registry_available() or not all(os.access(t, os.X_OK) for t in (CONTAINERD, CTR, RUNC)):
         pytest.skip("needs docker-registry, containerd, ctr and runc")
-    if not any(DebCache().directory.glob("busybox-static_*.deb")):
-        pytest.skip("busybox-static is not in the .deb cache (tools/setup fetches it)")
     figures = tmp_path / "ctr.json"
     proc = subprocess.run(
         [sys.executable, "-m", "tools.ctr_bench", "--quick", "--json", str(figures)],
