@@ -41,9 +41,11 @@ from blockfs.estargz import BlobReader, CountingSource
 from blockfs.image import (
     LAYER_JSON,
     BlobSources,
+    ControlError,
     LayerRecord,
     ServerConfig,
     SourceSpec,
+    forget_export,
     index_layer,
     query_stats,
 )
@@ -462,7 +464,16 @@ class LayerManager:
     def _teardown(self, name: str, att: Attachment | None) -> bool:
         if att is not None and not self._undo(att):
             return False
-        return self._remove_dir(name)
+        if not self._remove_dir(name):
+            return False
+        if self.server.is_running():
+            # The server keeps an opened export in memory until told it is gone.
+            try:
+                forget_export(str(self.control_socket), name)
+            except ControlError as exc:
+                log.warning("NBD server did not forget a released layer",
+                            extra={"layer": name, "error": str(exc)})  # fmt: skip
+        return True
 
     def _remove_dir(self, name: str) -> bool:
         path = self.layer_dir(name)

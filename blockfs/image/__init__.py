@@ -1,6 +1,6 @@
 """A layer's block image: EROFS metadata from the TOC plus lazily fetched, verified file data."""
 
-from blockfs.image._control import ControlError, ControlServer, query_stats
+from blockfs.image._control import ControlError, ControlServer, forget_export, query_stats
 from blockfs.image._exports import ExportTable, SourceOpener
 from blockfs.image._extents import ExtentMap, ExtentMapError
 from blockfs.image._layer import ChunkReader, ImageReadError, LayerImage, LayerStats
@@ -54,6 +54,7 @@ __all__ = [
     "check_export_name",
     "docker_config_path",
     "file_source_spec",
+    "forget_export",
     "index_layer",
     "open_blob",
     "open_file_source",

@@ -1,8 +1,9 @@
 """A tiny unix-socket endpoint that reports the statistics of the layers a process serves.
 
 The NBD server process runs it in a thread; ``blockfs layer stats`` and the snapshotter's
-metrics read it. One request per connection: a line ``stats`` or ``stats NAME``, answered
-with one JSON document.
+metrics read it. One request per connection: a line ``VERB [NAME]``, answered with one
+JSON document. Verbs: ``stats [NAME]`` (statistics of one export or all) and
+``forget NAME`` (drop a released export from the server's memory).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from blockfs.errors import BlockfsError
 
-StatsProvider = Callable[[str | None], dict[str, Any]]
+Handler = Callable[[str | None], dict[str, Any]]
 
 
 class ControlError(BlockfsError):
@@ -25,11 +26,11 @@ class ControlError(BlockfsError):
 
 
 class ControlServer:
-    """Serves ``provider(name)`` as JSON on the unix socket ``path`` from a daemon thread."""
+    """Answers ``VERB [NAME]`` with ``handlers[VERB](NAME)`` as JSON on the unix socket ``path``."""
 
-    def __init__(self, path: str, provider: StatsProvider) -> None:
+    def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
         self.path = path
-        self.provider = provider
+        self.handlers = handlers
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -49,10 +50,11 @@ class ControlServer:
                 conn.settimeout(5)
                 try:
                     line = conn.makefile("rb").readline(4096).decode("utf-8", "replace").split()
-                    if not line or line[0] != "stats":
-                        reply: dict[str, Any] = {"error": "unknown request"}
+                    handler = self.handlers.get(line[0]) if line else None
+                    if handler is None:
+                        reply: dict[str, Any] = {"error": f"unknown request {line[:1]}"}
                     else:
-                        reply = self.provider(line[1] if len(line) > 1 else None)
+                        reply = handler(line[1] if len(line) > 1 else None)
                 except Exception as exc:  # report, never kill the serving thread
                     reply = {"error": str(exc)}
                 with contextlib.suppress(OSError):
@@ -66,11 +68,20 @@ class ControlServer:
 
 def query_stats(path: str, name: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
     """Ask the control socket at ``path`` for the stats of export ``name`` (or all)."""
+    return _request(path, f"stats {name or ''}", timeout)
+
+
+def forget_export(path: str, name: str, timeout: float = 5.0) -> None:
+    """Tell the server at ``path`` to drop export ``name``, whose layer was released."""
+    _request(path, f"forget {name}", timeout)
+
+
+def _request(path: str, line: str, timeout: float) -> dict[str, Any]:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(path)
-            s.sendall(f"stats {name or ''}\n".encode())
+            s.sendall(f"{line}\n".encode())
             data = s.makefile("rb").readline()
     except OSError as exc:
         raise ControlError(f"cannot reach the NBD server's control socket {path}: {exc}") from exc

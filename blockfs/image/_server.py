@@ -7,6 +7,7 @@ callback to it; nothing here knows about nbdkit.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -101,8 +102,18 @@ class ServedLayers:
             background_fetch=config.background_fetch,
         )
         self.control = (
-            ControlServer(str(config.control), self.exports.stats) if config.control else None
+            ControlServer(
+                str(config.control), {"stats": self.exports.stats, "forget": self._forget}
+            )
+            if config.control
+            else None
         )
+
+    def _forget(self, name: str | None) -> dict[str, Any]:
+        if name is None:
+            return {"error": "forget needs an export name"}
+        self.exports.forget(name)
+        return {"forgotten": name}
 
     def close(self) -> None:
         if self.control is not None:

@@ -6,7 +6,16 @@ import pytest
 
 from blockfs.cache import ChunkCache
 from blockfs.estargz import LANDMARKS, BlobReader, FileBlobSource
-from blockfs.image import ExportTable, LayerStateError, index_layer
+from blockfs.image import (
+    ControlError,
+    ExportTable,
+    LayerStateError,
+    ServedLayers,
+    ServerConfig,
+    forget_export,
+    index_layer,
+    query_stats,
+)
 from tests.helpers.testdata import TESTDATA
 
 
@@ -65,3 +74,27 @@ def test_unknown_or_unsafe_export_names_are_refused(tmp_path):
     with pytest.raises(LayerStateError):
         table.open("missing")
     assert table.names() == ["l"]
+
+
+def test_forget_over_the_control_socket_drops_the_served_export(tmp_path):
+    path = TESTDATA / "gzip-64k.esgz"
+    index_layer(
+        BlobReader.open(FileBlobSource(path)),
+        tmp_path / "layers" / "l",
+        name="l",
+        source={"type": "file", "path": str(path)},
+        bytes_fetched=0,
+    )
+    control = tmp_path / "ctl.sock"
+    served = ServedLayers(
+        ServerConfig(root=tmp_path / "layers", cache_dir=tmp_path / "cache", control=control)
+    )
+    try:
+        served.exports.open("l")
+        assert list(query_stats(str(control))["layers"]) == ["l"]
+        forget_export(str(control), "l")
+        assert query_stats(str(control))["layers"] == {}
+        with pytest.raises(ControlError, match="needs an export name"):
+            forget_export(str(control), "")
+    finally:
+        served.close()

@@ -74,6 +74,7 @@ def test_a_layer_acquired_twice_is_mounted_once_and_release_removes_it(
     with layers.holding(name):
         assert layers.release(name)
     assert not layers.layer_dir(name).exists()
+    assert name not in layers.stats()["layers"]  # the server let go of the export too
     layers.close()
     assert not layers.server.is_running()
 
