@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shlex
 import shutil
@@ -35,7 +34,7 @@ from tools.demo_container import PROGRAM, FirstOutput, first_output, image_size,
 from tools.local_containerd import short_tempdir, start_blockfs_containerd
 from tools.local_registry import LocalRegistry, start_registry
 from tools.mkimage import build_base_image
-from tools.pull_bench import _machine
+from tools.pull_bench import machine, publish
 
 SECTION = "## containerd: overlayfs full pull vs blockfs"
 SNAPSHOTTERS = ("overlayfs", "blockfs")
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result = {
-        "machine": _machine(),
+        "machine": machine(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "args": " ".join(argv if argv is not None else sys.argv[1:]),
         "load_start": load_start,
@@ -199,14 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "images": images,
     }
-    text = _markdown(result)
-    print()
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.record:
-        with open(args.record, "a") as f:
-            f.write("\n" + text)
+    publish(result, _markdown(result), json_path=args.json, record=args.record)
     return 0
 
 

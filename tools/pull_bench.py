@@ -104,7 +104,7 @@ def _summary(runs: list[Run]) -> dict[str, float]:
     return {field: _median(runs, field) for field in fields}
 
 
-def _machine() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
     cpu = "unknown CPU"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -124,6 +124,20 @@ def _comparison(lazy: dict[str, float], full: dict[str, float]) -> str:
     if lazy["total_seconds"] <= full["total_seconds"]:
         return f"lazy {full['total_seconds'] / lazy['total_seconds']:.1f}x faster"
     return f"full pull {lazy['total_seconds'] / full['total_seconds']:.1f}x faster"
+
+
+def publish(
+    result: dict[str, Any], text: str, *, json_path: str | None, record: str | None
+) -> None:
+    """Print a benchmark's Markdown section; also write its raw figures and append the
+    section to a record file (docs/benchmarks.md) when asked."""
+    print()
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    if record:
+        with open(record, "a") as f:
+            f.write("\n" + text)
 
 
 def _markdown(result: dict[str, Any]) -> str:
@@ -233,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result = {
-        "machine": _machine(),
+        "machine": machine(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "args": " ".join(argv if argv is not None else sys.argv[1:]),
         "load_start": load_start,
@@ -241,14 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "images": images,
     }
-    text = _markdown(result)
-    print()
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.record:
-        with open(args.record, "a") as f:
-            f.write("\n" + text)
+    publish(result, _markdown(result), json_path=args.json, record=args.record)
     return 0
 
 

@@ -92,12 +92,9 @@ class ChunkCache:
     def get(self, digest: str) -> bytes | None:
         """The verified plaintext of the chunk with ``digest``, or None if not cached."""
         hex_ = _hex_of(digest)
-        with self._lock:
-            data = self._memory.get(hex_)
-            if data is not None:
-                self._memory.move_to_end(hex_)
-                self.stats.memory_hits += 1
-                return data
+        data = self._from_memory(hex_)
+        if data is not None:
+            return data
         try:
             data = self._path(hex_).read_bytes()
         except FileNotFoundError:
@@ -127,12 +124,10 @@ class ChunkCache:
     def read(self, digest: str, offset: int, length: int) -> bytes | None:
         """Bytes ``[offset, offset + length)`` of the cached chunk ``digest``, or None."""
         hex_ = _hex_of(digest)
+        data = self._from_memory(hex_)
+        if data is not None:
+            return data[offset : offset + length]
         with self._lock:
-            data = self._memory.get(hex_)
-            if data is not None:
-                self._memory.move_to_end(hex_)
-                self.stats.memory_hits += 1
-                return data[offset : offset + length]
             trusted = hex_ in self._verified
         if trusted:
             try:
@@ -185,6 +180,14 @@ class ChunkCache:
             if hex_ in self._memory:
                 return True
         return self._path(hex_).exists()
+
+    def _from_memory(self, hex_: str) -> bytes | None:
+        with self._lock:
+            data = self._memory.get(hex_)
+            if data is not None:
+                self._memory.move_to_end(hex_)
+                self.stats.memory_hits += 1
+            return data
 
     def _remember_locked(self, hex_: str, data: bytes) -> None:
         if self.memory_bytes <= 0 or len(data) > self.memory_bytes:

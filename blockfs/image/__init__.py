@@ -23,7 +23,6 @@ from blockfs.image._sources import (
     docker_config_path,
     file_source_spec,
     open_blob,
-    open_file_source,
     registry_source_spec,
 )
 
@@ -57,7 +56,6 @@ __all__ = [
     "forget_export",
     "index_layer",
     "open_blob",
-    "open_file_source",
     "parse_size",
     "query_stats",
     "registry_source_spec",

@@ -201,10 +201,3 @@ def open_blob(
     if spec["type"] == "registry":
         spec["size"] = source.size
     return source, spec
-
-
-def open_file_source(spec: SourceSpec) -> BlobSource:
-    """Open a ``{"type": "file", "path": ...}`` source; other types are refused."""
-    if spec.get("type") != "file":
-        raise BlobSourceError(f"this server cannot open blob sources of type {spec.get('type')!r}")
-    return FileBlobSource(spec["path"])
