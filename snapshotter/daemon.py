@@ -27,7 +27,7 @@ from snapshotter.config import (
     SnapshotterConfig,
     load_config,
 )
-from snapshotter.layers import LayerManager
+from snapshotter.layers import SERVER_CHECK_INTERVAL, LayerManager
 from snapshotter.metrics import MetricsServer
 from snapshotter.mountspec import overlay_index_off_supported
 from snapshotter.remote import RegistrySettings
@@ -102,6 +102,20 @@ def notify_systemd(state: str) -> None:
             log.warning("cannot notify systemd", extra={"state": state, "error": str(e)})
 
 
+def watch_nbd_server(
+    layers: LayerManager, stop: threading.Event, interval: float = SERVER_CHECK_INTERVAL
+) -> None:
+    """Until ``stop`` is set, restart the NBD server whenever it dies under attached layers."""
+    while not stop.wait(interval):
+        try:
+            layers.revive_server()
+        except BlockfsError as e:
+            log.error(
+                "cannot restart the NBD server; trying again",
+                extra={"error": str(e), "retry_seconds": interval},
+            )
+
+
 def run(config: SnapshotterConfig, stop: threading.Event) -> None:
     """Serve until ``stop`` is set; then stop the server and close the store.
 
@@ -129,6 +143,10 @@ def run(config: SnapshotterConfig, stop: threading.Event) -> None:
             metrics = MetricsServer(config.metrics_address, layers)
             log.info("serving metrics", extra={"address": metrics.address})
         server = start_server(service, config.socket)
+        watchdog = threading.Thread(
+            target=watch_nbd_server, args=(layers, stop), name="nbd-watchdog", daemon=True
+        )
+        watchdog.start()
         try:
             log.info(
                 "serving containerd snapshots API",
@@ -144,6 +162,8 @@ def run(config: SnapshotterConfig, stop: threading.Event) -> None:
             notify_systemd("STOPPING=1")
             log.info("stopping")
         finally:
+            stop.set()  # also when leaving by an exception: the watchdog must end first
+            watchdog.join()
             server.stop(STOP_GRACE_SECONDS).wait()
             config.socket.unlink(missing_ok=True)
     finally:

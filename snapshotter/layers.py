@@ -75,6 +75,8 @@ CONTROL_SOCKET = "control.sock"
 # How many layers' TOCs may be fetched ahead and held in memory at once.
 MAX_AHEAD = 16
 AHEAD_WORKERS = 2
+# How often the daemon checks that the NBD server still runs (LayerManager.revive_server).
+SERVER_CHECK_INTERVAL = 1.0
 
 
 class LayerUnavailable(BlockfsError):
@@ -132,6 +134,7 @@ class LayerManager:
         self._mode: AttachMode | None = None
         self._ahead: dict[str, Future[_Resolved]] = {}
         self._ahead_pool = ThreadPoolExecutor(AHEAD_WORKERS, thread_name_prefix="toc-ahead")
+        self.server_restarts = 0  # by revive_server, since this manager started
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -216,15 +219,61 @@ class LayerManager:
             )
             self._undo(att)
             return
-        if att.mode is AttachMode.KERNEL_NBD and not server_running:
-            # The kernel's connections died with the old server: give them new ones.
+        if not server_running:
+            # The layer's connections died with the old server: give it new ones.
             self._ensure_server()
-            try:
-                reconnect(att, str(self.server.socket))
-            except AttachError as e:
-                log.error("cannot reconnect layer", extra={"layer": name, "error": str(e)})
+            if not self._reconnect(name, att):
                 return
         log.info("adopted layer mount", extra={"layer": name, "mountpoint": att.mountpoint})
+
+    def _reconnect(self, name: str, att: Attachment) -> bool:
+        """Connect ``att``'s device to the (restarted) server again; whether it worked.
+
+        Only the kernel NBD driver can take new connections for a mounted device: reads
+        that waited on the dead ones resume. nbdfuse cannot, so its layer keeps failing
+        reads until it is attached again.
+        """
+        if att.mode is not AttachMode.KERNEL_NBD:
+            log.error(
+                "layer was attached with nbdfuse, which cannot reconnect to a restarted NBD "
+                "server: its reads fail until the containers using it are removed and the "
+                "image is pulled again",
+                extra={"layer": name, "mountpoint": att.mountpoint},
+            )
+            return False
+        try:
+            reconnect(att, str(self.server.socket))
+        except AttachError as e:
+            log.error("cannot reconnect layer", extra={"layer": name, "error": str(e)})
+            return False
+        log.info("reconnected layer", extra={"layer": name, "device": att.device})
+        return True
+
+    def revive_server(self) -> bool:
+        """Restart the NBD server if it died while layers are attached; whether it did.
+
+        Layers attached through the kernel get fresh connections on the same device and
+        their waiting reads resume; the daemon calls this every
+        :data:`SERVER_CHECK_INTERVAL` seconds. A server that is not running while no
+        layer is attached is left alone: the next attach starts it.
+        """
+        if self.server.is_running():
+            return False
+        names = self.attached()
+        if not names:
+            return False
+        log.error(
+            "the NBD server exited while layers are attached; restarting it",
+            extra={"layers": len(names), "server_log": self.server.log_tail(5)},
+        )
+        self._ensure_server()
+        self.server_restarts += 1
+        for name in names:
+            with self.holding(name):
+                att = self._attachment(name)
+                if att is not None and is_mounted(att.mountpoint):
+                    self._reconnect(name, att)
+        return True
 
     def reconcile(self, in_use: Callable[[str], bool]) -> list[str]:
         """Release every layer that ``in_use`` says no snapshot uses; their names."""

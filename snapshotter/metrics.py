@@ -62,12 +62,17 @@ def _number(value: object) -> str:
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
-def render_metrics(stats: dict[str, Any], mounted_layers: int) -> str:
-    """The Prometheus text exposition of the NBD server's ``stats`` and the mount count."""
+def render_metrics(stats: dict[str, Any], mounted_layers: int, server_restarts: int = 0) -> str:
+    """The Prometheus text exposition of the NBD server's ``stats``, the mount count and
+    how often the daemon restarted a dead NBD server."""
     lines = [
         "# HELP blockfs_layers_mounted Layers attached and mounted now.",
         "# TYPE blockfs_layers_mounted gauge",
         f"blockfs_layers_mounted {mounted_layers}",
+        "# HELP blockfs_nbd_server_restarts_total Times the NBD server died under attached "
+        "layers and was restarted.",
+        "# TYPE blockfs_nbd_server_restarts_total counter",
+        f"blockfs_nbd_server_restarts_total {server_restarts}",
     ]
     layers: dict[str, dict[str, Any]] = stats.get("layers", {})
     for metric, kind, text, key in _LAYER_METRICS:
@@ -127,7 +132,7 @@ class MetricsServer:
             except BlockfsError as e:
                 log.warning("cannot read the NBD server's stats", extra={"error": str(e)})
                 stats = {}
-            return render_metrics(stats, len(layers.attached()))
+            return render_metrics(stats, len(layers.attached()), layers.server_restarts)
 
         return collect
 

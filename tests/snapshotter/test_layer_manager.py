@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from remote_testkit import Layer, estargz_layer, gzip_layer
 
 from blockfs.image import file_source_spec
 from snapshotter.attach import read_attachment
+from snapshotter.daemon import watch_nbd_server
 from snapshotter.layers import LayerManager, LayerUnavailable
 from snapshotter.remote import RemoteLayer, layer_name
 from tests.helpers.containerd import layer_tar, mounts_under, require_root_tools, short_tempdir
@@ -146,3 +148,61 @@ def test_a_layer_whose_nbdfuse_died_is_attached_again_when_needed(
     with layers.holding(name):
         assert layers.release(name)
     layers.close()
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and "Z" not in _state(pid):
+        assert time.monotonic() < deadline, f"process {pid} did not exit"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_the_watchdog_restarts_a_dead_nbd_server_under_attached_layers(
+    root: Path, motd_layer: RemoteLayer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # nbd.ko is missing here, so the layer is attached with nbdfuse, which cannot take a
+    # new connection: this proves the restart; the VM test proves the kernel reconnect.
+    layers = LayerManager(root, attach="nbdfuse")
+    assert not layers.revive_server()  # nothing attached: nothing to restart
+    assert not layers.server.is_running()
+    name = layer_name(motd_layer.digest)
+    with layers.holding(name):
+        layers.acquire(motd_layer)
+    first = layers.server.pid()
+    assert first is not None and not layers.revive_server()  # running: left alone
+    stop = threading.Event()
+    watchdog = threading.Thread(target=watch_nbd_server, args=(layers, stop, 0.1))
+    watchdog.start()
+    try:
+        os.kill(first, signal.SIGKILL)
+        _wait_gone(first)
+        deadline = time.monotonic() + 30
+        while layers.server_restarts == 0:
+            assert time.monotonic() < deadline, "the watchdog did not restart the server"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        watchdog.join()
+    second = layers.server.pid()
+    assert second is not None and second != first
+    assert layers.server_restarts == 1
+    assert "nbdfuse, which cannot reconnect" in caplog.text
+    # The restarted server serves new attachments.
+    other = blob_layer(root, estargz_layer(layer_tar({"etc/issue": b"after the restart\n"})))
+    other_name = layer_name(other.digest)
+    with layers.holding(other_name):
+        mounted = layers.acquire(other)
+    assert (mounted / "etc" / "issue").read_bytes() == b"after the restart\n"
+    for n in (name, other_name):
+        with layers.holding(n):
+            assert layers.release(n)
+    layers.close()
+    assert not layers.server.is_running()
