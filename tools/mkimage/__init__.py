@@ -7,7 +7,9 @@ gzip layers (convert it with ``blockfs image convert``):
 2. with ``--python``: Debian's Python 3.11 and its standard library (thousands of files);
 3. with ``--random-mb N``: ``/data/random.bin``, N MiB that nothing reads (for laziness).
 
-Packages are fetched once with ``apt-get download`` into ``.cache/debs`` and reused.
+Packages are the candidate versions of the host's apt index (tools/debs.py), downloaded
+with ``apt-get download`` into ``.cache/debs``, checked against apt's SHA256 and reused
+from there (offline) as long as apt's candidate stays the same.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from blockfs.oci import Descriptor, ImageLayout
-from tools.mkimage._debs import DEFAULT_CACHE, DebCache, DebError
+from tools.debs import DEFAULT_CACHE, DebCache, DebError
 from tools.mkimage._layers import (
     Layer,
     add_layer,

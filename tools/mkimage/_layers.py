@@ -25,7 +25,7 @@ import attrs
 
 from blockfs.oci import Descriptor, ImageConfig, ImageLayout, Manifest, host_platform
 from blockfs.oci import media_types as mt
-from tools.mkimage._debs import DebCache, DebError, unpack
+from tools.debs import DebCache, DebError, extract
 
 # Every entry's mtime: a fixed time makes the same tree give the same layer digest.
 MTIME = 1_700_000_000
@@ -126,7 +126,7 @@ def busybox_tree(dest: Path, debs: DebCache | None = None, *, binary: Path | Non
     """
     staging = dest.parent / f".{dest.name}.deb"
     if binary is None:
-        unpack([(debs or DebCache()).fetch("busybox-static")], staging)
+        extract((debs or DebCache()).fetch("busybox-static"), staging)
         busybox = staging / "bin" / "busybox"
         if not busybox.is_file():
             raise DebError("busybox-static has no bin/busybox")
@@ -164,7 +164,8 @@ def busybox_tree(dest: Path, debs: DebCache | None = None, *, binary: Path | Non
 
 def python_tree(dest: Path, debs: DebCache) -> None:
     """Debian's Python 3.11 with its standard library and the shared libraries it needs."""
-    unpack(debs.closure(["python3.11-minimal", "libpython3.11-stdlib"]), dest)
+    for deb in debs.closure(["python3.11-minimal", "libpython3.11-stdlib"]):
+        extract(deb, dest)
     for docs in _DOCS:
         shutil.rmtree(dest / docs, ignore_errors=True)
     python3 = dest / "usr" / "bin" / "python3"

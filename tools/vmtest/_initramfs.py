@@ -28,7 +28,7 @@ from pathlib import Path
 
 import attrs
 
-from tools.vmtest import _debs
+from tools import debs as _debs
 from tools.vmtest._cpio import CpioWriter
 from tools.vmtest._errors import VMTestError
 from tools.vmtest._kernel import GuestKernel, prepare_kernel

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import attrs
 
-from tools.vmtest._debs import Deb, extract
+from tools.debs import Deb, extract
 from tools.vmtest._errors import VMTestError
 
 # ELF64 little-endian header fields used here: 40 e_shoff (u64), 58 e_shentsize (u16),

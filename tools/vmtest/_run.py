@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 
 from snapshotter.nbdserver import NBDServer
+from tools.debs import DebError
 from tools.vmtest import _host, _qemu, _wire
 from tools.vmtest._errors import VMTestError
 from tools.vmtest._initramfs import prepare_guest
@@ -159,7 +160,7 @@ def run(options: Options) -> int:
             machine.proc.wait(max(1.0, min(30.0, deadline - time.monotonic())))
         machine.stop()
         console.join(5)
-    except VMTestError as e:
+    except (VMTestError, DebError) as e:
         verdict.problem = str(e)
     except (Terminated, KeyboardInterrupt) as e:
         verdict.problem = f"interrupted ({e or 'SIGINT'}); qemu and the NBD server were stopped"
