@@ -1,9 +1,12 @@
 """The real-kernel VM test, run as part of the suite: tools/vm-test must print PASS.
 
-It boots Debian's kernel under qemu (KVM when it works, else TCG), attaches the blockfs
-export as /dev/nbd0 with snapshotter.attach, mounts EROFS and an overlay, verifies file
-checksums and survives a restart of the NBD server. Its log is shown live, so that CI
-output records the guest kernel, the attach, the mounts and the reconnect.
+It boots Debian's kernel under qemu (KVM when it works, else TCG) twice. The attach
+scenario attaches the blockfs export as /dev/nbd0 with snapshotter.attach, mounts EROFS
+and an overlay, verifies file checksums and survives a restart of the NBD server. The
+snapshotter scenario runs containerd with blockfs-snapshotter in the guest: an image is
+pulled lazily onto /dev/nbdN devices, containers verify its files, and both the NBD
+server and the daemon are killed and recovered from. Its log is shown live, so that CI
+output records the guest kernel, the attaches, the mounts and the reconnects.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 VM_TEST = REPO / "tools" / "vm-test"
-# tools/vm-test gives up by itself before this (its default --timeout is 540 s).
+# tools/vm-test gives up by itself before this (its default --timeout is 540 s, for both
+# scenarios together).
 TIMEOUT = 600
 
-# What the guest must print, in this order.
+# What the guest must print, in this order: the attach scenario, then the snapshotter one.
 GUEST_LINES = [
     r"\[guest .*\] guest kernel: Linux \S+",
     r"/dev/nbd0 attached by blockfs: snapshotter\.attach\.attach_and_mount, netlink "
@@ -37,12 +41,30 @@ GUEST_LINES = [
     r"no remount: still /dev/nbd0 on /mnt/layer",
     r"all \d+ files verified again after the restart",
     r"VM TEST: PASS",
+    r"\[guest .*\] guest kernel: Linux \S+",
+    r"containerd \S+ with blockfs-snapshotter \(pid \d+, attach mode auto\)",
+    r"blockfs image pull: 2 layers mounted lazily",
+    r"layer on the kernel NBD driver: /dev/nbd\d+ on \S+/mnt type erofs \(ro",
+    r"ctr run: checksums verified in a container: \d+ files",
+    r"NBD server killed: SIGKILL to nbdkit",
+    r"watchdog: blockfs-snapshotter restarted nbdkit \(pid \d+\) and reconnected 2 devices",
+    r"no remount: every layer is still the same EROFS mount",
+    r"blockfs-snapshotter and nbdkit killed together",
+    r"new blockfs-snapshotter \(pid \d+\) adopted the mounts, started nbdkit \(pid \d+\) "
+    r"and reconnected 2 devices",
+    r"containerd reaches the new daemon again",
+    r"ctr run after the restart: \d+ files verified",
+    r"image removed: every layer unmounted and /dev/nbd\d+, /dev/nbd\d+ released",
+    r"VM TEST: PASS",
 ]
 # What the host must print (its lines interleave with the guest's console).
 HOST_LINES = [
     r"\[host .*\] NBD server started: nbdkit pid \d+",
     r"\[host .*\] NBD server stopped",
     r"\[host .*\] NBD server restarted: nbdkit pid \d+",
+    r"\[host .*\] scenario attach: PASS",
+    r"\[host .*\] image: 2 layers converted to eStargz and pushed",
+    r"\[host .*\] scenario snapshotter: PASS",
     r"\[host .*\] VM TEST: PASS",
 ]
 
@@ -53,7 +75,7 @@ def _stop_leftover_server(work: Path) -> None:
     nbdkit runs in its own session (it must outlive whatever starts it), so killing the
     harness's process group does not reach it; its pid file does.
     """
-    pidfile = work / "run" / "nbdkit.pid"
+    pidfile = work / "attach" / "run" / "nbdkit.pid"
     with contextlib.suppress(OSError, ValueError):
         pid = int(pidfile.read_text().strip())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -62,7 +84,7 @@ def _stop_leftover_server(work: Path) -> None:
 
 
 @pytest.mark.slow
-def test_vm_kernel_nbd_attach_mount_verify_and_reconnect_after_server_restart(
+def test_vm_kernel_nbd_attach_and_snapshotter_survive_server_and_daemon_crashes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     work = tmp_path / "work"

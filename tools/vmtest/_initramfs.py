@@ -59,6 +59,8 @@ KERNEL_MODULES = (
     ("nbd", "nbds_max=16 max_part=0"),
     ("erofs", ""),
     ("overlay", ""),
+    ("9pnet_virtio", ""),  # the snapshotter scenario's view of the host (virtio-9p)
+    ("9p", ""),
 )
 
 # Parts of the standard library the guest never imports; leaving them out halves the size.
@@ -86,10 +88,32 @@ _EXCLUDED = ("usr/lib/x86_64-linux-gnu/gconv/", "usr/lib/python3.11/lib-dynload/
 # Bump when the layout of the base archive changes, so that cached ones are rebuilt.
 BASE_FORMAT = "blockfs-vm-base-1"
 GUEST_MODULE = "tools.vmtest.guest"
+SNAPSHOTTER_MODULE = "tools.vmtest.guest_snapshotter"
+# 9p tags of the snapshotter scenario's shares (tools/vmtest/_run.py gives them to qemu).
+HOST_ROOT_TAG = "hostroot"
+WORK_TAG = "work"
+_9P = "-t 9p -o trans=virtio,version=9p2000.L,msize=512000"
+# The snapshotter scenario's root: /host, a read-only view of the host's root. /hostfs
+# keeps a view without the tmpfs mounts, from which the project is mounted back.
+HOST_ROOT_MOUNTS = f"""mkdir -p /host /hostfs
+  mount {_9P},ro,cache=loose {HOST_ROOT_TAG} /hostfs
+  mount --bind /hostfs /host
+  mount -t proc proc /host/proc
+  mount -t sysfs sysfs /host/sys
+  mount -t cgroup2 cgroup2 /host/sys/fs/cgroup
+  mount -t devtmpfs devtmpfs /host/dev
+  mkdir -p /host/dev/pts /host/dev/shm
+  mount -t devpts devpts /host/dev/pts
+  mount -t tmpfs tmpfs /host/dev/shm
+  for dir in /run /tmp /var/tmp /root; do mount -t tmpfs tmpfs "/host$dir"; done
+  mkdir -p "/host$project" && mount --bind "/hostfs$project" "/host$project"
+  mkdir -p "/host$work" && mount {_9P} {WORK_TAG} "/host$work"
+"""
 GUEST_ROOT = "opt/blockfs"
 
 INIT_SCRIPT = """#!/bin/busybox sh
-# /init of the blockfs VM test: mount the API filesystems, load the modules, run the test.
+# /init of the blockfs VM test: mount the API filesystems, load the modules, run the test
+# that blockfs.scenario= on the kernel command line names.
 /bin/busybox --install -s /bin
 export PATH=/bin:/usr/bin
 mount -t proc proc /proc
@@ -101,9 +125,27 @@ mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 while read -r module args; do
   insmod "/lib/modules/$module" $args || echo "init: insmod $module failed"
 done < /lib/modules/load.list
-export PYTHONPATH=/{guest_root} PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/root
-cd /{guest_root}
-python3 -m {guest_module}
+scenario=attach
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    blockfs.scenario=*) scenario="${{arg#*=}}" ;;
+    blockfs.project=*) project="${{arg#*=}}" ;;
+    blockfs.work=*) work="${{arg#*=}}" ;;
+  esac
+done
+export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/root
+if [ "$scenario" = snapshotter ]; then
+  # The host's root filesystem, read-only, with the guest's own API filesystems and
+  # tmpfs where programs write; the project and the work directory are mounted again
+  # on top, in case a tmpfs hides them (a clone under /tmp, say).
+  {share_mounts}  ip link set lo up
+  chroot /host /usr/bin/env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
+    sh -c "cd '$project' && exec .venv/bin/python -m {snapshotter_module}"
+else
+  export PYTHONPATH=/{guest_root}
+  cd /{guest_root}
+  python3 -m {guest_module}
+fi
 echo "init: the guest test exited with status $?"
 sync
 poweroff -f
@@ -297,7 +339,12 @@ def build_code_archive(project: Path) -> bytes:
     """The per-run archive: /init and the project's guest-side modules, gzip-compressed."""
     buffer = io.BytesIO()
     w = CpioWriter(buffer)
-    init = INIT_SCRIPT.format(guest_root=GUEST_ROOT, guest_module=GUEST_MODULE)
+    init = INIT_SCRIPT.format(
+        guest_root=GUEST_ROOT,
+        guest_module=GUEST_MODULE,
+        share_mounts=HOST_ROOT_MOUNTS,
+        snapshotter_module=SNAPSHOTTER_MODULE,
+    )
     w.file("init", init.encode(), 0o755)
     for rel in guest_sources(project):
         data = (project / rel).read_bytes()

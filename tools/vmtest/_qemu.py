@@ -3,7 +3,8 @@
 The guest has no network device at all. Its only channels to the host are virtio-serial
 ports: one per NBD connection, each a qemu ``socket`` chardev connected to the host's
 NBD server socket (``reconnect=1`` makes qemu reconnect after the server restarts), and
-one control port connected to the test harness. The serial console is qemu's stdout.
+one control port connected to the test harness; and, for the snapshotter scenario,
+directories shared with virtio-9p. The serial console is qemu's stdout.
 """
 
 from __future__ import annotations
@@ -130,15 +131,26 @@ def choose_accel(requested: str, kernel: Path, cache: Path) -> tuple[Accel, str]
 
 
 @attrs.frozen
+class Share:
+    """A host directory the guest mounts with virtio-9p as ``mount -t 9p TAG``."""
+
+    tag: str
+    path: Path
+    readonly: bool
+
+
+@attrs.frozen
 class MachineConfig:
     """Everything qemu needs to boot the guest."""
 
     kernel: Path
     initrd: Path
     accel: Accel
-    nbd_socket: Path  # the host NBD server's unix socket
-    nbd_ports: int  # how many NBD connections the guest can have at once
     control_socket: Path  # the harness listens here
+    nbd_socket: Path | None = None  # the host NBD server's unix socket, if the guest uses it
+    nbd_ports: int = 0  # how many NBD connections the guest can have at once
+    shares: tuple[Share, ...] = ()
+    append: str = ""  # added to the kernel command line
     memory_mib: int = 1024
     cpus: int = 2
 
@@ -164,12 +176,22 @@ def command(config: MachineConfig) -> list[str]:
         "-m", str(config.memory_mib),
         "-kernel", str(config.kernel),
         "-initrd", str(config.initrd),
-        "-append", KERNEL_CMDLINE,
+        "-append", f"{KERNEL_CMDLINE} {config.append}".strip(),
         "-serial", "stdio",
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=ctl,path={config.control_socket}",
         "-device", f"virtserialport,bus=vser0.0,chardev=ctl,name={_wire.CONTROL_PORT}",
     ]  # fmt: skip
+    for share in config.shares:
+        # security_model=none: the guest's root acts with qemu's own rights on the files.
+        readonly = ",readonly=on" if share.readonly else ""
+        argv += [
+            "-fsdev",
+            f"local,id={share.tag},path={share.path},security_model=none,multidevs=remap{readonly}",
+            "-device", f"virtio-9p-pci,fsdev={share.tag},mount_tag={share.tag}",
+        ]  # fmt: skip
+    if config.nbd_ports and config.nbd_socket is None:
+        raise VMTestError("NBD ports need the NBD server's socket")
     for i in range(config.nbd_ports):
         argv += [
             "-chardev", f"socket,id=nbd{i},path={config.nbd_socket},reconnect=1",

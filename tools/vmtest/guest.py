@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from snapshotter import _mount, attach
@@ -323,21 +323,28 @@ def wait_for_ports(prefix: str, count: int, timeout: float = 60.0) -> list[str]:
         time.sleep(0.1)
 
 
-def main() -> int:
+def run_attach_scenario(ctl: Control, config: dict[str, Any]) -> None:
+    """The attach scenario: blockfs's attach code against the host's NBD server."""
+    nbd_ports = wait_for_ports(_wire.NBD_PORT_PREFIX, int(config["nbd_ports"]))
+    os.makedirs(os.path.dirname(RELAY_SOCKET), exist_ok=True)
+    relay = Relay(RELAY_SOCKET, nbd_ports)
+    relay.start()
+    try:
+        say(f"relay: {RELAY_SOCKET} -> {len(nbd_ports)} virtio-serial ports to the host server")
+        run_checks(ctl, relay, config)
+    finally:
+        relay.stop()
+
+
+def main(scenario: Callable[[Control, dict[str, Any]], None] = run_attach_scenario) -> int:
+    """Greet the host, run ``scenario`` with its configuration, report the verdict."""
     release = os.uname().release
     say(f"guest kernel: Linux {release} ({os.uname().version})")
     ctl: Control | None = None
-    relay: Relay | None = None
     try:
         ctl = Control(wait_for_ports(_wire.CONTROL_PORT, 1)[0])
         ctl.send("hello", kernel=release)
-        config = ctl.expect("config")
-        nbd_ports = wait_for_ports(_wire.NBD_PORT_PREFIX, int(config["nbd_ports"]))
-        os.makedirs(os.path.dirname(RELAY_SOCKET), exist_ok=True)
-        relay = Relay(RELAY_SOCKET, nbd_ports)
-        relay.start()
-        say(f"relay: {RELAY_SOCKET} -> {len(nbd_ports)} virtio-serial ports to the host server")
-        run_checks(ctl, relay, config)
+        scenario(ctl, ctl.expect("config"))
         verdict, reason = True, ""
     except CheckFailed as e:
         verdict, reason = False, str(e)
