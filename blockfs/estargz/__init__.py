@@ -28,7 +28,12 @@ from blockfs.estargz._model import (
     Entry,
 )
 from blockfs.estargz._reader import BlobReader, Piece, VerifyReport, verify_piece
-from blockfs.estargz._source import BlobSource, CountingSource, FileBlobSource
+from blockfs.estargz._source import (
+    BlobSource,
+    CountingSource,
+    FileBlobSource,
+    read_coalesced,
+)
 from blockfs.estargz._toc import DEFAULT_LIMITS, Limits, clean_name, make_toc, parse_toc
 from blockfs.estargz._writer import BuildOptions, BuildResult, build, build_file
 
@@ -68,5 +73,6 @@ __all__ = [
     "make_toc",
     "parse_footer",
     "parse_toc",
+    "read_coalesced",
     "verify_piece",
 ]

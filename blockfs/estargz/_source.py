@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from blockfs.estargz._errors import TruncatedBlobError
+
+# Ranges closer than this are read with one request: over a network, a second round trip
+# costs more than the bytes in between.
+DEFAULT_COALESCE_GAP = 64 << 10
+DEFAULT_MAX_REQUEST = 16 << 20
 
 
 @runtime_checkable
@@ -105,3 +111,51 @@ class CountingSource:
             self.bytes_read += len(data)
             self.requests += 1
         return data
+
+
+def read_coalesced(
+    source: BlobSource,
+    ranges: Sequence[tuple[int, int]],
+    *,
+    gap: int = DEFAULT_COALESCE_GAP,
+    max_request: int = DEFAULT_MAX_REQUEST,
+) -> list[bytes]:
+    """The bytes of each ``(offset, length)`` in ``ranges``, in the order given.
+
+    Ranges less than ``gap`` bytes apart are read with one ``read_range`` of at most
+    ``max_request`` bytes (a single range may be longer), so that many small pieces,
+    such as the adjacent members of consecutive files, cost one round trip.
+    """
+    for offset, length in ranges:
+        if offset < 0 or length < 0:
+            raise ValueError(f"invalid range: offset {offset}, length {length}")
+    order = sorted((i for i, r in enumerate(ranges) if r[1] > 0), key=lambda i: ranges[i][0])
+    results: list[bytes] = [b""] * len(ranges)
+    group: list[int] = []
+    start = end = 0
+    for i in order:
+        offset, length = ranges[i]
+        if group and offset <= end + gap and max(end, offset + length) - start <= max_request:
+            group.append(i)
+            end = max(end, offset + length)
+            continue
+        if group:
+            _read_group(source, ranges, group, start, end, results)
+        group, start, end = [i], offset, offset + length
+    if group:
+        _read_group(source, ranges, group, start, end, results)
+    return results
+
+
+def _read_group(
+    source: BlobSource,
+    ranges: Sequence[tuple[int, int]],
+    group: list[int],
+    start: int,
+    end: int,
+    results: list[bytes],
+) -> None:
+    data = source.read_range(start, end - start)
+    for i in group:
+        offset, length = ranges[i]
+        results[i] = data[offset - start : offset - start + length]

@@ -3,7 +3,13 @@
 from blockfs.image._control import ControlError, ControlServer, forget_export, query_stats
 from blockfs.image._exports import ExportTable, SourceOpener
 from blockfs.image._extents import ExtentMap, ExtentMapError
-from blockfs.image._layer import ChunkReader, ImageReadError, LayerImage, LayerStats
+from blockfs.image._layer import (
+    PREFETCH_BATCH,
+    ChunkReader,
+    ImageReadError,
+    LayerImage,
+    LayerStats,
+)
 from blockfs.image._reader import BlobChunkReader
 from blockfs.image._record import (
     EXTENTS_FILE,
@@ -30,6 +36,7 @@ __all__ = [
     "EXTENTS_FILE",
     "INDEX_FILE",
     "LAYER_JSON",
+    "PREFETCH_BATCH",
     "BlobChunkReader",
     "BlobSourceError",
     "BlobSources",

@@ -22,6 +22,9 @@ from blockfs.errors import BlockfsError
 from blockfs.estargz import Chunk, FormatError
 from blockfs.image._extents import ExtentMap
 
+# Compressed bytes fetched together by one prefetch step.
+PREFETCH_BATCH = 4 << 20
+
 
 class ImageReadError(BlockfsError):
     """A read of the block image cannot return verified bytes."""
@@ -33,12 +36,12 @@ class ChunkReader(Protocol):
     @property
     def name(self) -> str: ...
 
-    def read_chunks(self, chunks: Sequence[tuple[str, Chunk]]) -> list[bytes]:
-        """Plaintext of ``(file name, chunk)`` pairs whose chunks start in one member.
-
-        Raises a :class:`blockfs.errors.BlockfsError` if a chunk cannot be fetched or
-        fails verification.
-        """
+    def read_members(
+        self, members: Sequence[Sequence[tuple[str, Chunk]]]
+    ) -> list[list[bytes] | BlockfsError]:
+        """For each member (its ``(file name, chunk)`` pairs), the chunks' verified
+        plaintext, or the :class:`blockfs.errors.BlockfsError` that kept it from being
+        fetched or verified (a :class:`blockfs.estargz.FormatError` for bad data)."""
         ...
 
 
@@ -114,6 +117,8 @@ class LayerImage:
             pos += n
         touched_data = pos < end
         bsize = self.extents.block_size
+        missing: list[tuple[int, Chunk, int, int]] = []  # (offset in out, chunk, start, length)
+        hits = 0
         while pos < end:
             i = self.extents.extent_at(pos)
             if i is None:
@@ -129,12 +134,28 @@ class LayerImage:
             chunk = self.extents.chunk(j)
             within = file_offset - chunk.chunk_offset
             take = min(chunk.size - within, end - pos, file_size - file_offset)
-            out[pos - offset : pos - offset + take] = self._chunk_range(chunk, within, take)
+            data = self.cache.read(chunk.digest, within, take)
+            if data is None:
+                missing.append((pos - offset, chunk, within, take))
+            else:
+                out[pos - offset : pos - offset + take] = data
+                hits += 1
             pos += take
         with self._lock:
             self.stats.reads += 1
             self.stats.read_bytes += length
             self.stats.data_reads += touched_data
+            self.stats.cache_hits += hits
+        if missing:
+            # Every member this read lacks, fetched together: one request for a readahead
+            # that spans many small files.
+            fetched = self._fetch_members([c.offset for _, c, _, _ in missing])
+            for at, chunk, within, take in missing:
+                plain = fetched.get(chunk.digest)
+                if plain is None:  # another reader fetched it: it is in the cache
+                    out[at : at + take] = self._chunk_range(chunk, within, take)
+                else:
+                    out[at : at + take] = plain[within : within + take]
         return bytes(out)
 
     def _chunk_range(self, chunk: Chunk, start: int, length: int) -> bytes:
@@ -145,62 +166,103 @@ class LayerImage:
                 with self._lock:
                     self.stats.cache_hits += 1
                 return data
-            fetched = self._fetch_member(chunk.offset)
+            fetched = self._fetch_members([chunk.offset])
             if chunk.digest in fetched:
                 return fetched[chunk.digest][start : start + length]
             # Another reader cached the member between our look and our fetch: look again.
         raise ImageReadError(f"layer {self.name}: chunk {chunk.digest} keeps leaving the cache")
 
-    def _fetch_member(self, member_offset: int) -> dict[str, bytes]:
-        """Fetch (once, however many threads ask) every chunk that starts at ``member_offset``."""
+    def _fetch_members(self, member_offsets: Sequence[int]) -> dict[str, bytes]:
+        """Fetch (once, however many threads ask) every chunk of the members that start at
+        ``member_offsets``; their plaintext by chunk digest.
+
+        Members another thread is fetching are waited for; the rest are fetched with one
+        call to the reader, which coalesces their ranges. Raises the error of the first
+        member that failed, after every member this call owns is settled.
+        """
+        owned: dict[int, Future[dict[str, bytes]]] = {}
+        waiting: list[Future[dict[str, bytes]]] = []
         with self._lock:
-            future = self._inflight.get(member_offset)
-            owner = future is None
-            if future is None:
-                future = self._inflight[member_offset] = Future()
-        if not owner:
-            return future.result()
+            for off in dict.fromkeys(member_offsets):
+                future = self._inflight.get(off)
+                if future is None:
+                    owned[off] = self._inflight[off] = Future()
+                else:
+                    waiting.append(future)
+        result: dict[str, bytes] = {}
         try:
-            members = self.extents.chunks_in_member(member_offset)
-            chunks = [(self.extents.file_of_chunk(k), self.extents.chunk(k)) for k in members]
-            if all(c.digest in self.cache for _, c in chunks):
-                # A fetch that finished just before ours began already cached it all.
-                future.set_result({})
-                return {}
-            started = time.monotonic()
-            try:
-                plain = self.reader.read_chunks(chunks)
-            except FormatError:
-                with self._lock:
-                    self.stats.verification_failures += 1
-                raise
-            except BlockfsError:
-                with self._lock:
-                    self.stats.fetch_errors += 1
-                raise
-            result = {}
-            for (_, c), data in zip(chunks, plain, strict=True):
-                self.cache.put(c.digest, data)
-                result[c.digest] = data
-            with self._lock:
-                self.stats.members_fetched += 1
-                self.stats.chunks_fetched += len(chunks)
-                self.stats.fetch_seconds += time.monotonic() - started
-            future.set_result(result)
-            return result
-        except BaseException as exc:
-            future.set_exception(exc)
-            raise
+            if owned:
+                self._fetch_owned(owned)
         finally:
             with self._lock:
-                del self._inflight[member_offset]
+                for off in owned:
+                    del self._inflight[off]
+        for future in [*owned.values(), *waiting]:
+            result.update(future.result())  # raises that member's error
+        return result
+
+    def _fetch_owned(self, owned: dict[int, Future[dict[str, bytes]]]) -> None:
+        """Fetch the members of ``owned`` and settle each one's future."""
+        todo: list[tuple[int, list[tuple[str, Chunk]]]] = []
+        try:
+            for off, future in owned.items():
+                members = self.extents.chunks_in_member(off)
+                chunks = [(self.extents.file_of_chunk(k), self.extents.chunk(k)) for k in members]
+                if all(c.digest in self.cache for _, c in chunks):
+                    # A fetch that finished just before ours began already cached it all.
+                    future.set_result({})
+                else:
+                    todo.append((off, chunks))
+            if not todo:
+                return
+            started = time.monotonic()
+            outcomes = self.reader.read_members([chunks for _, chunks in todo])
+            elapsed = time.monotonic() - started
+            fetched = failed = bad = 0
+            for (off, chunks), outcome in zip(todo, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    failed += 1
+                    bad += isinstance(outcome, FormatError)
+                    owned[off].set_exception(outcome)
+                    continue
+                plain = {}
+                for (_, c), data in zip(chunks, outcome, strict=True):
+                    self.cache.put(c.digest, data)
+                    plain[c.digest] = data
+                fetched += len(chunks)
+                owned[off].set_result(plain)
+            with self._lock:
+                self.stats.members_fetched += len(todo) - failed
+                self.stats.chunks_fetched += fetched
+                self.stats.fetch_seconds += elapsed
+                self.stats.fetch_errors += failed - bad
+                self.stats.verification_failures += bad
+        except BaseException as exc:
+            for future in owned.values():
+                if not future.done():
+                    future.set_exception(exc)
+            raise
 
     def prefetch(self, end: int, stop: threading.Event | None = None) -> int:
         """Fetch into the cache every chunk whose member starts below blob offset ``end``.
 
-        Returns how many members were fetched. Failures are left for on-demand reads.
+        Members are fetched in batches of about :data:`PREFETCH_BATCH` compressed bytes,
+        each batch with as few requests as the reader can. Returns how many members were
+        fetched. Failures are left for on-demand reads.
         """
         fetched = 0
+        batch: list[int] = []
+        batch_bytes = 0
+
+        def flush() -> None:
+            nonlocal fetched, batch, batch_bytes
+            try:
+                self._fetch_members(batch)
+                fetched += len(batch)
+            except BlockfsError:
+                pass
+            batch, batch_bytes = [], 0
+
         offsets = sorted({self.extents.chunk(j).offset for j in range(self.extents.chunk_count)})
         for off in offsets:
             if off >= end or (stop is not None and stop.is_set()):
@@ -208,9 +270,11 @@ class LayerImage:
             members = self.extents.chunks_in_member(off)
             if all(self.extents.chunk(k).digest in self.cache for k in members):
                 continue
-            try:
-                self._fetch_member(off)
-                fetched += 1
-            except BlockfsError:
-                continue
+            first = self.extents.chunk(members[0])
+            batch.append(off)
+            batch_bytes += first.end - first.offset
+            if batch_bytes >= PREFETCH_BATCH:
+                flush()
+        if batch and not (stop is not None and stop.is_set()):
+            flush()
         return fetched

@@ -81,3 +81,18 @@ def test_image_bench_quick_run_reports_every_figure_and_leaves_no_server(tmp_pat
         assert figures[key] > 0, key
     assert leftovers(tmp_path) == []
     assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_reads_bench_quick_run_compares_coalesced_and_per_member_fetches(tmp_path: Path) -> None:
+    markdown, report = run_quick("reads", tmp_path)
+
+    assert markdown.startswith("## Cold reads across small files")
+    figures = report["figures"]
+    for rtt in ("0", "10"):
+        per_member = figures[f"per_member_rtt{rtt}ms_requests"]
+        coalesced = figures[f"coalesced_rtt{rtt}ms_requests"]
+        # The same members either way; coalescing needs fewer requests for them.
+        assert figures[f"per_member_rtt{rtt}ms_members"] == per_member == 50
+        assert figures[f"coalesced_rtt{rtt}ms_members"] == 50
+        assert 0 < coalesced < per_member
+    assert list((tmp_path / "work").iterdir()) == []

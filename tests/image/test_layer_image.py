@@ -9,6 +9,7 @@ from blockfs.estargz import BlobReader, CountingSource, FileBlobSource, FormatEr
 from blockfs.image import (
     EXTENTS_FILE,
     INDEX_FILE,
+    PREFETCH_BATCH,
     BlobChunkReader,
     ExtentMap,
     ExtentMapError,
@@ -136,3 +137,92 @@ def test_reads_outside_the_image_are_refused(tmp_path):
     image, *_ = open_image(TESTDATA / "gzip-64k.esgz", tmp_path)
     with pytest.raises(Exception, match="outside"):
         image.pread(image.size - 10, 20)
+
+
+def expected_bytes(emap, layer_files, start, length):
+    """What the image holds in ``[start, start + length)`` of its data region, built from
+    the layer tar (each file at its extent, zeros elsewhere), independently of LayerImage."""
+    out = bytearray(length)
+    for i in range(emap.extent_count):
+        offset, size = emap.extent_span(i)
+        content = layer_files[emap.extent_name(i)][:size]
+        lo, hi = max(offset, start), min(offset + size, start + length)
+        if lo < hi:
+            out[lo - start : hi - start] = content[lo - offset : hi - offset]
+    return bytes(out)
+
+
+def data_region(emap):
+    """The image range that holds every file's data."""
+    spans = [emap.extent_span(i) for i in range(emap.extent_count)]
+    start = min(s for s, _ in spans)
+    end = max(s + -(-n // 4096) * 4096 for s, n in spans)
+    return start, end - start
+
+
+def test_one_read_across_many_files_fetches_their_members_with_one_request(tmp_path, layer_files):
+    image, _, emap, source = open_image(TESTDATA / "gzip-64k.esgz", tmp_path)
+    start, length = data_region(emap)
+    assert image.pread(start, length) == expected_bytes(emap, layer_files, start, length)
+    # Consecutive files' members are adjacent in the blob: a read spanning all of them
+    # (as kernel readahead spans small files) is one range request, not one per member.
+    assert image.stats.members_fetched > 40
+    assert source.requests == 1
+    assert image.pread(start, length) == expected_bytes(emap, layer_files, start, length)
+    assert source.requests == 1  # the second read came from the cache
+
+
+def test_concurrent_reads_across_shared_members_fetch_each_member_once(tmp_path, layer_files):
+    image, _, emap, _ = open_image(TESTDATA / "gzip-64k.esgz", tmp_path)
+    start, length = data_region(emap)
+    step = length // 8 // 4096 * 4096
+    results: dict[int, bytes] = {}
+    # Overlapping windows: neighbours share members, which must be fetched only once.
+    windows = [(start + k * step, min(2 * step, length - k * step)) for k in range(8)]
+    threads = [
+        threading.Thread(target=lambda o=o, n=n: results.__setitem__(o, image.pread(o, n)))
+        for o, n in windows
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for o, n in windows:
+        assert results[o] == expected_bytes(emap, layer_files, o, n)
+    members = {emap.chunk(j).offset for j in range(emap.chunk_count)}
+    assert image.stats.members_fetched == len(members)
+
+
+def test_a_bad_member_fails_the_read_that_spans_it_but_not_its_neighbours(
+    tmp_path, blob_copy, layer_files
+):
+    path = blob_copy("gzip-64k.esgz")
+    reader = BlobReader.open(FileBlobSource(path))
+    chunk = reader.toc.lookup("usr/share/doc/README").chunks[0]
+    data = bytearray(path.read_bytes())
+    data[(chunk.offset + chunk.end) // 2] ^= 0x55
+    path.write_bytes(bytes(data))
+    image, toc, emap, source = open_image(path, tmp_path)
+    start, length = data_region(emap)
+    with pytest.raises(FormatError):
+        image.pread(start, length)
+    assert image.stats.verification_failures == 1
+    requests = source.requests
+    # The members fetched with the bad one were verified and cached on their own.
+    for name in ("etc/passwd", "usr/lib/libbig.so"):
+        begin, size = file_span(emap, toc, name)
+        assert image.pread(begin, size) == layer_files[name]
+    assert source.requests == requests
+    with pytest.raises(FormatError):
+        image.pread(*file_span(emap, toc, "usr/share/doc/README"))
+
+
+def test_prefetch_fetches_members_in_batches(tmp_path, layer_files):
+    image, _, emap, source = open_image(TESTDATA / "gzip-64k.esgz", tmp_path)
+    members = {emap.chunk(j).offset for j in range(emap.chunk_count)}
+    assert image.prefetch(end=source.size) == len(members)
+    assert image.stats.members_fetched == len(members)
+    assert source.requests <= -(-source.size // PREFETCH_BATCH) + 1
+    start, length = data_region(emap)
+    assert image.pread(start, length) == expected_bytes(emap, layer_files, start, length)
+    assert image.stats.members_fetched == len(members)  # all from the cache
