@@ -2,9 +2,11 @@
 
 :func:`start_registry` runs Debian's ``docker-registry`` (distribution 2.8) on a free port
 of 127.0.0.1 with its storage in a given directory, optionally behind htpasswd (Basic)
-or token (Bearer) auth. With ``access_log`` it logs every request with its status and the
-number of body bytes it sent, which :meth:`LocalRegistry.access_log` parses: that is
-how much crossed the wire, counted by the registry itself.
+or token (Bearer) auth, and optionally over HTTPS (:class:`RegistryTLS`, with client
+certificates required when it names client CAs). With ``access_log`` it logs every
+request with its status and the number of body bytes it sent, which
+:meth:`LocalRegistry.access_log` parses: that is how much crossed the wire, counted by
+the registry itself.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import os
 import re
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -60,6 +63,19 @@ class TokenAuth:
 
 
 @attrs.frozen
+class RegistryTLS:
+    """``http.tls`` settings: serve HTTPS with ``certificate`` (PEM, the chain) and ``key``.
+
+    With ``client_cas`` (PEM files) the registry demands a client certificate signed by
+    one of them (mutual TLS) and refuses connections without one.
+    """
+
+    certificate: Path
+    key: Path
+    client_cas: tuple[Path, ...] = ()
+
+
+@attrs.frozen
 class AccessLogEntry:
     """One request as the registry logged it: ``size`` is the body bytes it sent."""
 
@@ -77,11 +93,12 @@ class LocalRegistry:
     root: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    tls: RegistryTLS | None = None
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://{self.host}"
+        """``http://127.0.0.1:PORT``, or ``https://`` when it serves TLS."""
+        return f"{'https' if self.tls is not None else 'http'}://{self.host}"
 
     def stop(self) -> None:
         """Stop the registry and wait for it."""
@@ -122,7 +139,11 @@ class LocalRegistry:
 
 
 def _registry_config(
-    root: Path, port: int, auth: Mapping[str, Mapping[str, Any]], access_log: bool
+    root: Path,
+    port: int,
+    auth: Mapping[str, Mapping[str, Any]],
+    access_log: bool,
+    tls: RegistryTLS | None = None,
 ) -> str:
     lines = [
         "version: 0.1",
@@ -140,6 +161,11 @@ def _registry_config(
         # Uploads are signed with this; a random one per process is fine on loopback.
         f"  secret: {os.urandom(16).hex()}",
     ]
+    if tls is not None:
+        lines += ["  tls:", f"    certificate: {tls.certificate}", f"    key: {tls.key}"]
+        if tls.client_cas:
+            lines.append("    clientcas:")
+            lines.extend(f"      - {ca}" for ca in tls.client_cas)
     if auth:
         lines.append("auth:")
         for kind, settings in auth.items():
@@ -155,9 +181,10 @@ def start_registry(
     htpasswd: Path | None = None,
     token: TokenAuth | None = None,
     access_log: bool = False,
+    tls: RegistryTLS | None = None,
 ) -> Iterator[LocalRegistry]:
     """Run docker-registry on a free loopback port, storing into ``workdir``, until the
-    block exits."""
+    block exits; over HTTPS with ``tls``."""
     if not registry_available():
         raise RegistryProcessError(
             f"{REGISTRY_BINARY} is not installed (Debian package docker-registry; tools/setup)"
@@ -177,7 +204,7 @@ def start_registry(
     for _ in range(3):  # the port may be taken between choosing and binding it
         port = free_port()
         config = workdir / "config.yml"
-        config.write_text(_registry_config(workdir, port, auth, access_log))
+        config.write_text(_registry_config(workdir, port, auth, access_log, tls))
         log_path = workdir / "registry.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
@@ -186,7 +213,7 @@ def start_registry(
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        registry = LocalRegistry(f"127.0.0.1:{port}", workdir, process, log_path)
+        registry = LocalRegistry(f"127.0.0.1:{port}", workdir, process, log_path, tls)
         try:
             if _wait_until_serving(registry):
                 break
@@ -203,14 +230,38 @@ def start_registry(
         registry.stop()
 
 
+def _probe_context() -> ssl.SSLContext:
+    # The probe only asks whether the registry serves, not whom to trust: no verification.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _speaks_tls(error: BaseException) -> bool:
+    """Whether ``error`` came from a TLS exchange (an alert, a handshake failure) rather
+    than from a connection that nobody accepted."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _wait_until_serving(registry: LocalRegistry) -> bool:
+    verify: ssl.SSLContext | bool = _probe_context() if registry.tls is not None else True
     deadline = time.monotonic() + _START_TIMEOUT
     while time.monotonic() < deadline:
         if registry.process.poll() is not None:
             return False
         try:
-            httpx.get(f"{registry.url}/v2/", timeout=1.0)
+            httpx.get(f"{registry.url}/v2/", timeout=1.0, verify=verify)
             return True
-        except httpx.TransportError:
+        except httpx.TransportError as e:
+            # A registry that demands client certificates refuses the probe with a TLS
+            # alert, after it loaded its own certificate and spoke TLS: it is serving.
+            if registry.tls is not None and registry.tls.client_cas and _speaks_tls(e):
+                return True
             time.sleep(0.05)
     return False

@@ -18,6 +18,7 @@ from blockfs.registry._errors import (
     RegistryAuthError,
     RegistryError,
     RegistryProtocolError,
+    RegistryTLSError,
     RegistryUnavailable,
 )
 from blockfs.registry._hosts import Endpoint, HostsConfig, HostsConfigError
@@ -43,6 +44,7 @@ __all__ = [
     "RegistryClient",
     "RegistryError",
     "RegistryProtocolError",
+    "RegistryTLSError",
     "RegistryUnavailable",
     "RepositoryLike",
     "RetryPolicy",

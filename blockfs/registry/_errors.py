@@ -51,6 +51,12 @@ class RegistryUnavailable(RegistryError):
     after the retries the policy allows."""
 
 
+class RegistryTLSError(RegistryError):
+    """TLS with the registry failed in a way retrying cannot fix: its certificate is not
+    trusted or not for the name dialled, it does not speak TLS (or only TLS), it refused
+    our client certificate, or the hosts.toml TLS files cannot be loaded."""
+
+
 class RegistryAuthError(RegistryError):
     """The registry refused us: no credentials, wrong credentials, or no access to the repository."""
 

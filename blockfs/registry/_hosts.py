@@ -50,7 +50,8 @@ class Endpoint:
 
     ``api_root`` is the URL that ``/<repository>/blobs/...`` is appended to (it ends in
     ``/v2`` unless ``override_path`` was set). ``mirror`` is true when the endpoint is not
-    the namespace's own registry; such requests carry ``?ns=<namespace>``.
+    the namespace's own registry; such requests carry ``?ns=<namespace>``. ``hosts_file``
+    is the hosts.toml it comes from (None for the default server), for error messages.
     """
 
     api_root: str
@@ -64,6 +65,7 @@ class Endpoint:
     headers: tuple[tuple[str, str], ...] = ()
     dial_timeout: float | None = None
     proxy: str | None = None
+    hosts_file: str | None = attrs.field(default=None, eq=False)
 
     @property
     def scheme(self) -> str:
@@ -121,6 +123,11 @@ class HostsConfig:
         self._dir = Path(hosts_dir) if hosts_dir is not None else None
         self._cache: dict[Path, tuple[int, dict[str, Any]]] = {}
         self._lock = threading.Lock()
+
+    @property
+    def directory(self) -> Path | None:
+        """The hosts directory, or None when there is none (every namespace is its server)."""
+        return self._dir
 
     @classmethod
     def load(cls, hosts_dir: str | os.PathLike[str]) -> HostsConfig:
@@ -228,6 +235,7 @@ def _endpoint(
         headers=_headers(table.get("header"), where),
         dial_timeout=dial_timeout,
         proxy=proxy,
+        hosts_file=str(path),
     )
 
 

@@ -13,6 +13,10 @@ Every request goes through three layers, from the outside in:
    neither the registry's credentials nor the hosts.toml headers, but keeps ``Range``),
    the redirect URL cached per blob and dropped when it expires, and the answer handed
    to a checker that may refuse it.
+
+TLS failures that retrying cannot fix (an untrusted certificate, a certificate for
+another name, a server that does not speak TLS or speaks only TLS, a refused client
+certificate) raise :class:`RegistryTLSError` at once, saying what to set in hosts.toml.
 """
 
 from __future__ import annotations
@@ -50,9 +54,10 @@ from blockfs.registry._errors import (
     RegistryAuthError,
     RegistryError,
     RegistryProtocolError,
+    RegistryTLSError,
     RegistryUnavailable,
 )
-from blockfs.registry._hosts import Endpoint, HostsConfig
+from blockfs.registry._hosts import HOSTS_FILE, Endpoint, HostsConfig
 from blockfs.registry._retry import RetryPolicy
 
 log = logging.getLogger("blockfs.registry")
@@ -71,6 +76,25 @@ HEAD_REJECTED = frozenset({400, 403, 405, 501})
 _REDIRECT_EXPIRED = frozenset({400, 401, 403, 404, 410})
 # How long an endpoint that failed is tried after the others.
 ENDPOINT_COOLDOWN = 30.0
+# OpenSSL reasons for a TLS client that got something other than TLS back.
+_NOT_TLS_REASONS = frozenset(
+    {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"}
+)
+# TLS alerts by which a server refuses the client certificate (or its absence).
+_CLIENT_CERT_ALERTS = frozenset(
+    {
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "TLSV1_ALERT_ACCESS_DENIED",
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    }
+)
+# X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+_NAME_MISMATCH_CODES = frozenset({62, 64})
 
 
 @attrs.frozen(slots=True)
@@ -142,8 +166,8 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _error_detail(response: httpx.Response) -> tuple[str, str]:
-    """(first error code, a short description) from a registry error body."""
+def _error_body(response: httpx.Response) -> bytes:
+    """The first 64 KiB or so of an error answer's body (what arrived, if it broke off)."""
     body = b""
     try:
         for chunk in response.iter_bytes():
@@ -152,6 +176,11 @@ def _error_detail(response: httpx.Response) -> tuple[str, str]:
                 break
     except httpx.HTTPError:
         pass
+    return body
+
+
+def _error_detail(response: httpx.Response, body: bytes) -> tuple[str, str]:
+    """(first error code, a short description) from a registry error body."""
     try:
         first = json.loads(body)["errors"][0]
         code = str(first.get("code", ""))
@@ -159,6 +188,29 @@ def _error_detail(response: httpx.Response) -> tuple[str, str]:
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return "", response.reason_phrase or ""
     return code, f"{code}: {message}" if message else code
+
+
+def _https_only_answer(response: httpx.Response, body: bytes) -> bool:
+    """Whether a 400 says that plain HTTP reached a port that speaks only HTTPS (Go's
+    "Client sent an HTTP request to an HTTPS server", nginx's "The plain HTTP request
+    was sent to HTTPS port")."""
+    text = body[:1024].decode("utf-8", "replace").lower()
+    return (
+        response.status_code == 400
+        and response.url.scheme == "http"
+        and "http request" in text
+        and "https" in text
+    )
+
+
+def _ssl_cause(error: BaseException) -> ssl.SSLError | None:
+    """The ``ssl.SSLError`` behind an httpx error (httpx wraps httpcore wraps ssl)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class Transport:
@@ -358,7 +410,7 @@ class Transport:
         assert target.digest is not None
         key = (ep.api_root, target.repository, target.digest)
         try:
-            response = self._send(http, "GET", url, headers, None)
+            response = self._send(ep, target, http, "GET", url, headers, None)
         except Transient:
             with self._lock:
                 self._redirects.pop(key, None)
@@ -393,6 +445,8 @@ class Transport:
 
     def _send(
         self,
+        ep: Endpoint,
+        target: Target,
         http: httpx.Client,
         method: str,
         url: str,
@@ -403,14 +457,80 @@ class Transport:
         host = urlsplit(url).netloc
         try:
             return http.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-            raise Transient(
-                RegistryUnavailable(f"cannot connect to {host}: {e!r}", host=host), connect=True
-            ) from e
         except httpx.TransportError as e:
+            tls = self._tls_error(e, ep, target, host)
+            if tls is not None:
+                raise tls from e
+            connect = isinstance(e, httpx.ConnectError | httpx.ConnectTimeout)
+            what = f"cannot connect to {host}" if connect else f"request to {host} failed"
             raise Transient(
-                RegistryUnavailable(f"request to {host} failed: {e!r}", host=host)
+                RegistryUnavailable(f"{what}: {e!r}", host=host), connect=connect
             ) from e
+
+    def _where(self, ep: Endpoint) -> str:
+        """Where the settings of ``ep`` go: its hosts.toml, or the one to create."""
+        if ep.hosts_file is not None:
+            return f"for {ep.origin} in {ep.hosts_file}"
+        directory = self._hosts.directory
+        if directory is not None:
+            return f"in {directory / ep.namespace / HOSTS_FILE} (a new file)"
+        return (
+            f"in DIR/{ep.namespace}/{HOSTS_FILE} and use DIR as the hosts directory "
+            "(--hosts-dir; containerd's certs.d layout)"
+        )
+
+    def _tls_error(
+        self, error: httpx.TransportError, ep: Endpoint, target: Target, host: str
+    ) -> RegistryTLSError | None:
+        """The error to raise at once for a TLS failure that retrying cannot fix, or None
+        (not TLS, or a TLS failure that may pass, such as the connection dropping)."""
+        cause = _ssl_cause(error)
+        if cause is None:
+            return None
+        where = self._where(ep)
+        insecure = "(insecure: then anyone on the way can pose as the registry)"
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            why = cause.verify_message or cause.reason or str(cause)
+            if cause.verify_code in _NAME_MISMATCH_CODES:
+                hostname = urlsplit(f"//{host}").hostname or host
+                message = f"the TLS certificate of {host} is not valid for {hostname} ({why})"
+                hint = (
+                    "Dial the registry by a name its certificate lists, give it a certificate "
+                    f"for {hostname}, or set skip_verify = true {where} {insecure}"
+                )
+            else:
+                message = f"the TLS certificate of {host} is not trusted ({why})"
+                hint = (
+                    'Set ca = "/path/to/ca.pem" (the CA that signed the registry\'s '
+                    f"certificate) {where}, or skip_verify = true {insecure}"
+                )
+        elif cause.reason in _NOT_TLS_REASONS:
+            message = f"{host} does not speak TLS (the TLS handshake got {cause.reason})"
+            hint = (
+                f"If it is a plain-HTTP registry, write http://{host} instead of "
+                f"{ep.origin} in {ep.hosts_file}"
+                if ep.hosts_file is not None
+                else "If it is a plain-HTTP registry, ask for plain HTTP (--plain-http)"
+            )
+        elif cause.reason in _CLIENT_CERT_ALERTS:
+            if not ep.client_certs:
+                message = (
+                    f"{host} refused the TLS connection ({cause.reason}): it requires a client "
+                    "certificate and none is configured for it"
+                )
+                hint = f'Set client = [["/path/client.pem", "/path/client.key"]] {where}'
+            else:
+                message = (
+                    f"{host} refused our TLS client certificate {ep.client_certs[0][0]} "
+                    f"({cause.reason})"
+                )
+                hint = (
+                    "Use a client certificate that the registry trusts (signed by one of its "
+                    f"client CAs, not expired) and its key, set as client {where}"
+                )
+        else:
+            return None
+        return target.error(RegistryTLSError, message, host, hint=hint)
 
     def _send_authorized(
         self,
@@ -424,10 +544,10 @@ class Transport:
     ) -> httpx.Response:
         """Send with the credentials ``ep`` wants; on 401 authenticate afresh and retry once."""
         if _origin(url) != ep.origin:
-            return self._send(http, method, url, headers, content)
+            return self._send(ep, target, http, method, url, headers, content)
         authorization = self._authorization(ep, target)
         response = self._send(
-            http, method, url, self._headers_for(ep, headers, authorization), content
+            ep, target, http, method, url, self._headers_for(ep, headers, authorization), content
         )
         if response.status_code != 401:
             return response
@@ -435,7 +555,7 @@ class Transport:
         response.close()
         authorization = self._authorize(ep, target, challenges, rejected=authorization)
         response = self._send(
-            http, method, url, self._headers_for(ep, headers, authorization), content
+            ep, target, http, method, url, self._headers_for(ep, headers, authorization), content
         )
         if response.status_code != 401:
             return response
@@ -504,11 +624,24 @@ class Transport:
         """The error (or :class:`Transient`) that a non-2xx answer means; closes it."""
         status = response.status_code
         try:
-            code, detail = _error_detail(response)
+            body = _error_body(response)
         finally:
             response.close()
+        code, detail = _error_detail(response, body)
         host = urlsplit(str(response.url)).netloc if foreign else ep.host
         kind = kind or target.kind
+        if not foreign and _https_only_answer(response, body):
+            return target.error(
+                RegistryTLSError,
+                f"{host} speaks HTTPS only, and was asked in plain HTTP",
+                host,
+                status=status,
+                hint=(
+                    f"Write https://{host} instead of {ep.origin} in {ep.hosts_file}"
+                    if ep.hosts_file is not None
+                    else "Do not ask for plain HTTP (--plain-http) for it"
+                ),
+            )
         if status == 429:
             return Transient(
                 target.error(
@@ -657,7 +790,7 @@ class Transport:
             client = self._clients.get(key)
             if client is None:
                 client = httpx.Client(
-                    verify=_ssl_context(ep),
+                    verify=_ssl_context(ep, self._where(ep)),
                     proxy=ep.proxy,
                     timeout=httpx.Timeout(self._timeout, connect=ep.dial_timeout or self._timeout),
                     limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
@@ -670,15 +803,31 @@ class Transport:
             return client
 
 
-def _ssl_context(ep: Endpoint) -> ssl.SSLContext:
+def _ssl_context(ep: Endpoint, where: str) -> ssl.SSLContext:
     context = ssl.create_default_context()
     if ep.skip_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     for ca in ep.ca:
-        context.load_verify_locations(cafile=ca)
+        try:
+            context.load_verify_locations(cafile=ca)
+        except OSError as e:  # ssl.SSLError is an OSError too
+            raise RegistryTLSError(
+                f"cannot load the CA certificate {ca} for {ep.origin}: {e}",
+                host=ep.host,
+                hint=f"Fix the ca setting {where}: a PEM file of CA certificates",
+            ) from e
     if ep.client_certs:
         # Like Go's TLS client with one configured pair, offer the first certificate.
         cert, key = ep.client_certs[0]
-        context.load_cert_chain(cert, key)
+        try:
+            context.load_cert_chain(cert, key)
+        except OSError as e:  # ssl.SSLError is an OSError too
+            files = cert if key is None else f"{cert} and {key}"
+            raise RegistryTLSError(
+                f"cannot load the client certificate {files} for {ep.origin}: {e}",
+                host=ep.host,
+                hint=f"Fix the client setting {where}: a PEM certificate and its key "
+                "(one file holding both, or a [certificate, key] pair)",
+            ) from e
     return context
