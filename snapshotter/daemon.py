@@ -38,6 +38,8 @@ log = logging.getLogger("snapshotter")
 
 # How long running calls may take to finish after SIGTERM.
 STOP_GRACE_SECONDS = 10.0
+# The longest wait between attempts to restart an NBD server that will not start.
+SERVER_RETRY_MAX = 30.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,15 +107,23 @@ def notify_systemd(state: str) -> None:
 def watch_nbd_server(
     layers: LayerManager, stop: threading.Event, interval: float = SERVER_CHECK_INTERVAL
 ) -> None:
-    """Until ``stop`` is set, restart the NBD server whenever it dies under attached layers."""
-    while not stop.wait(interval):
+    """Until ``stop`` is set, restart the NBD server whenever it dies under attached layers.
+
+    A restart that fails is tried again after a wait that doubles each time, up to
+    :data:`SERVER_RETRY_MAX` seconds.
+    """
+    wait = interval
+    while not stop.wait(wait):
         try:
             layers.revive_server()
         except BlockfsError as e:
+            wait = min(wait * 2, SERVER_RETRY_MAX)
             log.error(
                 "cannot restart the NBD server; trying again",
-                extra={"error": str(e), "retry_seconds": interval},
+                extra={"error": str(e), "retry_seconds": wait},
             )
+        else:
+            wait = interval
 
 
 def run(config: SnapshotterConfig, stop: threading.Event) -> None:

@@ -206,3 +206,42 @@ def test_the_watchdog_restarts_a_dead_nbd_server_under_attached_layers(
             assert layers.release(n)
     layers.close()
     assert not layers.server.is_running()
+
+
+def test_the_watchdog_backs_off_while_the_server_cannot_start_and_restarts_it_later(
+    root: Path,
+    motd_layer: RemoteLayer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layers = LayerManager(root, attach="nbdfuse")
+    name = layer_name(motd_layer.digest)
+    with layers.holding(name):
+        layers.acquire(motd_layer)
+    first = layers.server.pid()
+    assert first is not None
+    path = os.environ["PATH"]
+    monkeypatch.setenv("PATH", str(root.parent / "no-programs-here"))  # nbdkit is not found
+    stop = threading.Event()
+    watchdog = threading.Thread(target=watch_nbd_server, args=(layers, stop, 0.05))
+    watchdog.start()
+    try:
+        os.kill(first, signal.SIGKILL)
+        _wait_gone(first)
+        deadline = time.monotonic() + 30
+        while caplog.text.count("cannot restart the NBD server") < 3:
+            assert time.monotonic() < deadline, "the watchdog did not try to restart the server"
+            time.sleep(0.05)
+        waits = [r.retry_seconds for r in caplog.records if hasattr(r, "retry_seconds")]
+        assert waits[:3] == [0.1, 0.2, 0.4]  # doubling, not one attempt per interval
+        monkeypatch.setenv("PATH", path)
+        while layers.server_restarts == 0:
+            assert time.monotonic() < deadline, "the watchdog did not restart the server"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        watchdog.join()
+    assert layers.server.is_running()
+    with layers.holding(name):
+        assert layers.release(name)
+    layers.close()
