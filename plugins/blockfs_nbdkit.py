@@ -94,7 +94,7 @@ def is_rotational(h: Any) -> bool:
 
 def pread(h: Any, buf: memoryview, offset: int, flags: int) -> None:
     try:
-        buf[:] = h.pread(offset, len(buf))
+        h.pread_into(buf, offset)
     except Exception:
         # Fetch and verification failures are I/O errors; never hand back other bytes.
         nbdkit.set_error(errno.EIO)

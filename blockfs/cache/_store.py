@@ -123,28 +123,39 @@ class ChunkCache:
 
     def read(self, digest: str, offset: int, length: int) -> bytes | None:
         """Bytes ``[offset, offset + length)`` of the cached chunk ``digest``, or None."""
+        out = bytearray(length)
+        return bytes(out) if self.read_into(digest, offset, memoryview(out)) else None
+
+    def read_into(self, digest: str, offset: int, dest: memoryview) -> bool:
+        """Copy ``len(dest)`` bytes at ``offset`` of the cached chunk ``digest`` into
+        ``dest``; False (and ``dest`` untouched or partly written) if it is not cached."""
         hex_ = _hex_of(digest)
+        length = len(dest)
         data = self._from_memory(hex_)
         if data is not None:
-            return data[offset : offset + length]
+            dest[:] = memoryview(data)[offset : offset + length]
+            return True
         with self._lock:
             trusted = hex_ in self._verified
         if trusted:
             try:
                 with open(self._path(hex_), "rb") as f:
-                    part = os.pread(f.fileno(), length, offset)
+                    got = os.preadv(f.fileno(), [dest], offset)
             except FileNotFoundError:
-                part = b""
-            if len(part) == length:
+                got = 0
+            if got == length:
                 with self._lock:
                     self.stats.disk_hits += 1
                     if hex_ in self._disk:
                         self._disk.move_to_end(hex_)
-                return part
+                return True
             with self._lock:
                 self._verified.discard(hex_)
         data = self.get(digest)
-        return None if data is None else data[offset : offset + length]
+        if data is None:
+            return False
+        dest[:] = memoryview(data)[offset : offset + length]
+        return True
 
     def put(self, digest: str, data: bytes) -> None:
         """Store ``data``, whose sha256 the caller has verified equals ``digest``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from blockfs.image._record import (
 from blockfs.image._sources import BlobSources, SourceSpec
 
 SourceOpener = Callable[[SourceSpec], BlobSource]
+# Background fetching waits until no read of any layer has had to fetch for this long.
+BACKGROUND_IDLE = 1.0
 
 
 class _Served:
@@ -50,6 +53,7 @@ class ExportTable:
         open_source: SourceOpener | None = None,
         prefetch: bool = False,
         background_fetch: bool = False,
+        background_idle: float = BACKGROUND_IDLE,
     ) -> None:
         self.root = Path(root)
         self.cache = cache
@@ -61,9 +65,14 @@ class ExportTable:
         self.open_source = open_source
         self.prefetch = prefetch
         self.background_fetch = background_fetch
+        self.background_idle = background_idle
         self._lock = threading.Lock()
         self._served: dict[str, _Served] = {}
         self._stop = threading.Event()
+        # When a read last had to fetch, or a layer was opened (a container starting).
+        self._last_demand = time.monotonic()
+        # Layers are fetched in the background one at a time.
+        self._background_slot = threading.Lock()
 
     def names(self) -> list[str]:
         """Export names of every complete layer directory under the root."""
@@ -91,7 +100,11 @@ class ExportTable:
         extents = ExtentMap.load(layer_dir / EXTENTS_FILE)
         source = CountingSource(self.open_source(record.source))
         reader = BlobChunkReader(source, record.compression)
-        image = LayerImage(name, layer_dir / INDEX_FILE, extents, reader, self.cache)
+        image = LayerImage(
+            name, layer_dir / INDEX_FILE, extents, reader, self.cache,
+            on_demand_fetch=self._demand,
+        )  # fmt: skip
+        self._demand()
         served = _Served(record, image, source)
         prefetch_end = record.prefetch_end if self.prefetch else None
         if prefetch_end or self.background_fetch:
@@ -105,10 +118,26 @@ class ExportTable:
         return served
 
     def _warm(self, image: LayerImage, prefetch_end: int | None, fetch_end: int | None) -> None:
-        """Fetch the prioritized files first, then (background fetch) the rest of the layer."""
-        for end in (prefetch_end, fetch_end):
-            if end:
-                image.prefetch(end, self._stop)
+        """Fetch the prioritized files first, then (background fetch) the rest of the layer,
+        one layer at a time and only while no read of any layer has to fetch."""
+        if prefetch_end:
+            image.prefetch(prefetch_end, self._stop)
+        if fetch_end:
+            with self._background_slot:
+                image.prefetch(fetch_end, self._stop, pace=self._wait_until_idle)
+
+    def _demand(self) -> None:
+        self._last_demand = time.monotonic()
+
+    def _wait_until_idle(self) -> bool:
+        """Wait until no read has fetched for ``background_idle`` seconds; False if the
+        table is closing."""
+        while not self._stop.is_set():
+            quiet = time.monotonic() - self._last_demand
+            if quiet >= self.background_idle:
+                return True
+            self._stop.wait(self.background_idle - quiet)
+        return False
 
     def forget(self, name: str) -> None:
         """Drop export ``name`` from memory (its directory is left alone)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Protocol
 
@@ -24,6 +24,15 @@ from blockfs.image._extents import ExtentMap
 
 # Compressed bytes fetched together by one prefetch step.
 PREFETCH_BATCH = 4 << 20
+_ZEROS = memoryview(bytes(64 << 10))
+
+
+def _zero(buf: memoryview, start: int, end: int) -> None:
+    """Write zeros to ``buf[start:end]``."""
+    while start < end:
+        n = min(end - start, len(_ZEROS))
+        buf[start : start + n] = _ZEROS[:n]
+        start += n
 
 
 class ImageReadError(BlockfsError):
@@ -73,8 +82,12 @@ class LayerImage:
         extents: ExtentMap,
         reader: ChunkReader,
         cache: ChunkCache,
+        *,
+        on_demand_fetch: Callable[[], None] | None = None,
     ) -> None:
+        """``on_demand_fetch`` is called whenever a read has to fetch from the blob."""
         self.name = name
+        self._on_demand_fetch = on_demand_fetch
         self.extents = extents
         self.reader = reader
         self.cache = cache
@@ -103,43 +116,53 @@ class LayerImage:
 
     def pread(self, offset: int, length: int) -> bytes:
         """``length`` bytes of the image at ``offset``: verified file data, metadata or zeros."""
-        if offset < 0 or length < 0 or offset + length > self.size:
+        out = bytearray(length)
+        self.pread_into(memoryview(out), offset)
+        return bytes(out)
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` with the image at ``offset`` (what :meth:`pread` returns), writing
+        straight into it: the NBD server's buffer gets each byte with one copy."""
+        length = len(buf)
+        if offset < 0 or offset + length > self.size:
             raise ImageReadError(
                 f"layer {self.name}: read [{offset}, {offset + length}) outside image of "
                 f"{self.size} bytes"
             )
-        out = bytearray(length)
         pos, end = offset, offset + length
         meta_size = self.extents.meta_size
         if pos < meta_size:
             n = min(end, meta_size) - pos
-            out[:n] = os.pread(self._meta_fd, n, pos)
+            if os.preadv(self._meta_fd, [buf[:n]], pos) != n:
+                raise ImageReadError(f"layer {self.name}: the index file is shorter than its map")
             pos += n
         touched_data = pos < end
         bsize = self.extents.block_size
-        missing: list[tuple[int, Chunk, int, int]] = []  # (offset in out, chunk, start, length)
+        missing: list[tuple[int, Chunk, int, int]] = []  # (offset in buf, chunk, start, length)
         hits = 0
         while pos < end:
             i = self.extents.extent_at(pos)
             if i is None:
                 # Not file data (only block padding can be here): zeros, one block at a time.
-                pos = min((pos // bsize + 1) * bsize, end)
+                stop = min((pos // bsize + 1) * bsize, end)
+                _zero(buf, pos - offset, stop - offset)
+                pos = stop
                 continue
             start, file_size = self.extents.extent_span(i)
             file_offset = pos - start
             if file_offset >= file_size:
-                pos = min(start + -(-file_size // bsize) * bsize, end)
+                stop = min(start + -(-file_size // bsize) * bsize, end)
+                _zero(buf, pos - offset, stop - offset)
+                pos = stop
                 continue
             j = self.extents.chunk_in_extent(i, file_offset)
             chunk = self.extents.chunk(j)
             within = file_offset - chunk.chunk_offset
             take = min(chunk.size - within, end - pos, file_size - file_offset)
-            data = self.cache.read(chunk.digest, within, take)
-            if data is None:
-                missing.append((pos - offset, chunk, within, take))
-            else:
-                out[pos - offset : pos - offset + take] = data
+            if self.cache.read_into(chunk.digest, within, buf[pos - offset : pos - offset + take]):
                 hits += 1
+            else:
+                missing.append((pos - offset, chunk, within, take))
             pos += take
         with self._lock:
             self.stats.reads += 1
@@ -147,28 +170,31 @@ class LayerImage:
             self.stats.data_reads += touched_data
             self.stats.cache_hits += hits
         if missing:
+            if self._on_demand_fetch is not None:
+                self._on_demand_fetch()
             # Every member this read lacks, fetched together: one request for a readahead
             # that spans many small files.
             fetched = self._fetch_members([c.offset for _, c, _, _ in missing])
             for at, chunk, within, take in missing:
+                dest = buf[at : at + take]
                 plain = fetched.get(chunk.digest)
                 if plain is None:  # another reader fetched it: it is in the cache
-                    out[at : at + take] = self._chunk_range(chunk, within, take)
+                    self._chunk_range_into(chunk, within, dest)
                 else:
-                    out[at : at + take] = plain[within : within + take]
-        return bytes(out)
+                    dest[:] = memoryview(plain)[within : within + take]
 
-    def _chunk_range(self, chunk: Chunk, start: int, length: int) -> bytes:
-        """Bytes ``[start, start + length)`` of ``chunk``: from the cache, else fetched."""
+    def _chunk_range_into(self, chunk: Chunk, start: int, dest: memoryview) -> None:
+        """Bytes ``[start, start + len(dest))`` of ``chunk`` into ``dest``: from the cache,
+        else fetched."""
         for _ in range(3):
-            data = self.cache.read(chunk.digest, start, length)
-            if data is not None:
+            if self.cache.read_into(chunk.digest, start, dest):
                 with self._lock:
                     self.stats.cache_hits += 1
-                return data
+                return
             fetched = self._fetch_members([chunk.offset])
             if chunk.digest in fetched:
-                return fetched[chunk.digest][start : start + length]
+                dest[:] = memoryview(fetched[chunk.digest])[start : start + len(dest)]
+                return
             # Another reader cached the member between our look and our fetch: look again.
         raise ImageReadError(f"layer {self.name}: chunk {chunk.digest} keeps leaving the cache")
 
@@ -243,29 +269,41 @@ class LayerImage:
                     future.set_exception(exc)
             raise
 
-    def prefetch(self, end: int, stop: threading.Event | None = None) -> int:
+    def prefetch(
+        self,
+        end: int,
+        stop: threading.Event | None = None,
+        *,
+        pace: Callable[[], bool] | None = None,
+    ) -> int:
         """Fetch into the cache every chunk whose member starts below blob offset ``end``.
 
         Members are fetched in batches of about :data:`PREFETCH_BATCH` compressed bytes,
-        each batch with as few requests as the reader can. Returns how many members were
-        fetched. Failures are left for on-demand reads.
+        each batch with as few requests as the reader can. ``pace`` is called before each
+        batch and may wait; when it returns False, prefetching stops. Returns how many
+        members were fetched. Failures are left for on-demand reads.
         """
         fetched = 0
-        batch: list[int] = []
-        batch_bytes = 0
-
-        def flush() -> None:
-            nonlocal fetched, batch, batch_bytes
+        for batch in self._uncached_batches(end, stop):
+            if pace is not None and not pace():
+                break
             try:
                 self._fetch_members(batch)
                 fetched += len(batch)
             except BlockfsError:
-                pass
-            batch, batch_bytes = [], 0
+                continue
+        return fetched
 
+    def _uncached_batches(self, end: int, stop: threading.Event | None) -> Iterator[list[int]]:
+        """Offsets of the members below ``end`` not cached yet, in batches of about
+        :data:`PREFETCH_BATCH` compressed bytes (looked at as each batch is asked for)."""
+        batch: list[int] = []
+        batch_bytes = 0
         offsets = sorted({self.extents.chunk(j).offset for j in range(self.extents.chunk_count)})
         for off in offsets:
-            if off >= end or (stop is not None and stop.is_set()):
+            if stop is not None and stop.is_set():
+                return
+            if off >= end:
                 break
             members = self.extents.chunks_in_member(off)
             if all(self.extents.chunk(k).digest in self.cache for k in members):
@@ -274,7 +312,7 @@ class LayerImage:
             batch.append(off)
             batch_bytes += first.end - first.offset
             if batch_bytes >= PREFETCH_BATCH:
-                flush()
-        if batch and not (stop is not None and stop.is_set()):
-            flush()
-        return fetched
+                yield batch
+                batch, batch_bytes = [], 0
+        if batch:
+            yield batch

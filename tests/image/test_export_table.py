@@ -56,6 +56,28 @@ def test_background_fetch_caches_every_member_without_a_read(tmp_path):
         table.close()
 
 
+def test_background_fetch_waits_while_reads_fetch_on_demand(tmp_path):
+    table = make_table(tmp_path, "gzip-64k.esgz", background_fetch=True, background_idle=1.0)
+    try:
+        image = table.open("l")
+        emap = image.extents
+        spans = sorted(emap.extent_span(i) for i in range(emap.extent_count))
+        files = [(start, size) for start, size in spans if size > 0][:15]
+        wanted = set()
+        for start, _ in files:
+            # One block of one file, every 50 ms: each read fetches that file's member.
+            image.pread(start, 4096)
+            wanted.add(emap.chunk(emap.chunk_in_extent(emap.extent_at(start), 0)).offset)
+            time.sleep(0.05)
+        # Only what the reads asked for was fetched: the background fetch held back.
+        assert image.stats.members_fetched == len(wanted)
+        total = len(members_of("gzip-64k.esgz"))
+        wait_for(lambda: image.stats.members_fetched == total)  # idle now: it goes on
+        assert image.stats.reads == len(files)
+    finally:
+        table.close()
+
+
 def test_without_prefetch_or_background_fetch_nothing_is_fetched(tmp_path):
     table = make_table(tmp_path, "gzip-prio.esgz")
     try:

@@ -226,3 +226,23 @@ def test_prefetch_fetches_members_in_batches(tmp_path, layer_files):
     start, length = data_region(emap)
     assert image.pread(start, length) == expected_bytes(emap, layer_files, start, length)
     assert image.stats.members_fetched == len(members)  # all from the cache
+
+
+def test_pread_into_overwrites_every_byte_of_a_dirty_buffer(tmp_path, layer_files):
+    # nbdkit hands the plugin a buffer with whatever it held before: padding and holes
+    # must be written as zeros, not left alone.
+    image, _, emap, _ = open_image(TESTDATA / "gzip-64k.esgz", tmp_path)
+    start, length = data_region(emap)
+    expected = image.pread(0, start) + expected_bytes(emap, layer_files, start, length)
+    for _ in range(2):  # cold (fetched members), then warm (cache)
+        buf = bytearray(b"\xaa") * (start + length)
+        image.pread_into(memoryview(buf), 0)
+        assert buf == expected
+
+
+def test_prefetch_stops_at_its_end_and_fetches_what_lies_before_it(tmp_path):
+    image, _, emap, _ = open_image(TESTDATA / "gzip-64k.esgz", tmp_path)
+    members = sorted({emap.chunk(j).offset for j in range(emap.chunk_count)})
+    end = members[len(members) // 2]  # less than one batch lies before it
+    assert image.prefetch(end) == len(members) // 2
+    assert image.stats.members_fetched == len(members) // 2
