@@ -184,8 +184,8 @@ def _markdown(result: dict[str, Any]) -> str:
         "",
         "The lazy mount reads each layer's footer and TOC only; the command then fetches "
         "the chunks of the files it opens (the Python binary, its shared libraries, the "
-        "modules it imports), one range request per compressed member, one after another "
-        "as the kernel asks for them. That cost depends on what the command reads, not on "
+        "modules it imports) as the kernel asks for them, each kernel read's missing "
+        "members with one coalesced range request. That cost depends on what the command reads, not on "
         "the image. A full pull's cost grows with the whole image. On loopback the "
         "network is nearly free, so the full pull's cost here is mostly decompression, "
         "hashing and extraction; over a real network every unread MiB also costs transfer "
