@@ -273,11 +273,14 @@ def attach_and_mount(
     return att
 
 
-def unmount_and_detach(att: Attachment) -> None:
+def unmount_and_detach(att: Attachment, *, lazy: bool = False) -> None:
     """Unmount ``att`` and release what it used: loop device, nbd device, nbdfuse process.
 
     Safe to call again after it succeeded or partly failed; it only touches what still
-    belongs to this attachment.
+    belongs to this attachment. ``lazy`` is for an nbdfuse attachment whose server is
+    gone: whatever still holds the layer (a running container's overlay) keeps its
+    broken view, while the mounts are detached at once (and freed when let go) and
+    nbdfuse is stopped, so that the layer can be attached afresh on the same mountpoint.
     """
     entry = _mount.find_mount(att.mountpoint)
     if entry is not None:
@@ -289,7 +292,7 @@ def unmount_and_detach(att: Attachment) -> None:
                 mountpoint=att.mountpoint,
             )
         try:
-            _mount.umount(att.mountpoint)
+            _mount.umount(att.mountpoint, lazy=lazy)
         except _mount.MountError as e:
             hint = (
                 ": stop what uses it (containers, overlay mounts) first"
@@ -304,7 +307,7 @@ def unmount_and_detach(att: Attachment) -> None:
     if att.mode is AttachMode.KERNEL_NBD:
         _nbd_disconnect_if_ours(att)
     else:
-        _stop_nbdfuse(att.state_dir, att.nbdfuse_pid, export=att.export)
+        _stop_nbdfuse(att.state_dir, att.nbdfuse_pid, export=att.export, lazy=lazy)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(att.state_dir, ATTACHMENT_FILE))
     _remove_nbdfuse_files(att.state_dir)
@@ -614,10 +617,17 @@ def _wait_for_nbdfuse(state_dir: str, pid: int, export: str) -> None:
         time.sleep(_POLL)
 
 
-def _stop_nbdfuse(state_dir: str, pid: int | None, *, export: str) -> None:
-    """Unmount nbdfuse's FUSE directory and wait for it to exit (kill it as a last resort)."""
+def _stop_nbdfuse(state_dir: str, pid: int | None, *, export: str, lazy: bool = False) -> None:
+    """Unmount nbdfuse's FUSE directory and wait for it to exit (kill it as a last resort).
+
+    ``lazy``: the FUSE file may still be held (by an EROFS superblock that a container's
+    overlay keeps alive): detach the directory at once and stop nbdfuse by force.
+    """
     fuse_dir = os.path.join(state_dir, _FUSE_DIR)
     entry = _mount.find_mount(fuse_dir)
+    if lazy and entry is not None:
+        _fusermount_unmount(fuse_dir, export, lazy=True)
+        entry = None
     if entry is not None and entry.fstype.startswith("fuse"):
         _fusermount_unmount(fuse_dir, export)
         if pid is not None and _wait_exit(pid, fuse_dir, _EXIT_TIMEOUT):
@@ -636,13 +646,13 @@ def _stop_nbdfuse(state_dir: str, pid: int | None, *, export: str) -> None:
         _fusermount_unmount(fuse_dir, export)
 
 
-def _fusermount_unmount(fuse_dir: str, export: str) -> None:
+def _fusermount_unmount(fuse_dir: str, export: str, *, lazy: bool = False) -> None:
     # Right after the EROFS or loop device lets go of the file, the FUSE mount can still be
     # busy for a moment.
     deadline = time.monotonic() + _EXIT_TIMEOUT
     while True:
         result = subprocess.run(
-            ["fusermount3", "-u", fuse_dir],
+            ["fusermount3", "-u", *(["-z"] if lazy else []), fuse_dir],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,

@@ -230,17 +230,11 @@ class LayerManager:
         """Connect ``att``'s device to the (restarted) server again; whether it worked.
 
         Only the kernel NBD driver can take new connections for a mounted device: reads
-        that waited on the dead ones resume. nbdfuse cannot, so its layer keeps failing
-        reads until it is attached again.
+        that waited on the dead ones resume. nbdfuse cannot, so its layer is attached
+        again instead (:meth:`_attach_again`).
         """
         if att.mode is not AttachMode.KERNEL_NBD:
-            log.error(
-                "layer was attached with nbdfuse, which cannot reconnect to a restarted NBD "
-                "server: its reads fail until the containers using it are removed and the "
-                "image is pulled again",
-                extra={"layer": name, "mountpoint": att.mountpoint},
-            )
-            return False
+            return self._attach_again(name, att)
         try:
             reconnect(att, str(self.server.socket))
         except AttachError as e:
@@ -249,11 +243,34 @@ class LayerManager:
         log.info("reconnected layer", extra={"layer": name, "device": att.device})
         return True
 
+    def _attach_again(self, name: str, att: Attachment) -> bool:
+        """Attach an nbdfuse layer whose server died afresh; whether it worked.
+
+        nbdfuse cannot take a new connection. The old mounts are detached lazily and its
+        nbdfuse stopped, and the layer is attached again on the same mountpoint, so new
+        containers get a working layer at once. A container that was running on it
+        keeps the old, broken view until it is restarted: its reads of data not yet in
+        the page cache fail.
+        """
+        try:
+            unmount_and_detach(att, lazy=True)
+            self._attach(name)
+        except (AttachError, LayerUnavailable) as e:
+            log.error("cannot attach layer again", extra={"layer": name, "error": str(e)})
+            return False
+        log.warning(
+            "attached layer again after the NBD server restarted (nbdfuse cannot reconnect): "
+            "containers that were running on it fail reads of uncached data until restarted",
+            extra={"layer": name},
+        )
+        return True
+
     def revive_server(self) -> bool:
         """Restart the NBD server if it died while layers are attached; whether it did.
 
         Layers attached through the kernel get fresh connections on the same device and
-        their waiting reads resume; the daemon calls this every
+        their waiting reads resume; nbdfuse layers are attached afresh. The daemon calls
+        this every
         :data:`SERVER_CHECK_INTERVAL` seconds. A server that is not running while no
         layer is attached is left alone: the next attach starts it.
         """

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -185,7 +186,7 @@ def test_the_watchdog_restarts_a_dead_nbd_server_under_attached_layers(
         os.kill(first, signal.SIGKILL)
         _wait_gone(first)
         deadline = time.monotonic() + 30
-        while layers.server_restarts == 0:
+        while "attached layer again" not in caplog.text:
             assert time.monotonic() < deadline, "the watchdog did not restart the server"
             time.sleep(0.05)
     finally:
@@ -194,7 +195,10 @@ def test_the_watchdog_restarts_a_dead_nbd_server_under_attached_layers(
     second = layers.server.pid()
     assert second is not None and second != first
     assert layers.server_restarts == 1
-    assert "nbdfuse, which cannot reconnect" in caplog.text
+    # nbdfuse cannot reconnect; nothing held the layer, so it was attached afresh.
+    assert "attached layer again after the NBD server restarted" in caplog.text
+    drop_caches()
+    assert (layers.mountpoint(name) / "etc" / "motd").read_bytes() == MOTD
     # The restarted server serves new attachments.
     other = blob_layer(root, estargz_layer(layer_tar({"etc/issue": b"after the restart\n"})))
     other_name = layer_name(other.digest)
@@ -245,3 +249,59 @@ def test_the_watchdog_backs_off_while_the_server_cannot_start_and_restarts_it_la
     with layers.holding(name):
         assert layers.release(name)
     layers.close()
+
+
+def test_an_nbdfuse_layer_is_attached_afresh_while_a_container_still_holds_the_old_one(
+    root: Path, motd_layer: RemoteLayer, caplog: pytest.LogCaptureFixture
+) -> None:
+    layers = LayerManager(root, attach="nbdfuse")
+    name = layer_name(motd_layer.digest)
+    with layers.holding(name):
+        lower = layers.acquire(motd_layer)
+    # A running container: an overlay with the layer as its lower directory.
+    merged, upper, work = (root.parent / d for d in ("merged", "upper", "work"))
+    for d in (merged, upper, work):
+        d.mkdir()
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o",
+         f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
+        check=True,
+    )  # fmt: skip
+    old_nbdfuse = read_attachment(str(layers.layer_dir(name) / "attach"))
+    assert old_nbdfuse is not None and old_nbdfuse.nbdfuse_pid is not None
+    stop = threading.Event()
+    watchdog = threading.Thread(target=watch_nbd_server, args=(layers, stop, 0.1))
+    watchdog.start()
+    try:
+        server = layers.server.pid()
+        assert server is not None
+        os.kill(server, signal.SIGKILL)
+        _wait_gone(server)
+        deadline = time.monotonic() + 30
+        while "attached layer again" not in caplog.text:
+            assert time.monotonic() < deadline, "the layer was not attached again"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        watchdog.join()
+    drop_caches()
+    # New containers get a working layer on the same mountpoint, from a new nbdfuse...
+    with layers.holding(name):
+        assert layers.ensure_mounted(name) == lower
+    assert (lower / "etc" / "motd").read_bytes() == MOTD
+    new = read_attachment(str(layers.layer_dir(name) / "attach"))
+    assert new is not None and new.nbdfuse_pid not in (None, old_nbdfuse.nbdfuse_pid)
+    _wait_gone(old_nbdfuse.nbdfuse_pid)
+    # ...while the running one keeps the old view, whose uncached reads fail.
+    with pytest.raises(OSError):
+        (merged / "etc" / "motd").read_bytes()
+    subprocess.run(["umount", str(merged)], check=True)  # the container stops
+    with layers.holding(name):
+        assert layers.release(name)
+    layers.close()
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
