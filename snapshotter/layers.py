@@ -270,9 +270,8 @@ class LayerManager:
 
         Layers attached through the kernel get fresh connections on the same device and
         their waiting reads resume; nbdfuse layers are attached afresh. The daemon calls
-        this every
-        :data:`SERVER_CHECK_INTERVAL` seconds. A server that is not running while no
-        layer is attached is left alone: the next attach starts it.
+        this every :data:`SERVER_CHECK_INTERVAL` seconds. A server that is not running
+        while no layer is attached is left alone: the next attach starts it.
         """
         if self.server.is_running():
             return False
