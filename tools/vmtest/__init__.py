@@ -1,5 +1,7 @@
-"""The automated real-kernel VM test: Debian's kernel under qemu, blockfs on /dev/nbd0.
+"""The automated real-kernel VM test: Debian's kernel under qemu, blockfs on /dev/nbdN.
 
-Run it as ``tools/vm-test``; see docs/vm-test.md. This package is also imported inside
-the guest (guest.py, _relay.py, _wire.py), so this file imports nothing.
+Two scenarios: blockfs's attach code against a server on the host, and containerd with
+blockfs-snapshotter inside the guest. Run it as ``tools/vm-test``; see docs/vm-test.md.
+This package is also imported inside the guest (guest.py, _relay.py, _wire.py), so this
+file imports nothing.
 """

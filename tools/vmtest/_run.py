@@ -52,7 +52,8 @@ SCENARIOS = ("attach", "snapshotter")
 
 @attrs.frozen
 class Options:
-    """What ``tools/vm-test``'s command line sets; ``layer`` None is the reference vector."""
+    """What ``tools/vm-test``'s command line sets; ``layer`` (the attach scenario's) None
+    is the reference vector."""
 
     accel: str = "auto"
     timeout: float = DEFAULT_TIMEOUT
