@@ -20,8 +20,11 @@ from blockfs.estargz._model import TOC_TAR_NAME, Compression
 
 __all__ = ["Decompressor", "Readable", "decompress_spans", "read_gzip_toc", "read_zstd_toc"]
 
-# Most decompressed bytes produced by one step, and compressed bytes pulled in at once.
-_OUTPUT_STEP: Final = 1 << 20
+# Most decompressed bytes produced by one step of a read (bytes the caller wants: zstd
+# is twice as fast in 4 MiB steps as in 1 MiB ones) and of a skip (bytes thrown away, so
+# smaller), and compressed bytes pulled in at once.
+_OUTPUT_STEP: Final = 4 << 20
+_SKIP_STEP: Final = 1 << 20
 _INPUT_STEP: Final = 1 << 16
 # Largest zstd window a frame may ask for (zstd's own default limit, 2**27). A frame
 # wanting more is refused instead of allocating it.
@@ -135,7 +138,7 @@ class Decompressor:
     def skip(self, size: int) -> None:
         """Decompress and discard the next ``size`` bytes."""
         while size:
-            out = self._produce(min(size, _OUTPUT_STEP))
+            out = self._produce(min(size, _SKIP_STEP))
             if not out:
                 raise self._error(
                     f"compressed data ends after {self._produced} decompressed bytes, "
