@@ -27,7 +27,13 @@ from tests.helpers.images import (
     snapshot,
     with_busybox,
 )
-from tests.helpers.registry import HTTPProxy, make_htpasswd, start_registry, unique_repository
+from tests.helpers.registry import (
+    HTTPProxy,
+    TokenServer,
+    make_htpasswd,
+    start_registry,
+    unique_repository,
+)
 from tools.local_registry import LocalRegistry
 from tools.mkimage import random_tree
 
@@ -224,6 +230,37 @@ def test_docker_config_credentials_reach_the_server_and_their_absence_is_explain
         assert "401" in out.stderr or "credentials" in out.stderr.lower()
         assert secured.host in out.stderr
         assert not os.path.ismount(denied)
+
+
+def test_a_bearer_token_that_expires_under_a_mounted_image_is_renewed_by_the_server(
+    tmp_path_factory, whiteout_image, image_mount
+):
+    base = tmp_path_factory.mktemp("token")
+    tokens = TokenServer(base / "token", users={"alice": "wonderland"})
+    try:
+        with start_registry(base / "registry", token=tokens.auth()) as secured:
+            config = docker_config(base / "docker", secured.host, "alice", "wonderland")
+            env = {"DOCKER_CONFIG": str(config)}
+            ref = f"{secured.host}/private/image:v1"
+            blockfs("image", "convert", "--plain-http", f"oci:{whiteout_image.layout}:v1", ref,
+                    env=env)  # fmt: skip
+            # From now on each token stops working about 3 s after it is issued (the
+            # registry allows 60 s of clock leeway), though clients are told 300 s.
+            tokens.lifetime = lambda n: -57
+            mnt = image_mount(ref, "--plain-http", env=env)
+            expected = whiteout_image.expected / "usr" / "share" / "data"
+            first = (mnt / "usr" / "share" / "data" / "f01").read_bytes()
+            assert first == (expected / "f01").read_bytes()
+            issued = tokens.issued
+            time.sleep(3.5)
+            # An unread file: the NBD server's token is refused now, and it must get a
+            # new one and retry rather than fail the read.
+            assert (mnt / "keep" / "x.txt").read_bytes() == (
+                whiteout_image.expected / "keep" / "x.txt"
+            ).read_bytes()
+            assert tokens.issued > issued
+    finally:
+        tokens.close()
 
 
 def test_layers_without_a_toc_digest_are_extracted_with_their_whiteouts(
