@@ -149,8 +149,9 @@ def _markdown(result: dict[str, Any]) -> str:
         "",
         "blockfs's pull reads each layer's footer and TOC and mounts it, whatever the image's "
         "size; the container then fetches the chunks of the files it opens (the Python "
-        "binary, its libraries, the modules it imports), one range request after another "
-        "as the kernel asks for them, so its run takes longer than one from unpacked files. "
+        "binary, its libraries, the modules it imports) as the kernel asks for them, the "
+        "missing members of each kernel read with one coalesced range request, so its run "
+        "takes longer than one from unpacked files. "
         "Its cost depends on what the command reads; a full pull's grows with the whole "
         "image. On loopback the network is nearly free, so the full pull's cost here is "
         "mostly decompression, hashing and unpacking; over a real network every unread MiB "
