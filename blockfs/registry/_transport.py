@@ -38,6 +38,7 @@ import httpx
 
 from blockfs.registry._auth import (
     Challenge,
+    Token,
     TokenCache,
     TokenKey,
     basic_authorization,
@@ -773,11 +774,25 @@ class Transport:
         if credential is not None and credential.registry_token:
             return f"Bearer {credential.registry_token}"
         key: TokenKey = (ep.origin, challenge.realm, challenge.service, target.scopes)
-        token = self._tokens.get(
-            key,
-            lambda: fetch_token(self._http(ep), challenge, target.scopes, credential, host=ep.host),
-            rejected=rejected,
-        )
+
+        def fetch() -> Token:
+            try:
+                return fetch_token(
+                    self._http(ep), challenge, target.scopes, credential, host=ep.host
+                )
+            except RegistryUnavailable as e:
+                # The token server is reached with the registry's TLS settings: a TLS
+                # failure there needs the same fix, and retrying does not help either.
+                cause = e.__cause__
+                if isinstance(cause, httpx.TransportError):
+                    realm_host = urlsplit(challenge.realm).netloc
+                    tls = self._tls_error(cause, ep, target, realm_host)
+                    if tls is not None:
+                        tls.message = f"the token server {challenge.realm}: {tls.message}"
+                        raise tls from cause
+                raise
+
+        token = self._tokens.get(key, fetch, rejected=rejected)
         return f"Bearer {token.value}"
 
     # -- HTTP clients ------------------------------------------------------------------

@@ -22,6 +22,7 @@ import json
 import random
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -38,6 +39,7 @@ import pytest
 from blockfs.oci import Descriptor, ImageConfig, Manifest, Reference, sha256_digest
 from blockfs.oci import media_types as mt
 from blockfs.registry import RegistryClient, RetryPolicy
+from tests.helpers.tls import CertKey
 from tools.local_registry import (  # noqa: F401 - free_port is re-exported for tests
     REGISTRY_BINARY,
     TokenAuth,
@@ -187,8 +189,10 @@ class TokenServer:
         refresh_tokens: Mapping[str, str] | None = None,
         public: Sequence[str] = (),
         advertised_lifetime: int = 300,
+        tls: CertKey | None = None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
+        self.tls = tls
         self._signer = _Signer(workdir)
         self.users = dict(users or {})
         self.refresh_tokens = dict(refresh_tokens or {})
@@ -198,12 +202,13 @@ class TokenServer:
         self.issued = 0
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
-        self._server = _serve(self._handle)
+        self._server = _serve(self._handle, tls)
 
     @property
     def url(self) -> str:
-        """Base URL of the server."""
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        """Base URL of the server (HTTPS with ``tls``, the certificate and key to serve)."""
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
 
     def auth(self) -> TokenAuth:
         """Registry settings that trust this server."""
@@ -321,9 +326,14 @@ class _Server(http.server.ThreadingHTTPServer):
     block_on_close = False
 
 
-def _serve(app: Callable[[_Request], _Reply | None]) -> _Server:
+def _serve(app: Callable[[_Request], _Reply | None], tls: CertKey | None = None) -> _Server:
     handler = type("Handler", (_Handler,), {"app": staticmethod(app)})
     server = _Server(("127.0.0.1", 0), handler)
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls.cert, tls.key)
+        # The handshake happens in accept(); one that fails is dropped like a bad request.
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     return server
 

@@ -14,12 +14,14 @@ import pytest
 
 from blockfs.oci import Reference, sha256_digest
 from blockfs.registry import (
+    Credential,
+    CredentialStore,
     HostsConfig,
     RegistryClient,
     RegistryTLSError,
 )
 from tests.helpers.cli import blockfs
-from tests.helpers.registry import FAST_RETRY, push_image, unique_repository
+from tests.helpers.registry import FAST_RETRY, TokenServer, push_image, unique_repository
 from tests.helpers.tls import PKI, CertKey, combined_pem, issue, make_ca, make_pki
 from tools.local_registry import (
     REGISTRY_BINARY,
@@ -354,3 +356,52 @@ def test_cli_converts_to_and_reads_from_a_tls_registry_with_hosts_dir(tls_regist
     blob = f"{ref.rsplit(':', 1)[0]}@{converted[0]}"
     cat = blockfs("layer", "cat", "--hosts-dir", str(hosts), blob, "etc/motd")
     assert cat.stdout == "served over TLS\n"
+
+
+# -- a token server behind TLS ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_behind_tls(
+    tmp_path_factory: pytest.TempPathFactory, pki: PKI
+) -> Iterator[tuple[LocalRegistry, Reference]]:
+    """A plain-HTTP registry whose Bearer tokens come from an HTTPS token server with a
+    certificate signed by ``pki``'s CA, holding a public image pushed by alice."""
+    base = tmp_path_factory.mktemp("tls-token")
+    tokens = TokenServer(
+        base / "token", users={"alice": "wonderland"}, public=["pub/app"], tls=pki.server
+    )
+    try:
+        with start_registry(base / "registry", token=tokens.auth()) as registry:
+            ref = Reference.parse(f"{registry.host}/pub/app:v1")
+            hosts = write_hosts(
+                base / "push-hosts", registry.host,
+                f'server = "http://{registry.host}"\nca = "{pki.ca_cert}"\n',
+            )  # fmt: skip
+            alice = CredentialStore({registry.host: Credential("alice", "wonderland")})
+            with RegistryClient(HostsConfig.load(hosts), alice, retry=FAST_RETRY) as c:
+                push_image(c, ref, [LAYER])
+            yield registry, ref
+    finally:
+        tokens.close()
+
+
+def test_an_untrusted_token_server_is_a_tls_error_that_says_what_to_set(token_behind_tls, tmp_path):
+    registry, ref = token_behind_tls
+    hosts = write_hosts(tmp_path, registry.host, f'server = "http://{registry.host}"\n')
+    with client_for(hosts) as c, pytest.raises(RegistryTLSError) as info:
+        c.resolve(ref)
+    message = str(info.value)
+    assert "the token server https://127.0.0.1:" in message and "is not trusted" in message
+    assert 'Set ca = "/path/to/ca.pem"' in message
+    assert str(tmp_path / registry.host / "hosts.toml") in message
+    assert "gave up" not in message and "_ssl.c" not in message
+
+
+def test_the_registrys_ca_setting_also_covers_its_token_server(token_behind_tls, pki, tmp_path):
+    registry, ref = token_behind_tls
+    hosts = write_hosts(
+        tmp_path, registry.host, f'server = "http://{registry.host}"\nca = "{pki.ca_cert}"\n'
+    )
+    with client_for(hosts) as c:
+        assert c.read_range(ref, sha256_digest(LAYER), 10, 20) == LAYER[10:30]
