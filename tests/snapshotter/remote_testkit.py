@@ -181,7 +181,8 @@ class CountingProxy:
 # -- a minimal CRI image client ------------------------------------------------------------
 #
 # Debian has no crictl. PullImageRequest and RemoveImageRequest of runtime.v1 both hold an
-# ImageSpec in field 1 whose field 1 is the image reference; PullImageResponse holds the
+# ImageSpec in field 1 whose field 1 is the image reference (and PullImageRequest an
+# AuthConfig in field 2); PullImageResponse holds the
 # image's id in field 1 (field numbers as containerd 1.6 registers them). That is little
 # enough to encode by hand instead of generating the whole CRI API.
 
@@ -201,8 +202,16 @@ def _string_field(number: int, value: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(value)) + value
 
 
-def _image_spec_request(image: str) -> bytes:
-    return _string_field(1, _string_field(1, image.encode()))
+def _image_spec_request(image: str, auth: tuple[str, str] | None = None) -> bytes:
+    request = _string_field(1, _string_field(1, image.encode()))
+    if auth is not None:
+        # PullImageRequest.auth (field 2) is an AuthConfig: username 1, password 2; what a
+        # Kubernetes image pull secret becomes.
+        username, password = auth
+        request += _string_field(
+            2, _string_field(1, username.encode()) + _string_field(2, password.encode())
+        )
+    return request
 
 
 def _first_string(message: bytes) -> str:
@@ -218,15 +227,23 @@ def _first_string(message: bytes) -> str:
             return message[pos : pos + length].decode()
 
 
-def cri_call(address: str, method: str, image: str, timeout: float = 120) -> str:
-    """Call ImageService ``method`` (PullImage or RemoveImage) for ``image`` over CRI."""
+def cri_call(
+    address: str,
+    method: str,
+    image: str,
+    timeout: float = 120,
+    *,
+    auth: tuple[str, str] | None = None,
+) -> str:
+    """Call ImageService ``method`` (PullImage or RemoveImage) for ``image`` over CRI;
+    ``auth`` (user, password) goes with a PullImage as a pull secret would."""
     with grpc.insecure_channel(f"unix://{address}") as channel:
         call = channel.unary_unary(
             CRI_IMAGE_SERVICE + method,
             request_serializer=lambda b: b,
             response_deserializer=lambda b: b,
         )
-        reply: bytes = call(_image_spec_request(image), timeout=timeout)
+        reply: bytes = call(_image_spec_request(image, auth), timeout=timeout)
     return _first_string(reply)
 
 

@@ -34,7 +34,7 @@ from remote_testkit import (
 )
 
 from blockfs.oci import Reference
-from blockfs.registry import RegistryClient
+from blockfs.registry import Credential, CredentialStore, RegistryClient
 from snapshotter._gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.metrics import metric_value
 from tests.helpers.cli import blockfs
@@ -48,7 +48,7 @@ from tests.helpers.containerd import (
     short_tempdir,
     start_containerd,
 )
-from tests.helpers.registry import free_port, start_registry
+from tests.helpers.registry import free_port, make_htpasswd, start_registry
 from tests.helpers.snapshotter_daemon import SnapshotterDaemon, snapshots_stub, start_snapshotter
 from tests.snapshotter.attach_testkit import force_cleanup, leftovers
 
@@ -406,6 +406,69 @@ def test_cri_pull_image_pulls_lazily_and_the_image_runs(images: Images) -> None:
                     assert time.monotonic() < deadline, "the snapshots were not collected"
                     time.sleep(0.2)
             assert os.listdir(work / "root" / "layers") == []
+    finally:
+        left = leftovers(work)
+        force_cleanup(work)
+        shutil.rmtree(work, ignore_errors=True)
+    assert left == [], f"left behind: {left}"
+
+
+def test_cri_pull_with_a_pull_secret_the_snapshotter_lacks_falls_back_and_runs(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Kubernetes hands an image pull secret to containerd through CRI, not to the
+    # snapshotter, which reads the node's docker config: a layer only the secret can read
+    # must be unpacked by containerd the ordinary way, not fail the pull.
+    require_root_tools(RUNC)
+    if not BUSYBOX.is_file():
+        pytest.skip("needs the static busybox of the busybox-static Debian package")
+    base = tmp_path_factory.mktemp("private")
+    htpasswd = make_htpasswd(base / "htpasswd", {"alice": "wonderland"})
+    busybox = layer_tar({"bin/busybox": BUSYBOX.read_bytes()}, modes={"bin/busybox": 0o755})
+    work = short_tempdir("bfs-cri-secret-")
+    try:
+        with start_registry(base / "registry", htpasswd=htpasswd) as registry:
+            alice = CredentialStore({registry.host: Credential("alice", "wonderland")})
+            ref = Reference.parse(f"{registry.host}/private/app:1")
+            with RegistryClient(credentials=alice, plain_http=True) as client:
+                push_test_image(
+                    client, ref, [estargz_layer(busybox)], cmd=["/bin/busybox", "echo", "private"]
+                )
+            hosts = work / "hosts"
+            (hosts / registry.host).mkdir(parents=True)
+            (hosts / registry.host / "hosts.toml").write_text(
+                f'server = "http://{registry.host}"\n'
+            )
+            cri = CRISettings(snapshotter="blockfs", hosts_dir=hosts)
+            no_config = {"DOCKER_CONFIG": str(work / "no-docker-config")}
+            with (
+                start_snapshotter(
+                    work / "root", work / "s.sock", "--hosts-dir", str(hosts), env=no_config
+                ) as sn,
+                start_containerd({"blockfs": work / "s.sock"}, namespace="k8s.io", cri=cri) as ctd,
+            ):
+                image_id = cri_call(
+                    str(ctd.address), "PullImage", str(ref), auth=("alice", "wonderland")
+                )
+                assert image_id.startswith("sha256:")
+                fallbacks = [
+                    r for r in sn.log_records()
+                    if r.get("msg") == "remote snapshot not possible; containerd unpacks the layer"
+                ]  # fmt: skip
+                assert len(fallbacks) == 1, fallbacks
+                assert "401" in fallbacks[0]["reason"] or "credentials" in fallbacks[0]["reason"], (
+                    fallbacks[0]["reason"]
+                )
+                assert not any(r.get("msg") == "remote snapshot prepared" for r in sn.log_records())
+                out = ctd.ctr("run", "--rm", "--snapshotter", "blockfs", str(ref), "secret-1")
+                assert out.stdout == "private\n"
+                cri_call(str(ctd.address), "RemoveImage", str(ref))
+                deadline = time.monotonic() + 30
+                with sn.channel() as channel:
+                    stub = snapshots_stub(channel)
+                    while list(stub.List(pb.ListSnapshotsRequest(), timeout=30)):
+                        assert time.monotonic() < deadline, "the snapshots were not collected"
+                        time.sleep(0.2)
     finally:
         left = leftovers(work)
         force_cleanup(work)
