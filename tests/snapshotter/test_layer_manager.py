@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from blockfs.image import file_source_spec
 from snapshotter.attach import read_attachment
 from snapshotter.daemon import watch_nbd_server
 from snapshotter.layers import LayerManager, LayerUnavailable
+from snapshotter.metrics import MetricsServer, metric_value
 from snapshotter.remote import RemoteLayer, layer_name
 from tests.helpers.containerd import layer_tar, mounts_under, require_root_tools, short_tempdir
 from tests.snapshotter.attach_testkit import force_cleanup, leftovers
@@ -195,6 +197,13 @@ def test_the_watchdog_restarts_a_dead_nbd_server_under_attached_layers(
     second = layers.server.pid()
     assert second is not None and second != first
     assert layers.server_restarts == 1
+    metrics = MetricsServer("127.0.0.1:0", layers)
+    try:
+        with urllib.request.urlopen(f"http://{metrics.address}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+    finally:
+        metrics.close()
+    assert metric_value(text, "blockfs_nbd_server_restarts_total") == 1
     # nbdfuse cannot reconnect; nothing held the layer, so it was attached afresh.
     assert "attached layer again after the NBD server restarted" in caplog.text
     drop_caches()
