@@ -40,7 +40,8 @@ CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
 RUNC = "/usr/bin/runc"
 PROJECT = Path(__file__).resolve().parents[1]
-_START_TIMEOUT = 30.0
+# How long containerd and the daemon may take to start (callers under emulation give more).
+START_TIMEOUT = 30.0
 
 
 class ContainerdProcessError(BlockfsError):
@@ -205,11 +206,12 @@ def start_containerd(
     *,
     namespace: str | None = None,
     cri: CRISettings | None = None,
+    start_timeout: float = START_TIMEOUT,
 ) -> Iterator[Containerd]:
     """Run a private containerd until the block exits; its namespace is unique per call.
 
     With ``cri``, the CRI plugin runs too (its images live in namespace ``k8s.io``).
-    Raises :class:`ContainerdProcessError` if it does not answer within 30 s.
+    Raises :class:`ContainerdProcessError` if it does not answer within ``start_timeout``.
     """
     dir = short_tempdir("bfs-ctd-")
     config = dir / "config.toml"
@@ -230,7 +232,7 @@ def start_containerd(
         log_path=log_path,
     )
     try:
-        deadline = time.monotonic() + _START_TIMEOUT
+        deadline = time.monotonic() + start_timeout
         while daemon.ctr("version", check=False, timeout=10).returncode != 0:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise ContainerdProcessError(f"containerd did not start:\n{daemon.log()[-4000:]}")
@@ -285,11 +287,12 @@ def start_snapshotter(
     log_path: Path | None = None,
     env: Mapping[str, str] | None = None,
     log_level: str = "debug",
+    start_timeout: float = START_TIMEOUT,
 ) -> Iterator[SnapshotterDaemon]:
     """Run the daemon with ``--root`` and ``--address``; stop it when the block exits.
 
     ``env`` is added to the daemon's environment. Raises :class:`ContainerdProcessError`
-    if it is not serving within 30 s.
+    if it is not serving within ``start_timeout`` seconds.
     """
     log_path = log_path or root.parent / f"{root.name}-snapshotter.log"
     with open(log_path, "ab") as log_file:
@@ -308,7 +311,7 @@ def start_snapshotter(
         )  # fmt: skip
     daemon = SnapshotterDaemon(root=root, socket=socket, process=process, log_path=log_path)
     try:
-        deadline = time.monotonic() + _START_TIMEOUT
+        deadline = time.monotonic() + start_timeout
         while "serving containerd snapshots API" not in daemon.log()[start:]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise ContainerdProcessError(f"blockfs-snapshotter did not start:\n{daemon.log()}")
@@ -350,7 +353,9 @@ def sweep(work: Path) -> None:
 
 
 @contextlib.contextmanager
-def start_blockfs_containerd(work: Path, *, log_level: str = "info") -> Iterator[BlockfsContainerd]:
+def start_blockfs_containerd(
+    work: Path, *, log_level: str = "info", start_timeout: float = START_TIMEOUT
+) -> Iterator[BlockfsContainerd]:
     """Run blockfs-snapshotter and a containerd that uses it, with their state under
     ``work`` (keep it short: sockets live there); stop both, and sweep ``work``, on exit.
 
@@ -361,8 +366,10 @@ def start_blockfs_containerd(work: Path, *, log_level: str = "info") -> Iterator
     work.mkdir(parents=True, exist_ok=True)
     try:
         with (
-            start_snapshotter(work / "root", socket, log_level=log_level) as snapshotter,
-            start_containerd({"blockfs": socket}) as containerd,
+            start_snapshotter(
+                work / "root", socket, log_level=log_level, start_timeout=start_timeout
+            ) as snapshotter,
+            start_containerd({"blockfs": socket}, start_timeout=start_timeout) as containerd,
         ):
             yield BlockfsContainerd(work, containerd, snapshotter)
     finally:

@@ -52,6 +52,8 @@ BLOCKFS = [sys.executable, "-m", "tools.cli"]
 # How long a container may take, including reads that wait for the NBD server to return.
 _RUN_TIMEOUT = 300.0
 _RESTART_DEADLINE = 120.0
+# Python, containerd and nbdkit start slowly when every instruction is emulated (TCG).
+_START_TIMEOUT = 180.0
 
 
 def _nbd_index(device: str) -> int:
@@ -169,7 +171,8 @@ def run_checks(ctl: Control, config: dict[str, Any]) -> None:
     with start_registry(registry_dir) as registry:
         ref = f"{registry.host}/{config['repository']}"
         say(f"registry: docker-registry on {registry.url} (in the guest), image {ref}")
-        with start_blockfs_containerd(short_tempdir("bfs-vm-")) as stack:
+        stack_dir = short_tempdir("bfs-vm-")
+        with start_blockfs_containerd(stack_dir, start_timeout=_START_TIMEOUT) as stack:
             say(
                 f"containerd {stack.containerd.address} with blockfs-snapshotter "
                 f"(pid {stack.snapshotter.process.pid}, attach mode auto) as proxy plugin"
@@ -232,7 +235,9 @@ def check_stack(stack: BlockfsContainerd, ref: str, expected: dict[str, str], la
     kill_and_reap(nbdkit_pid(stack), "nbdkit")
     say("blockfs-snapshotter and nbdkit killed together (SIGKILL)")
     before = len([m for m in log_messages(stack) if "reconnected layer" in m])
-    with start_snapshotter(daemon.root, daemon.socket, log_path=daemon.log_path) as again:
+    with start_snapshotter(
+        daemon.root, daemon.socket, log_path=daemon.log_path, start_timeout=_START_TIMEOUT
+    ) as again:
         stack.snapshotter = again
         wait_for_message(stack, "reconnected layer", before + layers, time.monotonic() + 10)
         say(
