@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from snapshotter._mount import read_mountinfo
+from snapshotter._mount import MountEntry, read_mountinfo
 from tools.local_containerd import (
     BlockfsContainerd,
     short_tempdir,
@@ -60,7 +60,7 @@ def _nbd_index(device: str) -> int:
     return int(device.removeprefix("/dev/nbd"))
 
 
-def layer_mounts(stack: BlockfsContainerd) -> dict[str, Any]:
+def layer_mounts(stack: BlockfsContainerd) -> dict[str, MountEntry]:
     """The daemon's layer mounts now: mount point -> mount entry."""
     layers = str(stack.work / "root" / "layers")
     return {
@@ -153,7 +153,7 @@ def reachable(stack: BlockfsContainerd, deadline: float) -> float:
         time.sleep(0.5)
 
 
-def same_mounts(before: dict[str, Any], after: dict[str, Any]) -> None:
+def same_mounts(before: dict[str, MountEntry], after: dict[str, MountEntry]) -> None:
     if {p: (m.mount_id, m.source) for p, m in before.items()} != {
         p: (m.mount_id, m.source) for p, m in after.items()
     }:
@@ -257,7 +257,7 @@ def check_stack(stack: BlockfsContainerd, ref: str, expected: dict[str, str], la
         released(stack, mounts)
 
 
-def released(stack: BlockfsContainerd, mounts: dict[str, Any] | None = None) -> None:
+def released(stack: BlockfsContainerd, mounts: dict[str, MountEntry] | None = None) -> None:
     """Check that no layer is mounted and the devices of ``mounts`` are free."""
     left = layer_mounts(stack)
     if left:
