@@ -648,7 +648,7 @@ class _EntryParser:
             try:
                 key_size = len(key.encode())
                 data = binascii.a2b_base64(encoded, strict_mode=True)
-            except (binascii.Error, UnicodeEncodeError):
+            except ValueError:  # binascii.Error, UnicodeEncodeError, a non-ASCII value
                 self.fail(f"xattr {_show(key)} is not valid (base64 value, Unicode name)", name)
             if not 0 < key_size <= _MAX_XATTR_NAME or "\0" in key:
                 self.fail(f"invalid xattr name {_show(key)}", name)

@@ -139,6 +139,7 @@ ENTRY_CASES: dict[str, list[E]] = {
     "modtime hour 24": [{"name": "d", "type": "dir", "modtime": "2023-02-03T24:00:00Z"}],
     "xattrs a list": [{"name": "d", "type": "dir", "xattrs": ["a"]}],
     "xattr value not base64": [{"name": "d", "type": "dir", "xattrs": {"user.a": "!!"}}],
+    "xattr value not ASCII": [{"name": "d", "type": "dir", "xattrs": {"user.a": "\x80"}}],
     "xattr value not a string": [{"name": "d", "type": "dir", "xattrs": {"user.a": 1}}],
     "xattr name empty": [{"name": "d", "type": "dir", "xattrs": {"": "aGk="}}],
     "xattr name too long": [{"name": "d", "type": "dir", "xattrs": {"u" * 256: "aGk="}}],
