@@ -118,9 +118,11 @@ def make_toc(entries: Sequence[Entry], *, version: int = 1, layer: str | None = 
     """Build the directory tree of normalised ``entries`` (in blob order) into a :class:`TOC`.
 
     Adds the root and implicit parent directories (mode 0755), resolves hardlinks to the
-    entry they name and counts links. Refuses names that are not clean, duplicate names,
-    entries under a non-directory and hardlinks that are dangling, circular or name a
-    directory.
+    entry they name and counts links. A later entry with the name of an earlier one
+    replaces it, as in the reference reader (a directory keeps its children); the
+    replaced entry leaves ``entries`` too. Refuses names that are not clean, a name
+    listed both as a directory and as a non-directory, entries under a non-directory and
+    hardlinks that are dangling, circular or name a directory.
     """
     for e in entries:
         if clean_name(e.name) != e.name:
@@ -147,25 +149,40 @@ def _build_tree(entries: tuple[Entry, ...], *, version: int, layer: str | None) 
     # Name of each data-holding entry -> names referring to it; for a directory its "."
     # and its name in the parent, plus one ".." per child directory.
     link_counts: dict[str, int] = {"": 2}
-    hardlinks: list[Entry] = []
+    hardlinks: dict[str, Entry] = {}
+    # Positions in ``entries`` of the entry holding each name, and of those replaced.
+    position: dict[str, int] = {}
+    replaced: set[int] = set()
 
     def fail(message: str, e: Entry) -> NoReturn:
         raise EntryError(message, layer=layer, entry=e.name, offset=_entry_offset(e))
 
-    for e in entries:
+    for index, e in enumerate(entries):
         name = e.name
         is_dir = e.type == "dir"
         old = nodes.get(name)
         if old is not None:
-            # Only an implicit directory (or the root) may be listed after it was needed
-            # as a parent; its own entry takes its place among its siblings.
-            if name not in implicit:
-                fail("duplicate name in the TOC", e)
-            if not is_dir:
-                fail("a directory that has entries under it is listed as a non-directory", e)
+            if (old.type == "dir") != is_dir:
+                if name in implicit:
+                    fail("a directory that has entries under it is listed as a non-directory", e)
+                fail("a name is listed both as a directory and as a non-directory", e)
+            # A directory needed as a parent before its own entry came, or a duplicate:
+            # the later entry takes the name, in the earlier one's place among its
+            # siblings (a directory keeps its children).
             implicit.discard(name)
+            if name in position:
+                replaced.add(position[name])
+            position[name] = index
             nodes[name] = e
+            if e.type == "hardlink":
+                link_counts.pop(name, None)
+                hardlinks[name] = e
+            else:
+                hardlinks.pop(name, None)
+                if not is_dir:
+                    link_counts[name] = 1
             continue
+        position[name] = index
         parent, _, base = name.rpartition("/")
         pnode = nodes.get(parent)
         if pnode is None:
@@ -179,11 +196,11 @@ def _build_tree(entries: tuple[Entry, ...], *, version: int, layer: str | None) 
             link_counts[name] = 2
             link_counts[parent] += 1
         elif e.type == "hardlink":
-            hardlinks.append(e)
+            hardlinks[name] = e
         else:
             link_counts[name] = 1
 
-    for e in hardlinks:
+    for e in hardlinks.values():
         target = nodes.get(e.link_name)
         hops = 0
         while target is not None and target.type == "hardlink":
@@ -200,7 +217,9 @@ def _build_tree(entries: tuple[Entry, ...], *, version: int, layer: str | None) 
 
     return TOC(
         version=version,
-        entries=entries,
+        entries=tuple(e for i, e in enumerate(entries) if i not in replaced)
+        if replaced
+        else entries,
         nodes=nodes,
         children={k: tuple(v) for k, v in children.items()},
         link_counts=link_counts,

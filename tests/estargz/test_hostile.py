@@ -183,9 +183,9 @@ ENTRY_CASES: dict[str, list[E]] = {
     "hardlink to root": [{"name": "h", "type": "hardlink", "linkName": "./"}],
     "hardlink escaping": [reg("f"), {"name": "h", "type": "hardlink", "linkName": "../f"}],
     # Tree
-    "duplicate file": [reg("f"), reg("./f", offset=200)],
-    "duplicate directory": [{"name": "a/", "type": "dir"}, {"name": "./a", "type": "dir"}],
-    "duplicate root": [{"name": "./", "type": "dir"}, {"name": "/", "type": "dir"}],
+    "directory replaced by a file": [{"name": "a/", "type": "dir"}, reg("./a")],
+    "file replaced by a directory": [reg("a"), {"name": "a/", "type": "dir"}],
+    "root replaced by a file": [{"name": "./", "type": "dir"}, {"name": "/", "type": "fifo"}],
     "root not a directory": [{"name": "./", "type": "reg"}],
     "child of a file": [reg("f"), {"name": "f/g", "type": "dir"}],
     "child of a symlink": [{"name": "s", "type": "symlink", "linkName": "d"}, reg("s/f")],
@@ -250,6 +250,14 @@ def test_refusals_name_the_entry_and_offset() -> None:
         parse(entries(reg("ok", offset=100), reg("bad/", offset=50)))
     assert (info.value.entry, info.value.offset) == ("bad", 50)
     assert "layer hostile" in str(info.value) and "offset 50" in str(info.value)
+
+
+def test_duplicate_names_keep_the_later_entry_like_the_reference_reader() -> None:
+    toc = parse(entries(reg("f", offset=100), reg("./f", size=20, offset=200)))
+    assert toc.lookup("f").size == 20
+    assert [c.offset for e in toc.entries for c in e.chunks] == [200]
+    toc = parse(entries({"name": "./", "type": "dir"}, {"name": "/", "type": "dir", "mode": 0o700}))
+    assert toc.lookup("").mode == 0o700
 
 
 def test_an_implicit_directory_listed_later_is_not_a_duplicate() -> None:
@@ -637,3 +645,13 @@ def test_damaged_blobs_give_data_that_verifies_or_a_format_error(
         reader.verify()
     except FormatError:
         return
+
+
+def test_a_blob_with_a_file_listed_twice_reads_the_later_one() -> None:
+    # Written by some other tool: the same name twice. The reference reader keeps the
+    # later entry; so do we, and the earlier one's data is simply never read.
+    blob = BlobMaker().file("etc/f", b"first version\n").file("etc/f", b"second\n").build()
+    reader = BlobReader.open(BytesSource(blob.data), toc_digest=blob.toc_digest)
+    assert reader.read_file("etc/f") == b"second\n"
+    assert [e.name for e in reader.toc.entries if e.type == "reg"] == ["etc/f"]
+    assert reader.verify().ok

@@ -270,7 +270,8 @@ def test_make_toc_builds_the_tree_from_entries() -> None:
         [Entry(name="a/../b", type="dir")],
         [Entry(name="a/", type="dir")],
         [Entry(name="a", type="hardlink", link_name="/b")],
-        [Entry(name="a", type="dir"), Entry(name="a", type="dir")],
+        [Entry(name="a", type="dir"), Entry(name="a", type="fifo")],
+        [Entry(name="a", type="fifo"), Entry(name="a", type="dir")],
         [Entry(name="a", type="reg"), Entry(name="a/b", type="reg")],
         [Entry(name="a", type="hardlink", link_name="missing")],
     ],
@@ -278,3 +279,31 @@ def test_make_toc_builds_the_tree_from_entries() -> None:
 def test_make_toc_refuses_bad_entries(entries: list[Entry]) -> None:
     with pytest.raises(EntryError):
         make_toc(entries, layer="L")
+
+
+def test_a_later_entry_replaces_an_earlier_one_of_the_same_name() -> None:
+    # The reference reader's rule: the tree ends up with the later entry, in the earlier
+    # one's place among its siblings; a directory keeps its children.
+    first = Entry(name="f", type="reg", size=3, mode=0o644)
+    d = Entry(name="d", type="dir", mode=0o700)
+    child = Entry(name="d/c", type="symlink", link_name="x")
+    last = Entry(name="f", type="symlink", link_name="elsewhere")
+    d_again = Entry(name="d", type="dir", mode=0o755)
+    toc = make_toc([first, d, child, last, d_again])
+    assert toc.lookup("f") is last and toc.lookup("d") is d_again
+    assert toc.entries == (child, last, d_again)  # the replaced ones are gone
+    assert toc.children == {"": ("f", "d"), "d": ("c",)}
+    assert toc.link_counts == {"": 3, "f": 1, "d": 2, "d/c": 1}
+
+
+def test_a_replaced_file_can_become_a_hardlink_and_back() -> None:
+    target = Entry(name="t", type="reg", size=1)
+    f = Entry(name="f", type="reg", size=2)
+    as_link = Entry(name="f", type="hardlink", link_name="t")
+    toc = make_toc([target, f, as_link])
+    assert toc.lookup("f") is target and toc.nlink(target) == 2
+    assert toc.entries == (target, as_link)
+    again = Entry(name="f", type="reg", size=4)
+    toc = make_toc([target, f, as_link, again])
+    assert toc.lookup("f") is again and toc.nlink(target) == 1
+    assert toc.entries == (target, again)
