@@ -121,11 +121,6 @@ class ChunkCache:
             self._remember_locked(hex_, data)
         return data
 
-    def read(self, digest: str, offset: int, length: int) -> bytes | None:
-        """Bytes ``[offset, offset + length)`` of the cached chunk ``digest``, or None."""
-        out = bytearray(length)
-        return bytes(out) if self.read_into(digest, offset, memoryview(out)) else None
-
     def read_into(self, digest: str, offset: int, dest: memoryview) -> bool:
         """Copy ``len(dest)`` bytes at ``offset`` of the cached chunk ``digest`` into
         ``dest``; False (and ``dest`` untouched or partly written) if it is not cached."""
