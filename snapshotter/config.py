@@ -24,8 +24,8 @@ from typing import Any
 import attrs
 
 from blockfs.errors import BlockfsError
+from blockfs.host.attach import AttachError, parse_mode
 from blockfs.image import ServerConfigError, parse_size
-from snapshotter.attach import AttachError, parse_mode
 
 DEFAULT_CONFIG_PATH = Path("/etc/blockfs/config.toml")
 DEFAULT_ROOT = Path("/var/lib/blockfs")

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from blockfs.errors import BlockfsError
+from blockfs.host.overlay import overlay_index_off_supported
 from blockfs.image import docker_config_path
 from snapshotter._jsonlog import setup_json_logging
 from snapshotter.config import (
@@ -29,7 +30,6 @@ from snapshotter.config import (
 )
 from snapshotter.layers import SERVER_CHECK_INTERVAL, LayerManager
 from snapshotter.metrics import MetricsServer
-from snapshotter.mountspec import overlay_index_off_supported
 from snapshotter.remote import RegistrySettings
 from snapshotter.service import SnapshotsService, start_server
 from snapshotter.store import SnapshotStore

@@ -38,6 +38,18 @@ import attrs
 
 from blockfs.errors import BlockfsError
 from blockfs.estargz import BlobReader, CountingSource
+from blockfs.host.attach import (
+    AttachError,
+    Attachment,
+    AttachMode,
+    attach_and_mount,
+    choose_mode,
+    is_mounted,
+    read_attachment,
+    reconnect,
+    unmount_and_detach,
+)
+from blockfs.host.nbdserver import NBDServer, NBDServerError, socket_path
 from blockfs.image import (
     LAYER_JSON,
     BlobSources,
@@ -49,18 +61,6 @@ from blockfs.image import (
     index_layer,
     query_stats,
 )
-from snapshotter.attach import (
-    AttachError,
-    Attachment,
-    AttachMode,
-    attach_and_mount,
-    choose_mode,
-    is_mounted,
-    read_attachment,
-    reconnect,
-    unmount_and_detach,
-)
-from snapshotter.nbdserver import NBDServer, NBDServerError, socket_path
 from snapshotter.remote import RemoteLayer, layer_name, sibling_source
 from snapshotter.store import mounts_under
 

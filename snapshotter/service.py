@@ -26,11 +26,11 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from blockfs.errors import BlockfsError
+from blockfs.host.overlay import Mount, MountPlan, mounts_for
 from snapshotter._gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter._gen.containerd.types import mount_pb2
 from snapshotter.filters import FilterSyntaxError, parse_filters
 from snapshotter.layers import LayerManager, LayerUnavailable
-from snapshotter.mountspec import Mount, MountPlan, mounts_for
 from snapshotter.remote import (
     REMOTE_LABEL,
     REMOTE_VALUE,

@@ -41,9 +41,9 @@ from types import MappingProxyType
 import attrs
 
 from blockfs.errors import BlockfsError
-from snapshotter import _mount
+from blockfs.host import mounts
+from blockfs.host.overlay import MountPlan
 from snapshotter.filters import FilterSet
-from snapshotter.mountspec import MountPlan
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def mounts_under(path: str | os.PathLike[str]) -> list[str]:
     prefix = os.path.realpath(path)
     return [
         m.mountpoint
-        for m in _mount.read_mountinfo()
+        for m in mounts.read_mountinfo()
         if m.mountpoint == prefix or m.mountpoint.startswith(prefix + "/")
     ]
 

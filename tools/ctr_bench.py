@@ -72,7 +72,7 @@ def _measure(
     ref = f"{registry.host}/bench/ctr:random-{random_mb}"
     print(f"converting and pushing {ref}", flush=True)
     subprocess.run(
-        [sys.executable, "-m", "tools.cli", "image", "convert", "--plain-http",
+        [sys.executable, "-m", "blockfs.cli", "image", "convert", "--plain-http",
          f"oci:{base}:latest", ref],
         check=True, stdout=subprocess.DEVNULL,
     )  # fmt: skip

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BLOCKFS = [sys.executable, "-m", "tools.cli"]
+BLOCKFS = [sys.executable, "-m", "blockfs.cli"]
 
 
 def step(*args: str) -> str:

@@ -36,7 +36,7 @@ PROGRAM = (
     "import json, platform, sqlite3; "
     "print(json.dumps({'python': platform.python_version(), 'sqlite': sqlite3.sqlite_version}))"
 )
-BLOCKFS = [sys.executable, "-m", "tools.cli"]
+BLOCKFS = [sys.executable, "-m", "blockfs.cli"]
 
 
 @attrs.frozen

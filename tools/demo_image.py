@@ -49,7 +49,7 @@ def _blockfs(*args: str) -> subprocess.CompletedProcess[str]:
     """Run ``blockfs ARGS`` as a user would, showing the command and its output."""
     _say(f"$ blockfs {' '.join(args)}")
     done = subprocess.run(
-        [sys.executable, "-m", "tools.cli", *args], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "blockfs.cli", *args], stdout=subprocess.PIPE, text=True
     )
     if done.stdout:
         print(done.stdout, end="", flush=True)
@@ -61,7 +61,7 @@ def _blockfs(*args: str) -> subprocess.CompletedProcess[str]:
 def _quiet(*args: str) -> str:
     """The output of ``blockfs ARGS``, not shown."""
     return subprocess.run(
-        [sys.executable, "-m", "tools.cli", *args], stdout=subprocess.PIPE, text=True, check=True
+        [sys.executable, "-m", "blockfs.cli", *args], stdout=subprocess.PIPE, text=True, check=True
     ).stdout
 
 

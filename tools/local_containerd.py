@@ -34,7 +34,7 @@ import attrs
 import grpc
 
 from blockfs.errors import BlockfsError
-from snapshotter._mount import read_mountinfo
+from blockfs.host.mounts import read_mountinfo
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"

@@ -56,7 +56,7 @@ class Run:
 
 def _blockfs(*args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "tools.cli", *args],
+        [sys.executable, "-m", "blockfs.cli", *args],
         capture_output=True,
         text=True,
     )

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.snapshotter.attach_testkit import leftovers
+from tests.host.attach_testkit import leftovers
 
 PROJECT = Path(__file__).resolve().parents[2]
 

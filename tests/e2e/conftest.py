@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.cli import blockfs
-from tests.snapshotter.attach_testkit import force_cleanup, leftovers
+from tests.host.attach_testkit import force_cleanup, leftovers
 
 
 @pytest.fixture

@@ -103,7 +103,7 @@ def test_hostile_toc_is_refused_at_index_time_and_nothing_is_mounted(edit, messa
 def test_layer_serve_works_with_nbdinfo_nbdcopy_nbdfuse_and_fsck(workdir):
     sock = workdir / "nbd.sock"
     server = subprocess.Popen(
-        [PROJECT / ".venv/bin/python", "-m", "tools.cli", "layer", "serve", "--root",
+        [PROJECT / ".venv/bin/python", "-m", "blockfs.cli", "layer", "serve", "--root",
          str(workdir / "root"), "--export", "layer", "--socket", str(sock),
          str(TESTDATA / "zstd-64k.esgz")],
         cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -16,9 +16,6 @@ from blockfs.erofs import ErofsIndex, build_index
 from blockfs.erofs import _format as fmt
 from blockfs.estargz import TOC, Entry, make_toc
 
-LAYER_TAR = Path("/work/shared/testdata/estargz/layer.tar")
-TESTDATA = LAYER_TAR.parent
-
 _TAR_TYPES = {
     tarfile.DIRTYPE: "dir",
     tarfile.REGTYPE: "reg",

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from erofs_testkit import (
-    LAYER_TAR,
     ImageReader,
     assert_tree_matches_tar,
     directory,
@@ -29,6 +28,7 @@ from blockfs.erofs import ErofsIndex
 from blockfs.erofs import _format as fmt
 from blockfs.estargz import NO_PREFETCH_LANDMARK, Entry, make_toc
 from blockfs.estargz._model import LANDMARK_CONTENT
+from tests.helpers.testdata import LAYER_TAR
 
 _why_not = kernel_can_mount_erofs()
 pytestmark = [pytest.mark.root, pytest.mark.skipif(_why_not is not None, reason=_why_not or "")]

@@ -22,8 +22,6 @@ import attrs
 import pytest
 import zstandard
 from writer_testkit import (
-    LAYER_TAR,
-    TESTDATA,
     TOC_NAME,
     clean,
     decompress_all,
@@ -48,6 +46,7 @@ from blockfs.estargz import (
     build,
     build_file,
 )
+from tests.helpers.testdata import LAYER_TAR, TESTDATA
 
 PRIORITIZED = ("bin/tool", "etc/passwd", "usr/share/doc/README")
 OPTION_SETS = {

@@ -20,11 +20,6 @@ from typing import Any, Literal
 import attrs
 import zstandard
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "estargz"
-if not TESTDATA.is_dir():
-    TESTDATA = Path("/work/shared/testdata/estargz")
-LAYER_TAR = TESTDATA / "layer.tar"
-
 TOC_NAME = "stargz.index.json"
 
 # The 48 bytes that end a zstd eStargz blob: skippable frame magic and length, then

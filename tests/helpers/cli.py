@@ -17,7 +17,7 @@ def blockfs(
     ``env`` adds to (or overrides) this process's environment.
     """
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.cli", *args],
+        [sys.executable, "-m", "blockfs.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 from remote_testkit import Layer, estargz_layer, gzip_layer
 
+from blockfs.host.attach import read_attachment
 from blockfs.image import file_source_spec
-from snapshotter.attach import read_attachment
 from snapshotter.daemon import watch_nbd_server
 from snapshotter.layers import LayerManager, LayerUnavailable
 from snapshotter.metrics import MetricsServer, metric_value
 from snapshotter.remote import RemoteLayer, layer_name
 from tests.helpers.containerd import layer_tar, mounts_under, require_root_tools, short_tempdir
-from tests.snapshotter.attach_testkit import force_cleanup, leftovers
+from tests.host.attach_testkit import force_cleanup, leftovers
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

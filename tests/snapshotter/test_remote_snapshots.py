@@ -50,7 +50,7 @@ from tests.helpers.containerd import (
 )
 from tests.helpers.registry import free_port, make_htpasswd, start_registry
 from tests.helpers.snapshotter_daemon import SnapshotterDaemon, snapshots_stub, start_snapshotter
-from tests.snapshotter.attach_testkit import force_cleanup, leftovers
+from tests.host.attach_testkit import force_cleanup, leftovers
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

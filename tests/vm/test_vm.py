@@ -1,7 +1,7 @@
 """The real-kernel VM test, run as part of the suite: tools/vm-test must print PASS.
 
 It boots Debian's kernel under qemu (KVM when it works, else TCG) twice. The attach
-scenario attaches the blockfs export as /dev/nbd0 with snapshotter.attach, mounts EROFS
+scenario attaches the blockfs export as /dev/nbd0 with blockfs.host.attach, mounts EROFS
 and an overlay, verifies file checksums and survives a restart of the NBD server. The
 snapshotter scenario runs containerd with blockfs-snapshotter in the guest: an image is
 pulled lazily onto /dev/nbdN devices, containers verify its files, and both the NBD

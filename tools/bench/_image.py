@@ -1,6 +1,6 @@
 """``tools.bench image``: reads through the NBD export, index build time and nbdkit memory.
 
-The export is served as in production: ``snapshotter.nbdserver.NBDServer`` running
+The export is served as in production: ``blockfs.host.nbdserver.NBDServer`` running
 nbdkit with the blockfs plugin over layers indexed by ``blockfs.image.index_layer``, read
 by the stock ``nbdcopy`` with its default settings. The read baseline is a trivial nbdkit
 Python plugin (written by this module into the work directory) that serves a plain file
@@ -30,8 +30,8 @@ from blockfs.estargz import (
     build_file,
     parse_toc,
 )
+from blockfs.host.nbdserver import NBDServer
 from blockfs.image import EXTENTS_FILE, ExtentMap, ServerConfig, index_layer, query_stats
-from snapshotter.nbdserver import NBDServer
 from tools.bench._data import mixed_files, synthetic_toc, text_bytes, write_tar
 from tools.bench._plain import decompress_members
 from tools.bench._report import (

@@ -2,7 +2,7 @@
 
 The layer is an eStargz blob indexed into a layer directory with blockfs.image, served by
 the production NBD server (nbdkit with plugins/blockfs_nbdkit.py, through
-snapshotter.nbdserver). What the guest must read back comes from the layer's source tar,
+blockfs.host.nbdserver). What the guest must read back comes from the layer's source tar,
 independently of blockfs.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import attrs
 
 from blockfs.estargz import BlobReader, CountingSource, FileBlobSource
+from blockfs.host.nbdserver import NBDServer
 from blockfs.image import ServerConfig, index_layer
-from snapshotter.nbdserver import NBDServer
 from tools.vmtest._errors import VMTestError
 
 WHITEOUT_PREFIX = ".wh."
@@ -26,9 +26,8 @@ OPAQUE_MARKER = ".wh..wh..opq"
 
 
 def default_vectors() -> Path:
-    """The shared eStargz test vectors: beside the repository, else /work/shared."""
-    beside = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "estargz"
-    return beside if beside.is_dir() else Path("/work/shared/testdata/estargz")
+    """The reference eStargz vectors kept with the tests (tests/data/estargz)."""
+    return Path(__file__).resolve().parents[2] / "tests" / "data" / "estargz"
 
 
 @attrs.frozen

@@ -67,7 +67,7 @@ def prepare_image(work: Path, say: Callable[[str], None]) -> RegistryImage:
     registry_dir = work / "registry"
     with start_registry(registry_dir) as registry:
         ref = f"{registry.host}/{REPOSITORY}"
-        convert = [sys.executable, "-m", "tools.cli", "image", "convert", "--plain-http",
+        convert = [sys.executable, "-m", "blockfs.cli", "image", "convert", "--plain-http",
                    f"oci:{layout_dir}:latest", ref]  # fmt: skip
         done = subprocess.run(
             convert, cwd=PROJECT, stdin=subprocess.DEVNULL, capture_output=True, text=True

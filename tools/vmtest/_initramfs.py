@@ -6,7 +6,7 @@ turn):
 - the base: busybox, the dynamic loader and the few libraries Python needs, Python 3.11
   with most of its standard library precompiled, attrs, and the kernel modules. Built
   once per set of package versions and cached under a hash of everything that goes in.
-- the code: /init and the blockfs modules the guest imports (snapshotter.attach and what
+- the code: /init and the blockfs modules the guest imports (blockfs.host.attach and what
   it needs, the guest test), rebuilt on every run because it is what is being tested.
 """
 
@@ -305,7 +305,7 @@ def guest_sources(project: Path) -> list[str]:
     """The project's files the guest test imports, relative to ``project``.
 
     Found by importing the guest module in a fresh interpreter and listing what came
-    from the project, so that a new import in snapshotter.attach is picked up without
+    from the project, so that a new import in blockfs.host.attach is picked up without
     anyone maintaining a list.
     """
     script = (

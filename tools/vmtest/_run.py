@@ -2,7 +2,7 @@
 
 Two scenarios, each a boot of Debian's kernel:
 
-- ``attach``: the guest runs blockfs's attach code (snapshotter.attach) against the
+- ``attach``: the guest runs blockfs's attach code (blockfs.host.attach) against the
   host's NBD server, reached over virtio-serial; the host stops and restarts the server
   when the guest asks (tools/vmtest/guest.py);
 - ``snapshotter``: the guest runs the host's own userland (shared read-only over

@@ -2,13 +2,13 @@
 
 Started by the initramfs's /init as ``python3 -m tools.vmtest.guest`` once the kernel
 modules are loaded. It asks the host for its configuration over the control port, then
-uses blockfs's own attach code (``snapshotter.attach``) with its production defaults,
+uses blockfs's own attach code (``blockfs.host.attach``) with its production defaults,
 exactly as the snapshotter does on a host with nbd.ko. Everything it checks is printed
 on the console; the last line is ``VM TEST: PASS`` or ``VM TEST: FAIL``, and the same
 verdict goes to the host as a ``result`` message.
 
 Runs in the guest: the standard library, attrs and the modules of blockfs that
-snapshotter.attach imports are all it has.
+blockfs.host.attach imports are all it has.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from snapshotter import _mount, attach
+from blockfs.host import attach, mounts
 from tools.vmtest import _wire
 from tools.vmtest._relay import Relay, find_ports
 
@@ -110,14 +110,14 @@ def read_text(path: str) -> str:
         return f"({e.strerror})"
 
 
-def mount_entry(path: str) -> _mount.MountEntry:
-    entry = _mount.find_mount(path)
+def mount_entry(path: str) -> mounts.MountEntry:
+    entry = mounts.find_mount(path)
     if entry is None:
         raise CheckFailed(f"nothing is mounted on {path}")
     return entry
 
 
-def describe(entry: _mount.MountEntry) -> str:
+def describe(entry: mounts.MountEntry) -> str:
     return (
         f"{entry.source} on {entry.mountpoint} type {entry.fstype} "
         f"({','.join(entry.mount_options)}) [mount id {entry.mount_id}]"
@@ -183,14 +183,14 @@ def run_checks(ctl: Control, relay: Relay, config: dict[str, Any]) -> None:
     first_paths = [p for p in sorted(expected) if p not in blocked_paths]
 
     mode = attach.choose_mode("auto")
-    say(f"attach mode chosen by snapshotter.attach.choose_mode('auto'): {mode.value}")
+    say(f"attach mode chosen by blockfs.host.attach.choose_mode('auto'): {mode.value}")
     if mode is not attach.AttachMode.KERNEL_NBD:
         raise CheckFailed(f"expected the kernel NBD path here, got {mode.value}")
 
     os.makedirs(LAYER_MOUNT, exist_ok=True)
     att = attach.attach_and_mount(RELAY_SOCKET, export, LAYER_MOUNT, state_dir=STATE_DIR, mode=mode)
     say(
-        f"{att.device} attached by blockfs: snapshotter.attach.attach_and_mount, netlink "
+        f"{att.device} attached by blockfs: blockfs.host.attach.attach_and_mount, netlink "
         f"NBD_CMD_CONNECT with {att.connections} connections, dead-connection timeout "
         f"{attach.DEFAULT_DEAD_CONN_TIMEOUT} s, request timeout {attach.DEFAULT_REQUEST_TIMEOUT} s"
     )
@@ -210,7 +210,7 @@ def run_checks(ctl: Control, relay: Relay, config: dict[str, Any]) -> None:
     for sub in ("upper", "work"):
         os.makedirs(os.path.join(OVERLAY_DIR, sub), exist_ok=True)
     os.makedirs(MERGED, exist_ok=True)
-    _mount.mount(
+    mounts.mount(
         "overlay",
         MERGED,
         "overlay",
@@ -272,7 +272,7 @@ def run_checks(ctl: Control, relay: Relay, config: dict[str, Any]) -> None:
             say(f"reconnect attempt {attempt} failed ({e}); retrying")
             time.sleep(1)
     say(
-        f"reconnect after restart: snapshotter.attach.reconnect gave {att.device} "
+        f"reconnect after restart: blockfs.host.attach.reconnect gave {att.device} "
         f"{att.connections} fresh connections with NBD_CMD_RECONFIGURE (attempt {attempt})"
     )
     reader.join(_RESUME_DEADLINE)
@@ -300,7 +300,7 @@ def run_checks(ctl: Control, relay: Relay, config: dict[str, Any]) -> None:
         raise CheckFailed("the kernel logged I/O errors: " + " | ".join(errors[:10]))
     say("kernel log: no I/O errors")
 
-    _mount.umount(MERGED)
+    mounts.umount(MERGED)
     attach.unmount_and_detach(att)
     if os.path.exists(sysfs + "/pid"):
         raise CheckFailed("/dev/nbd0 is still configured after unmount_and_detach")

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from snapshotter._mount import MountEntry, read_mountinfo
+from blockfs.host.mounts import MountEntry, read_mountinfo
 from tools.local_containerd import (
     BlockfsContainerd,
     short_tempdir,
@@ -48,7 +48,7 @@ from tools.vmtest.guest import (
     say,
 )
 
-BLOCKFS = [sys.executable, "-m", "tools.cli"]
+BLOCKFS = [sys.executable, "-m", "blockfs.cli"]
 # How long a container may take, including reads that wait for the NBD server to return.
 _RUN_TIMEOUT = 300.0
 _RESTART_DEADLINE = 120.0

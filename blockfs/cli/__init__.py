@@ -6,8 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from blockfs.cli import _image, _layer
+from blockfs.cli._common import registry_args
 from blockfs.errors import BlockfsError
-from tools.cli import _image, _layer
+
+__all__ = ["build_parser", "main", "registry_args"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from blockfs.host.nbdserver import socket_path
 from blockfs.image import ServerConfig
-from snapshotter.nbdserver import socket_path
 
 # The record of each kind of mount, and the command that undoes it.
 LAYER_RECORD = "mount.json"

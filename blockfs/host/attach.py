@@ -33,7 +33,7 @@ from urllib.parse import quote
 import attrs
 
 from blockfs.errors import BlockfsError
-from snapshotter import _mount, _nbdnetlink, _nbdproto
+from blockfs.host import _handshake, _netlink, mounts
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def read_attachment(state_dir: str) -> Attachment | None:
 
 def is_mounted(path: str) -> bool:
     """Whether something is mounted on ``path`` (per /proc/self/mountinfo)."""
-    return _mount.find_mount(path) is not None
+    return mounts.find_mount(path) is not None
 
 
 def attach_and_mount(
@@ -282,7 +282,7 @@ def unmount_and_detach(att: Attachment, *, lazy: bool = False) -> None:
     broken view, while the mounts are detached at once (and freed when let go) and
     nbdfuse is stopped, so that the layer can be attached afresh on the same mountpoint.
     """
-    entry = _mount.find_mount(att.mountpoint)
+    entry = mounts.find_mount(att.mountpoint)
     if entry is not None:
         if entry.source != att.mount_source:
             raise AttachError(
@@ -292,8 +292,8 @@ def unmount_and_detach(att: Attachment, *, lazy: bool = False) -> None:
                 mountpoint=att.mountpoint,
             )
         try:
-            _mount.umount(att.mountpoint, lazy=lazy)
-        except _mount.MountError as e:
+            mounts.umount(att.mountpoint, lazy=lazy)
+        except mounts.MountError as e:
             hint = (
                 ": stop what uses it (containers, overlay mounts) first"
                 if e.errno == errno.EBUSY
@@ -302,8 +302,8 @@ def unmount_and_detach(att: Attachment, *, lazy: bool = False) -> None:
             raise AttachError(
                 f"{e.strerror}{hint}", export=att.export, mountpoint=att.mountpoint
             ) from e
-    if att.loop_device is not None and _mount.loop_backing_file(att.loop_device) == att.device:
-        _mount.loop_detach(att.loop_device)
+    if att.loop_device is not None and mounts.loop_backing_file(att.loop_device) == att.device:
+        mounts.loop_detach(att.loop_device)
     if att.mode is AttachMode.KERNEL_NBD:
         _nbd_disconnect_if_ours(att)
     else:
@@ -337,9 +337,9 @@ def reconnect(att: Attachment, socket: str) -> Attachment:
                 f"{att.device} has {expected}: it is a different image; unmount and attach again",
                 export=att.export,
             )
-        with _netlink(att.export) as nl:
+        with _open_netlink(att.export) as nl:
             nl.reconfigure(att.nbd_index, [s.fileno() for s in sockets], att.backend_identifier)
-    except _nbdnetlink.NetlinkError as e:
+    except _netlink.NetlinkError as e:
         raise AttachError(f"cannot reconnect {att.device}: {e}", export=att.export) from e
     finally:
         for s in sockets:
@@ -364,9 +364,9 @@ def _attach_kernel(
     undo: _Undo,
 ) -> Attachment:
     sockets, info = _handshaken_sockets(socket, export, connections)
-    read_only = _nbdproto.NBD_FLAG_HAS_FLAGS | _nbdproto.NBD_FLAG_READ_ONLY
+    read_only = _handshake.NBD_FLAG_HAS_FLAGS | _handshake.NBD_FLAG_READ_ONLY
     try:
-        request = _nbdnetlink.ConnectRequest(
+        request = _netlink.ConnectRequest(
             size_bytes=info.size,
             block_size=BLOCK_SIZE,
             server_flags=info.transmission_flags | read_only,
@@ -375,9 +375,9 @@ def _attach_kernel(
             socket_fds=[s.fileno() for s in sockets],
             backend=_backend_identifier(export),
         )
-        with _netlink(export) as nl:
+        with _open_netlink(export) as nl:
             index = nl.connect(request)
-    except _nbdnetlink.NetlinkError as e:
+    except _netlink.NetlinkError as e:
         raise AttachError(f"cannot configure an NBD device: {e}", export=export) from e
     finally:
         # The kernel holds its own references to the sockets now.
@@ -387,10 +387,10 @@ def _attach_kernel(
     undo.push(_nbd_disconnect, index)
     _wait_for_block_device(device, export)
     try:
-        _mount.mount(device, mountpoint, "erofs", _mount.MS_RDONLY)
-    except _mount.MountError as e:
+        mounts.mount(device, mountpoint, "erofs", mounts.MS_RDONLY)
+    except mounts.MountError as e:
         raise _mount_failed(device, e, export, mountpoint) from e
-    undo.push(_mount.umount, mountpoint)
+    undo.push(mounts.umount, mountpoint)
     return Attachment(
         mode=AttachMode.KERNEL_NBD,
         export=export,
@@ -406,7 +406,7 @@ def _attach_kernel(
 
 def _handshaken_sockets(
     socket_path: str, export: str, connections: int
-) -> tuple[list[Socket], _nbdproto.ExportInfo]:
+) -> tuple[list[Socket], _handshake.ExportInfo]:
     """Sockets in the transmission phase for ``export``: several only if multi-conn is safe."""
     sockets: list[Socket] = []
     try:
@@ -427,20 +427,20 @@ def _handshaken_sockets(
     return sockets, info
 
 
-def _handshake_one(socket_path: str, export: str, sockets: list[Socket]) -> _nbdproto.ExportInfo:
+def _handshake_one(socket_path: str, export: str, sockets: list[Socket]) -> _handshake.ExportInfo:
     try:
-        sock = _nbdproto.connect_unix(socket_path)
+        sock = _handshake.connect_unix(socket_path)
     except OSError as e:
         raise _server_unreachable(socket_path, export, e) from e
     sockets.append(sock)
     try:
-        return _nbdproto.handshake(sock, export)
-    except _nbdproto.HandshakeError as e:
+        return _handshake.handshake(sock, export)
+    except _handshake.HandshakeError as e:
         raise _handshake_failed(socket_path, e) from e
 
 
 def _nbd_disconnect(index: int) -> None:
-    with _nbdnetlink.NBDNetlink() as nl:
+    with _netlink.NBDNetlink() as nl:
         nl.disconnect(index)
 
 
@@ -460,7 +460,7 @@ def _nbd_disconnect_if_ours(att: Attachment) -> None:
         return
     try:
         _nbd_disconnect(att.nbd_index)
-    except _nbdnetlink.NetlinkError as e:
+    except _netlink.NetlinkError as e:
         raise AttachError(f"cannot disconnect {att.device}: {e}", export=att.export) from e
 
 
@@ -483,10 +483,10 @@ def _wait_for_block_device(device: str, export: str) -> None:
 
 
 @contextlib.contextmanager
-def _netlink(export: str) -> Iterator[_nbdnetlink.NBDNetlink]:
+def _open_netlink(export: str) -> Iterator[_netlink.NBDNetlink]:
     try:
-        nl = _nbdnetlink.NBDNetlink()
-    except _nbdnetlink.FamilyNotFoundError:
+        nl = _netlink.NBDNetlink()
+    except _netlink.FamilyNotFoundError:
         raise AttachError(
             "nbd.ko not available (no 'nbd' generic netlink family): "
             "load the nbd module, or use attach mode nbdfuse",
@@ -512,8 +512,8 @@ def _attach_nbdfuse(
     _require_tool("fusermount3", "install fuse3")
     # Ask the server first: its answer makes a far clearer error than nbdfuse's exit status.
     try:
-        _nbdproto.query_export(socket, export)
-    except _nbdproto.HandshakeError as e:
+        _handshake.query_export(socket, export)
+    except _handshake.HandshakeError as e:
         raise _handshake_failed(socket, e) from e
     except OSError as e:
         raise _server_unreachable(socket, export, e) from e
@@ -529,9 +529,9 @@ def _attach_nbdfuse(
     loop_device = None
     if mount_method in (None, "file-backed"):
         try:
-            _mount.mount(image, mountpoint, "erofs", _mount.MS_RDONLY)
+            mounts.mount(image, mountpoint, "erofs", mounts.MS_RDONLY)
             method: MountMethod = "file-backed"
-        except _mount.MountError as e:
+        except mounts.MountError as e:
             # ENOTBLK: this kernel's EROFS only mounts block devices (no file-backed mounts).
             if e.errno != errno.ENOTBLK or mount_method == "file-backed":
                 raise _mount_failed(image, e, export, mountpoint) from e
@@ -541,15 +541,15 @@ def _attach_nbdfuse(
         method = "loop"
     if method == "loop":
         try:
-            loop_device = _mount.loop_attach_readonly(image)
-        except _mount.MountError as e:
+            loop_device = mounts.loop_attach_readonly(image)
+        except mounts.MountError as e:
             raise AttachError(f"cannot set up a loop device: {e.strerror}", export=export) from e
-        undo.push(_mount.loop_detach, loop_device)
+        undo.push(mounts.loop_detach, loop_device)
         try:
-            _mount.mount(loop_device, mountpoint, "erofs", _mount.MS_RDONLY)
-        except _mount.MountError as e:
+            mounts.mount(loop_device, mountpoint, "erofs", mounts.MS_RDONLY)
+        except mounts.MountError as e:
             raise _mount_failed(loop_device, e, export, mountpoint) from e
-    undo.push(_mount.umount, mountpoint)
+    undo.push(mounts.umount, mountpoint)
     return Attachment(
         mode=AttachMode.NBDFUSE,
         export=export,
@@ -624,7 +624,7 @@ def _stop_nbdfuse(state_dir: str, pid: int | None, *, export: str, lazy: bool = 
     overlay keeps alive): detach the directory at once and stop nbdfuse by force.
     """
     fuse_dir = os.path.join(state_dir, _FUSE_DIR)
-    entry = _mount.find_mount(fuse_dir)
+    entry = mounts.find_mount(fuse_dir)
     if lazy and entry is not None:
         _fusermount_unmount(fuse_dir, export, lazy=True)
         entry = None
@@ -642,7 +642,7 @@ def _stop_nbdfuse(state_dir: str, pid: int | None, *, export: str, lazy: bool = 
             break
     # A killed nbdfuse may leave a dead FUSE mount behind ("transport endpoint is not
     # connected"), which still has to be unmounted.
-    if _mount.find_mount(fuse_dir) is not None:
+    if mounts.find_mount(fuse_dir) is not None:
         _fusermount_unmount(fuse_dir, export)
 
 
@@ -658,7 +658,7 @@ def _fusermount_unmount(fuse_dir: str, export: str, *, lazy: bool = False) -> No
             text=True,
             check=False,
         )
-        if result.returncode == 0 or _mount.find_mount(fuse_dir) is None:
+        if result.returncode == 0 or mounts.find_mount(fuse_dir) is None:
             return
         if time.monotonic() > deadline:
             raise AttachError(
@@ -702,7 +702,7 @@ def _log_tail(state_dir: str) -> str:
 # -- shared -------------------------------------------------------------------------------
 
 
-def _mount_failed(source: str, e: _mount.MountError, export: str, mountpoint: str) -> AttachError:
+def _mount_failed(source: str, e: mounts.MountError, export: str, mountpoint: str) -> AttachError:
     reason = os.strerror(e.errno) if e.errno else str(e)
     return AttachError(
         f"cannot mount {source} as EROFS: {reason} (is the export an EROFS image?)",
@@ -719,8 +719,8 @@ def _server_unreachable(socket: str, export: str, e: OSError) -> AttachError:
     )
 
 
-def _handshake_failed(socket: str, e: _nbdproto.HandshakeError) -> AttachError:
-    if isinstance(e, _nbdproto.ExportNotFoundError):
+def _handshake_failed(socket: str, e: _handshake.HandshakeError) -> AttachError:
+    if isinstance(e, _handshake.ExportNotFoundError):
         return AttachError(
             f"export not found on the NBD server at {socket} (is the layer being served?)",
             export=e.export,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from snapshotter.mountspec import Mount, MountPlan, mounts_for
+from blockfs.host.overlay import Mount, MountPlan, mounts_for
 
 
 def test_active_without_parent_is_a_writable_bind_of_its_fs() -> None:

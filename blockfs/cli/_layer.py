@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from blockfs.cli._common import DEFAULT_ROOT, print_json, registry_args, state_args
 from blockfs.estargz import BlobReader, BuildOptions, Entry, build_file
 from blockfs.image import BlobSources, open_blob
-from tools.cli._common import DEFAULT_ROOT, print_json, registry_args, state_args
 
 
 def register(groups: Any) -> None:
@@ -195,7 +195,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from snapshotter.layermount import serve_layer
+    from blockfs.mount.layer import serve_layer
 
     return serve_layer(
         args.blob,
@@ -209,7 +209,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from snapshotter.layermount import mount_layer
+    from blockfs.mount.layer import mount_layer
 
     mounted = mount_layer(
         args.blob,
@@ -226,7 +226,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from snapshotter.layermount import layer_stats
+    from blockfs.mount.layer import layer_stats
 
     stats = layer_stats(args.mountpoint, root=args.root)
     if args.json:
@@ -238,7 +238,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from snapshotter.layermount import umount_layer
+    from blockfs.mount.layer import umount_layer
 
     umount_layer(args.mountpoint, root=args.root)
     return 0

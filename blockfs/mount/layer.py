@@ -18,8 +18,10 @@ import attrs
 
 from blockfs.errors import BlockfsError
 from blockfs.estargz import BlobReader, CountingSource
+from blockfs.host.attach import Attachment, attach_and_mount, choose_mode, unmount_and_detach
+from blockfs.host.nbdserver import NBDServer, socket_path
 from blockfs.image import BlobSources, index_layer, open_blob, query_stats
-from snapshotter._rundir import (
+from blockfs.mount._rundir import (
     LAYER_RECORD,
     fresh_run_dir,
     read_record,
@@ -27,8 +29,6 @@ from snapshotter._rundir import (
     server_config,
     write_record,
 )
-from snapshotter.attach import Attachment, attach_and_mount, choose_mode, unmount_and_detach
-from snapshotter.nbdserver import NBDServer, socket_path
 
 MOUNT_JSON = LAYER_RECORD
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import re
 
-from tools.cli._progress import TextProgress
+from blockfs.cli._progress import TextProgress
 
 
 class Terminal(io.StringIO):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import attrs
 
-from snapshotter._mount import loop_backing_file, loop_detach, read_mountinfo, umount
+from blockfs.host.mounts import loop_backing_file, loop_detach, read_mountinfo, umount
 
 # A test-only nbdkit Python plugin: serves the files of a JSON map {export name: path}
 # read-only, in parallel, with multi-conn, and refuses unknown names with ENOENT.

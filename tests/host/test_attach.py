@@ -23,8 +23,8 @@ from attach_testkit import (
     tree_listing,
 )
 
-from snapshotter import _mount
-from snapshotter.attach import (
+from blockfs.host import mounts
+from blockfs.host.attach import (
     ATTACHMENT_FILE,
     AttachError,
     Attachment,
@@ -123,7 +123,7 @@ def test_nbdfuse_attach_mounts_the_tree_read_only_and_detach_leaves_nothing(
     )
 
     assert tree_listing(mountpoint) == tree_listing(layer_tree)
-    entry = _mount.find_mount(str(mountpoint))
+    entry = mounts.find_mount(str(mountpoint))
     assert entry is not None
     assert entry.fstype == "erofs"
     assert entry.read_only
@@ -166,15 +166,15 @@ def test_forced_loop_mount_of_an_odd_export_name_works_and_detaches_the_loop(
     assert att.loop_device is not None
     assert att.loop_device.startswith("/dev/loop")
     assert att.mount_source == att.loop_device
-    assert _mount.loop_backing_file(att.loop_device) == att.device
-    entry = _mount.find_mount(str(mountpoint))
+    assert mounts.loop_backing_file(att.loop_device) == att.device
+    entry = mounts.find_mount(str(mountpoint))
     assert entry is not None
     assert (entry.fstype, entry.source, entry.read_only) == ("erofs", att.loop_device, True)
     assert tree_listing(mountpoint) == tree_listing(layer_tree)
 
     unmount_and_detach(att)
 
-    assert _mount.loop_backing_file(att.loop_device) is None
+    assert mounts.loop_backing_file(att.loop_device) is None
     assert not is_mounted(str(mountpoint))
     assert leftovers(state_dir) == []
 
@@ -287,7 +287,7 @@ def test_mountinfo_lines_are_parsed_with_escapes_and_optional_fields() -> None:
         "37 36 0:40 / /proc rw - proc proc rw\n"
     )
 
-    first, second = _mount.parse_mountinfo(text)
+    first, second = mounts.parse_mountinfo(text)
 
     assert first.mountpoint == "/mnt/with space"
     assert first.source == "/var/lib/x/fuse/im\\age"

@@ -42,6 +42,10 @@ from blockfs.convert import (
 from blockfs.erofs import LayoutError
 from blockfs.errors import BlockfsError
 from blockfs.estargz import BlobReader, CountingSource, FormatError
+from blockfs.host import mounts
+from blockfs.host.attach import Attachment, attach_and_mount, choose_mode, unmount_and_detach
+from blockfs.host.nbdserver import NBDServer, socket_path
+from blockfs.host.overlay import MountPlan, mounts_for, overlay_index_off_supported
 from blockfs.image import (
     BlobSources,
     LayerRecord,
@@ -52,15 +56,17 @@ from blockfs.image import (
     query_stats,
     registry_source_spec,
 )
+from blockfs.mount._rundir import (
+    IMAGE_RECORD,
+    fresh_run_dir,
+    read_record,
+    run_dir_of,
+    server_config,
+)
+from blockfs.mount._rundir import write_record as _write_record
 from blockfs.oci import Descriptor, ImageConfig, Platform, new_hasher
 from blockfs.oci import annotations as ann
 from blockfs.oci import media_types as mt
-from snapshotter import _mount
-from snapshotter._rundir import IMAGE_RECORD, fresh_run_dir, read_record, run_dir_of, server_config
-from snapshotter._rundir import write_record as _write_record
-from snapshotter.attach import Attachment, attach_and_mount, choose_mode, unmount_and_detach
-from snapshotter.mountspec import MountPlan, mounts_for, overlay_index_off_supported
-from snapshotter.nbdserver import NBDServer, socket_path
 
 log = logging.getLogger("blockfs.imagemount")
 
@@ -171,7 +177,7 @@ def mount_image(
         raise ImageMountError(f"mount point {mountpoint} is not a directory; create it first")
     if any(c in str(Path(root).absolute()) for c in ",:"):
         raise ImageMountError(f"the state directory {root} must not contain ',' or ':' (overlay)")
-    if _mount.find_mount(os.path.realpath(mountpoint)) is not None:
+    if mounts.find_mount(os.path.realpath(mountpoint)) is not None:
         raise ImageMountError(f"something is already mounted on {mountpoint}: unmount it first")
     mode = choose_mode(attach) if lazy else None
     try:
@@ -228,7 +234,7 @@ def mount_image(
                 undo.callback(unmount_and_detach, attachment)
                 layers[position] = attrs.evolve(layer, attachment=attachment)
         _mount_overlay(run_dir, layers, mountpoint, writable)
-        undo.callback(_mount.umount, mountpoint, lazy=True)
+        undo.callback(mounts.umount, mountpoint, lazy=True)
         mounted = ImageMount(
             mountpoint=mountpoint,
             reference=ref,
@@ -417,13 +423,13 @@ def _mount_overlay(
     (spec,) = mounts_for(plan, index_off=overlay_index_off_supported())
     try:
         if spec.type == "bind":
-            _mount.mount(spec.source, mountpoint, "", MS_BIND | MS_REC)
+            mounts.mount(spec.source, mountpoint, "", MS_BIND | MS_REC)
             if "ro" in spec.options:
-                _mount.mount("", mountpoint, "", MS_REMOUNT | MS_BIND | MS_REC | _mount.MS_RDONLY)
+                mounts.mount("", mountpoint, "", MS_REMOUNT | MS_BIND | MS_REC | mounts.MS_RDONLY)
         else:
-            flags = 0 if writable else _mount.MS_RDONLY
-            _mount.mount("overlay", mountpoint, "overlay", flags, ",".join(spec.options))
-    except _mount.MountError as e:
+            flags = 0 if writable else mounts.MS_RDONLY
+            mounts.mount("overlay", mountpoint, "overlay", flags, ",".join(spec.options))
+    except mounts.MountError as e:
         raise ImageMountError(f"cannot stack the image's layers at {mountpoint}: {e}") from e
 
 
@@ -440,10 +446,10 @@ def umount_image(mountpoint: str, *, root: str) -> None:
     """Undo :func:`mount_image`: the overlay, every layer mount, the server, the run dir."""
     mounted = _load(mountpoint, root)
     run_dir = Path(mounted.run_dir)
-    if _mount.find_mount(os.path.realpath(mounted.mountpoint)) is not None:
+    if mounts.find_mount(os.path.realpath(mounted.mountpoint)) is not None:
         try:
-            _mount.umount(mounted.mountpoint)
-        except _mount.MountError as e:
+            mounts.umount(mounted.mountpoint)
+        except mounts.MountError as e:
             hint = ": stop what uses it first" if e.errno == errno.EBUSY else ""
             raise ImageMountError(f"cannot unmount {mounted.mountpoint}: {e}{hint}") from e
     for layer in reversed(mounted.layers):

@@ -1,4 +1,7 @@
-"""``blockfs image pull``: pull an image through containerd for lazy use by blockfs-snapshotter."""
+"""``blockfs image pull``: pull an image through containerd for lazy use by blockfs-snapshotter.
+
+The ``blockfs`` command finds this through the ``blockfs.image_commands`` entry point.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,11 @@ import argparse
 import os
 from typing import Any
 
+from blockfs.cli import registry_args
 from blockfs.image import BlobSources, docker_config_path
 from blockfs.oci import Platform, Reference
 from snapshotter.ctrclient import DEFAULT_ADDRESS, ContainerdClient
 from snapshotter.pull import DEFAULT_SNAPSHOTTER, PulledLayer, pull_image
-from tools.cli._common import registry_args
 
 
 def add_pull_command(cmds: Any) -> None:

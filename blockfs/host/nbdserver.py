@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.resources
 import os
 import shutil
 import signal
@@ -23,7 +24,9 @@ import blockfs
 from blockfs.errors import BlockfsError
 from blockfs.image import ServerConfig
 
-PLUGIN = Path(__file__).resolve().parent.parent / "plugins" / "blockfs_nbdkit.py"
+# The plugin file nbdkit loads: plugins/blockfs_nbdkit.py in the repository, installed as
+# package data of blockfs.host.plugin (pyproject.toml maps the folder there).
+PLUGIN = Path(str(importlib.resources.files("blockfs.host.plugin") / "blockfs_nbdkit.py"))
 
 # Runs "$@" (with output appended to the log "$1") under a subshell that prints the
 # child's pid, lets go of the caller's pipes and stays as the child's parent until it ends.

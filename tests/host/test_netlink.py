@@ -11,7 +11,7 @@ import sys
 import pytest
 from attach_testkit import nbd_ko_present
 
-from snapshotter import _nbdnetlink as nl
+from blockfs.host import _netlink as nl
 
 # The hand-written byte expectations below are in the host's (little-endian) byte order.
 pytestmark = pytest.mark.skipif(sys.byteorder != "little", reason="expectations are little-endian")

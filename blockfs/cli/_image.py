@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from importlib.metadata import entry_points
 from typing import Any
 
+from blockfs.cli._common import print_json, registry_args, state_args
+from blockfs.cli._progress import TextProgress
 from blockfs.convert import ConvertOptions, convert_image, open_location
 from blockfs.image import BlobSources, docker_config_path
 from blockfs.oci import Platform
 from blockfs.registry import RegistryClient
-from tools.cli._common import print_json, registry_args, state_args
-from tools.cli._progress import TextProgress
-from tools.cli._pull import add_pull_command
+
+# The entry point group through which other packages add commands to ``blockfs image``.
+IMAGE_COMMANDS = "blockfs.image_commands"
 
 
 def register(groups: Any) -> None:
@@ -69,7 +72,10 @@ def register(groups: Any) -> None:
     state_args(p)
     p.set_defaults(func=cmd_umount)
 
-    add_pull_command(cmds)
+    # Commands that other installed packages add to this group; blockfs-snapshotter adds
+    # `pull` (containerd is its business, not blockfs's).
+    for command in entry_points(group=IMAGE_COMMANDS):
+        command.load()(cmds)
 
 
 def _platform_arg(p: argparse.ArgumentParser) -> None:
@@ -110,7 +116,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from snapshotter.imagemount import mount_image
+    from blockfs.mount.image import mount_image
 
     mounted = mount_image(
         args.ref,
@@ -142,7 +148,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from snapshotter.imagemount import image_stats
+    from blockfs.mount.image import image_stats
 
     stats = image_stats(args.mountpoint, root=args.root)
     if args.json:
@@ -160,7 +166,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from snapshotter.imagemount import umount_image
+    from blockfs.mount.image import umount_image
 
     umount_image(args.mountpoint, root=args.root)
     return 0
