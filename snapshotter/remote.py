@@ -2,7 +2,7 @@
 
 containerd tries a remote (lazy) snapshot when a Prepare carries
 ``containerd.io/snapshot.ref``. The layer's blob is named by one of three sets of labels,
-read in this order (docs/reference/containerd.md, section 6):
+read in this order (the labels containerd and its remote snapshotters agree on):
 
 - containerd's CRI labels ``cri.image-ref`` and ``cri.layer-digest`` (with
   ``disable_snapshot_annotations = false``);

@@ -1,7 +1,7 @@
 """The snapshot store: snapshot records in SQLite and their directories on disk.
 
 Semantics follow containerd's overlayfs snapshotter, which is what containerd expects of
-any snapshotter (docs/reference/containerd.md, section 2.2): active snapshots are
+any snapshotter (its snapshots package documents the model): active snapshots are
 prepared on committed parents, committed under a new name, viewed read-only, and
 removed children first. Every change is one SQLite transaction (WAL journal), so a crash
 leaves either the old or the new state; a directory whose record never committed, or

@@ -1,5 +1,5 @@
 """The mounts a snapshot is handed to containerd as, shaped like containerd's overlayfs
-snapshotter shapes them (docs/reference/containerd.md, section 5).
+snapshotter shapes them (containerd's snapshots/overlay package).
 
 containerd (or its shim) performs these mounts; the snapshotter only describes them.
 """
