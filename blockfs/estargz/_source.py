@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
 from blockfs.estargz._errors import TruncatedBlobError
@@ -13,6 +14,8 @@ from blockfs.estargz._errors import TruncatedBlobError
 # costs more than the bytes in between.
 DEFAULT_COALESCE_GAP = 64 << 10
 DEFAULT_MAX_REQUEST = 16 << 20
+# Requests of one read_coalesced call in flight at once.
+MAX_PARALLEL_REQUESTS = 8
 
 
 @runtime_checkable
@@ -124,38 +127,38 @@ def read_coalesced(
 
     Ranges less than ``gap`` bytes apart are read with one ``read_range`` of at most
     ``max_request`` bytes (a single range may be longer), so that many small pieces,
-    such as the adjacent members of consecutive files, cost one round trip.
+    such as the adjacent members of consecutive files, cost one round trip. Groups that
+    need requests of their own are requested at the same time, so that the call costs
+    one round trip rather than one per group.
     """
     for offset, length in ranges:
         if offset < 0 or length < 0:
             raise ValueError(f"invalid range: offset {offset}, length {length}")
     order = sorted((i for i, r in enumerate(ranges) if r[1] > 0), key=lambda i: ranges[i][0])
-    results: list[bytes] = [b""] * len(ranges)
-    group: list[int] = []
-    start = end = 0
+    groups: list[tuple[list[int], int, int]] = []  # (indexes into ranges, start, end)
     for i in order:
         offset, length = ranges[i]
-        if group and offset <= end + gap and max(end, offset + length) - start <= max_request:
-            group.append(i)
-            end = max(end, offset + length)
-            continue
-        if group:
-            _read_group(source, ranges, group, start, end, results)
-        group, start, end = [i], offset, offset + length
-    if group:
-        _read_group(source, ranges, group, start, end, results)
+        if groups:
+            members, start, end = groups[-1]
+            if offset <= end + gap and max(end, offset + length) - start <= max_request:
+                members.append(i)
+                groups[-1] = (members, start, max(end, offset + length))
+                continue
+        groups.append(([i], offset, offset + length))
+    results: list[bytes] = [b""] * len(ranges)
+
+    def read(group: tuple[list[int], int, int]) -> None:
+        members, start, end = group
+        data = source.read_range(start, end - start)
+        for i in members:
+            offset, length = ranges[i]
+            results[i] = data[offset - start : offset - start + length]
+
+    if len(groups) <= 1:
+        for group in groups:
+            read(group)
+        return results
+    with ThreadPoolExecutor(max_workers=min(len(groups), MAX_PARALLEL_REQUESTS)) as pool:
+        # list() waits for every group and raises the first failure.
+        list(pool.map(read, groups))
     return results
-
-
-def _read_group(
-    source: BlobSource,
-    ranges: Sequence[tuple[int, int]],
-    group: list[int],
-    start: int,
-    end: int,
-    results: list[bytes],
-) -> None:
-    data = source.read_range(start, end - start)
-    for i in group:
-        offset, length = ranges[i]
-        results[i] = data[offset - start : offset - start + length]

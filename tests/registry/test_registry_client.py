@@ -193,7 +193,7 @@ def test_coalesced_reads_of_near_ranges_are_one_request(registry, client, image,
         assert got == [blob[o : o + n] for o, n in ranges]
         gets = [h.get("Range") for m, _, h in proxy.requests if m == "GET"]
         # 0..10 and 5000..5100 and 70000..70010 are within 64 KiB of each other; 200000.. is not.
-        assert gets == ["bytes=0-70009", "bytes=200000-200049"]
+        assert sorted(gets) == ["bytes=0-70009", "bytes=200000-200049"]  # sent at once
     finally:
         proxy.close()
 
