@@ -5,12 +5,17 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import CollectorRegistry
 
+from blockfs.errors import BlockfsError
 from blockfs.oci import Descriptor, Manifest, Reference
 from blockfs.oci import media_types as mt
-from snapshotter.metrics import metric_value, render_metrics
+from snapshotter.metrics import LayerCollector, metric_value
 from snapshotter.pull import chain_ids, layer_labels
 from snapshotter.remote import (
     BLOCKFS_IMAGE_REF_LABEL,
@@ -202,17 +207,46 @@ def test_a_newer_store_is_refused(tmp_path: Path) -> None:
 # -- metrics -------------------------------------------------------------------------------
 
 
-def test_metrics_render_each_layer_and_the_cache() -> None:
+def scrape(stats: Any, attached: list[str], server_restarts: int = 0) -> str:
+    """What a scrape returns for a layer manager whose ``stats()`` give ``stats`` (or
+    raise it, when it is an exception)."""
+
+    def read_stats() -> Any:
+        if isinstance(stats, Exception):
+            raise stats
+        return stats
+
+    layers = SimpleNamespace(
+        stats=read_stats, attached=lambda: attached, server_restarts=server_restarts
+    )
+    registry = CollectorRegistry()
+    registry.register(LayerCollector(layers))
+    return generate_latest(registry).decode()
+
+
+def test_metrics_show_each_layer_and_the_cache() -> None:
     stats = {
         "layers": {"sha256-aa": {"bytes_fetched": 1234, "data_reads": 7, "fetch_seconds": 0.5}},
         "cache": {"memory_hits": 3, "disk_bytes": 4096},
     }
-    text = render_metrics(stats, mounted_layers=2)
+    text = scrape(stats, attached=["sha256-aa", "sha256-bb"], server_restarts=1)
     assert metric_value(text, "blockfs_layers_mounted") == 2
+    assert metric_value(text, "blockfs_nbd_server_restarts_total") == 1
     layer = [("layer", "sha256-aa")]
     assert metric_value(text, "blockfs_layer_fetched_bytes_total", layer) == 1234
     assert metric_value(text, "blockfs_layer_on_demand_reads_total", layer) == 7
     assert metric_value(text, "blockfs_layer_fetch_seconds_total", layer) == 0.5
     assert metric_value(text, "blockfs_layer_cache_hits_total", layer) == 0
     assert metric_value(text, "blockfs_cache_memory_hits_total") == 3
+    assert metric_value(text, "blockfs_cache_disk_bytes") == 4096
     assert "# TYPE blockfs_layer_fetched_bytes_total counter" in text
+    assert "# TYPE blockfs_cache_disk_bytes gauge" in text
+    assert "# HELP blockfs_layers_mounted Layers attached and mounted now." in text
+
+
+def test_metrics_without_the_nbd_servers_stats_still_count_mounts() -> None:
+    text = scrape(BlockfsError("no stats socket"), attached=["sha256-aa"])
+    assert metric_value(text, "blockfs_layers_mounted") == 1
+    assert metric_value(text, "blockfs_cache_misses_total") == 0
+    assert "# TYPE blockfs_layer_reads_total counter" in text
+    assert metric_value(text, "blockfs_layer_reads_total", [("layer", "sha256-aa")]) is None
