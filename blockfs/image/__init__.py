@@ -4,6 +4,7 @@ from blockfs.image._control import ControlError, ControlServer, forget_export, q
 from blockfs.image._exports import ExportTable, SourceOpener
 from blockfs.image._extents import ExtentMap, ExtentMapError
 from blockfs.image._layer import (
+    MAX_FETCH_ATTEMPTS,
     PREFETCH_BATCH,
     ChunkReader,
     ImageReadError,
@@ -36,6 +37,7 @@ __all__ = [
     "EXTENTS_FILE",
     "INDEX_FILE",
     "LAYER_JSON",
+    "MAX_FETCH_ATTEMPTS",
     "PREFETCH_BATCH",
     "BlobChunkReader",
     "BlobSourceError",

@@ -19,11 +19,15 @@ import attrs
 
 from blockfs.cache import ChunkCache
 from blockfs.errors import BlockfsError
-from blockfs.estargz import Chunk, FormatError
+from blockfs.estargz import Chunk, ChunkVerificationError, DecompressionError, FormatError
 from blockfs.image._extents import ExtentMap
 
 # Compressed bytes fetched together by one prefetch step.
 PREFETCH_BATCH = 4 << 20
+# Times a member is fetched, in all, before bytes that fail verification fail the read: a
+# 206 body damaged on the way must not become a permanent I/O error, but bytes that are
+# wrong at the source are not fetched for ever.
+MAX_FETCH_ATTEMPTS = 3
 _ZEROS = memoryview(bytes(64 << 10))
 
 
@@ -64,7 +68,11 @@ class LayerStats:
     chunks_fetched: int = 0
     members_fetched: int = 0
     cache_hits: int = 0
+    # Fetched members whose bytes did not decompress or verify, counting every attempt.
     verification_failures: int = 0
+    # Fetches of a member again after its bytes failed verification.
+    refetches: int = 0
+    # Members that could not be fetched at all (the source raised).
     fetch_errors: int = 0
     fetch_seconds: float = 0.0
 
@@ -228,7 +236,13 @@ class LayerImage:
         return result
 
     def _fetch_owned(self, owned: dict[int, Future[dict[str, bytes]]]) -> None:
-        """Fetch the members of ``owned`` and settle each one's future."""
+        """Fetch the members of ``owned`` and settle each one's future.
+
+        A member whose bytes do not decompress or verify is fetched again, up to
+        :data:`MAX_FETCH_ATTEMPTS` times in all, before its future gets the error; its
+        future stays unsettled meanwhile, so readers waiting for it get the outcome of
+        the last attempt. Only verified bytes are cached.
+        """
         todo: list[tuple[int, list[tuple[str, Chunk]]]] = []
         try:
             for off, future in owned.items():
@@ -239,35 +253,56 @@ class LayerImage:
                     future.set_result({})
                 else:
                     todo.append((off, chunks))
-            if not todo:
-                return
-            started = time.monotonic()
-            outcomes = self.reader.read_members([chunks for _, chunks in todo])
-            elapsed = time.monotonic() - started
-            fetched = failed = bad = 0
-            for (off, chunks), outcome in zip(todo, outcomes, strict=True):
-                if isinstance(outcome, BaseException):
-                    failed += 1
-                    bad += isinstance(outcome, FormatError)
-                    owned[off].set_exception(outcome)
-                    continue
-                plain = {}
-                for (_, c), data in zip(chunks, outcome, strict=True):
-                    self.cache.put(c.digest, data)
-                    plain[c.digest] = data
-                fetched += len(chunks)
-                owned[off].set_result(plain)
-            with self._lock:
-                self.stats.members_fetched += len(todo) - failed
-                self.stats.chunks_fetched += fetched
-                self.stats.fetch_seconds += elapsed
-                self.stats.fetch_errors += failed - bad
-                self.stats.verification_failures += bad
+            attempt = 1
+            while todo:
+                todo = self._fetch_attempt(owned, todo, attempt)
+                attempt += 1
         except BaseException as exc:
             for future in owned.values():
                 if not future.done():
                     future.set_exception(exc)
             raise
+
+    def _fetch_attempt(
+        self,
+        owned: dict[int, Future[dict[str, bytes]]],
+        todo: list[tuple[int, list[tuple[str, Chunk]]]],
+        attempt: int,
+    ) -> list[tuple[int, list[tuple[str, Chunk]]]]:
+        """Fetch the members of ``todo`` once, settling the futures of those that are
+        done; the members to fetch again."""
+        started = time.monotonic()
+        outcomes = self.reader.read_members([chunks for _, chunks in todo])
+        elapsed = time.monotonic() - started
+        again: list[tuple[int, list[tuple[str, Chunk]]]] = []
+        fetched = members = failed = corrupt = 0
+        for (off, chunks), outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if isinstance(outcome, ChunkVerificationError | DecompressionError):
+                    corrupt += 1
+                    if attempt < MAX_FETCH_ATTEMPTS:
+                        again.append((off, chunks))
+                        continue
+                    outcome = _after_attempts(outcome, attempt)
+                else:
+                    failed += 1
+                owned[off].set_exception(outcome)
+                continue
+            plain = {}
+            for (_, c), data in zip(chunks, outcome, strict=True):
+                self.cache.put(c.digest, data)
+                plain[c.digest] = data
+            fetched += len(chunks)
+            members += 1
+            owned[off].set_result(plain)
+        with self._lock:
+            self.stats.members_fetched += members
+            self.stats.chunks_fetched += fetched
+            self.stats.fetch_seconds += elapsed
+            self.stats.fetch_errors += failed
+            self.stats.verification_failures += corrupt
+            self.stats.refetches += len(again)
+        return again
 
     def prefetch(
         self,
@@ -316,3 +351,15 @@ class LayerImage:
                 batch, batch_bytes = [], 0
         if batch:
             yield batch
+
+
+def _after_attempts(error: FormatError, attempts: int) -> FormatError:
+    """``error`` (a chunk that failed verification), saying how often it was fetched."""
+    if attempts == 1:
+        return error
+    return type(error)(
+        f"{error.message}; fetched {attempts} times, corrupt every time",
+        layer=error.layer,
+        entry=error.entry,
+        offset=error.offset,
+    )
