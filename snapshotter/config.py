@@ -15,6 +15,7 @@ Example ``/etc/blockfs/config.toml`` (every key is optional; these are the defau
 
 from __future__ import annotations
 
+import argparse
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -37,44 +38,22 @@ class ConfigError(BlockfsError):
     """The configuration file or a flag has a wrong key or value; says which and where."""
 
 
-@attrs.frozen
-class SnapshotterConfig:
-    """Everything the daemon is told, after the file and the flags are merged."""
-
-    root: Path = DEFAULT_ROOT
-    address: Path | None = None
-    hosts_dir: Path = Path("/etc/containerd/certs.d")
-    cache_size: int = 10 << 30
-    prefetch: bool = True
-    background_fetch: bool = False
-    attach: str = "auto"
-    log_level: str = "info"
-    metrics_address: str = ""
-
-    @property
-    def run_dir(self) -> Path:
-        """``ROOT/run``: sockets and pid files."""
-        return self.root / "run"
-
-    @property
-    def socket(self) -> Path:
-        """The unix socket containerd dials: ``address``, else ``ROOT/run/snapshotter.sock``."""
-        return self.address if self.address is not None else self.run_dir / SOCKET_NAME
-
-
 def _path(key: str, value: object) -> Path:
+    """A non-empty path, made absolute."""
     if not isinstance(value, str | os.PathLike) or not os.fspath(value):
         raise ConfigError(f"{key} must be a non-empty path, not {value!r}")
     return Path(value).absolute()
 
 
 def _bool(key: str, value: object) -> bool:
+    """A TOML boolean (not a string such as "yes")."""
     if not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, not {value!r}")
     return value
 
 
 def _size(key: str, value: object) -> int:
+    """A number of bytes, or a size such as ``10G``."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ConfigError(f"{key} must be a size such as 10G or a number of bytes, not {value!r}")
     if isinstance(value, int):
@@ -88,6 +67,7 @@ def _size(key: str, value: object) -> int:
 
 
 def _attach(key: str, value: object) -> str:
+    """An attach mode that :func:`blockfs.host.attach.parse_mode` accepts, kept as given."""
     if not isinstance(value, str):
         raise ConfigError(f"{key} must be a string, not {value!r}")
     try:
@@ -98,12 +78,14 @@ def _attach(key: str, value: object) -> str:
 
 
 def _log_level(key: str, value: object) -> str:
+    """One of :data:`LOG_LEVELS`, in any case."""
     if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
         raise ConfigError(f"{key} must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
     return value.lower()
 
 
 def _host_port(key: str, value: object) -> str:
+    """``HOST:PORT``, or empty for none."""
     if not isinstance(value, str):
         raise ConfigError(f"{key} must be a string such as 127.0.0.1:9145, not {value!r}")
     if value:
@@ -113,30 +95,94 @@ def _host_port(key: str, value: object) -> str:
     return value
 
 
-_KEYS: dict[str, Callable[[str, object], Any]] = {
-    "root": _path,
-    "address": _path,
-    "hosts_dir": _path,
-    "cache_size": _size,
-    "prefetch": _bool,
-    "background_fetch": _bool,
-    "attach": _attach,
-    "log_level": _log_level,
-    "metrics_address": _host_port,
-}
+def _key(parse: Callable[[str, object], Any], help: str) -> dict[str, Any]:
+    """The metadata that makes a field of :class:`SnapshotterConfig` a configuration key
+    and a flag: ``parse(key, value)`` checks and converts a value from the file or a flag
+    (raising :class:`ConfigError` naming the key); ``help`` is the flag's help."""
+    return {"parse": parse, "help": help}
+
+
+@attrs.frozen
+class SnapshotterConfig:
+    """Everything the daemon is told, after the file and the flags are merged.
+
+    Each field is a key of the TOML file and a flag of the daemon (``hosts_dir`` is
+    ``--hosts-dir``; a boolean ``prefetch`` is ``--prefetch``/``--no-prefetch``).
+    """
+
+    root: Path = attrs.field(
+        default=DEFAULT_ROOT, metadata=_key(_path, "state directory (default: /var/lib/blockfs)")
+    )
+    address: Path | None = attrs.field(
+        default=None,
+        metadata=_key(_path, "unix socket to serve (default: ROOT/run/snapshotter.sock)"),
+    )
+    hosts_dir: Path = attrs.field(
+        default=Path("/etc/containerd/certs.d"),
+        metadata=_key(_path, "registry hosts.toml directory (default: /etc/containerd/certs.d)"),
+    )
+    cache_size: int = attrs.field(
+        default=10 << 30, metadata=_key(_size, "chunk cache size limit, e.g. 512M (default: 10G)")
+    )
+    prefetch: bool = attrs.field(
+        default=True,
+        metadata=_key(_bool, "fetch a layer's prioritised files when it is mounted (default: on)"),
+    )
+    background_fetch: bool = attrs.field(
+        default=False,
+        metadata=_key(_bool, "fetch the rest of each layer in the background (default: off)"),
+    )
+    attach: str = attrs.field(
+        default="auto",
+        metadata=_key(_attach, "how layers are attached: auto, nbd or nbdfuse (default: auto)"),
+    )
+    log_level: str = attrs.field(
+        default="info", metadata=_key(_log_level, f"one of {', '.join(LOG_LEVELS)} (default: info)")
+    )
+    metrics_address: str = attrs.field(
+        default="",
+        metadata=_key(_host_port, "HOST:PORT for the Prometheus /metrics endpoint (default: none)"),
+    )
+
+    @property
+    def run_dir(self) -> Path:
+        """``ROOT/run``: sockets and pid files."""
+        return self.root / "run"
+
+    @property
+    def socket(self) -> Path:
+        """The unix socket containerd dials: ``address``, else ``ROOT/run/snapshotter.sock``."""
+        return self.address if self.address is not None else self.run_dir / SOCKET_NAME
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per field of :class:`SnapshotterConfig` to ``parser``, each None when
+    not given (so that :func:`flag_overrides` leaves the file's value)."""
+    for field in attrs.fields(SnapshotterConfig):
+        flag = "--" + field.name.replace("_", "-")
+        action = argparse.BooleanOptionalAction if isinstance(field.default, bool) else "store"
+        parser.add_argument(flag, action=action, help=field.metadata["help"])
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The values of the flags :func:`add_config_flags` added, by configuration key."""
+    return {field.name: getattr(args, field.name) for field in attrs.fields(SnapshotterConfig)}
 
 
 def config_from_mapping(data: Mapping[str, object], *, source: str) -> SnapshotterConfig:
     """Check and convert ``data`` (TOML keys); ``source`` names it in error messages."""
-    unknown = sorted(set(data) - set(_KEYS))
+    fields = attrs.fields(SnapshotterConfig)
+    known = sorted(field.name for field in fields)
+    unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {sorted(_KEYS)}")
+        raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {known}")
     values: dict[str, Any] = {}
-    for key, value in data.items():
-        try:
-            values[key] = _KEYS[key](key, value)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+    for field in fields:
+        if field.name in data:
+            try:
+                values[field.name] = field.metadata["parse"](field.name, data[field.name])
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
     return SnapshotterConfig(**values)
 
 

@@ -23,9 +23,10 @@ from blockfs.image import docker_config_path
 from snapshotter._jsonlog import setup_json_logging
 from snapshotter.config import (
     DEFAULT_CONFIG_PATH,
-    LOG_LEVELS,
     ConfigError,
     SnapshotterConfig,
+    add_config_flags,
+    flag_overrides,
     load_config,
 )
 from snapshotter.layers import SERVER_CHECK_INTERVAL, LayerManager
@@ -52,42 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         help=f"TOML configuration file (default: {DEFAULT_CONFIG_PATH} when it exists)",
     )
-    p.add_argument("--root", help="state directory (default: /var/lib/blockfs)")
-    p.add_argument("--address", help="unix socket to serve (default: ROOT/run/snapshotter.sock)")
-    p.add_argument("--hosts-dir", help="registry hosts.toml directory")
-    p.add_argument("--cache-size", help="chunk cache size limit, e.g. 10G")
-    p.add_argument(
-        "--prefetch",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="fetch a layer's prioritised files when it is mounted",
-    )
-    p.add_argument(
-        "--background-fetch",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="fetch the rest of each layer in the background",
-    )
-    p.add_argument("--attach", choices=("auto", "nbd", "nbdfuse"), help="how layers are attached")
-    p.add_argument("--log-level", choices=LOG_LEVELS)
-    p.add_argument("--metrics-address", help="HOST:PORT for the Prometheus /metrics endpoint")
+    add_config_flags(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> SnapshotterConfig:
     """The configuration file named by ``args`` with the flags applied on top."""
-    overrides = {
-        "root": args.root,
-        "address": args.address,
-        "hosts_dir": args.hosts_dir,
-        "cache_size": args.cache_size,
-        "prefetch": args.prefetch,
-        "background_fetch": args.background_fetch,
-        "attach": args.attach,
-        "log_level": args.log_level,
-        "metrics_address": args.metrics_address,
-    }
-    return load_config(args.config, overrides)
+    return load_config(args.config, flag_overrides(args))
 
 
 def notify_systemd(state: str) -> None:

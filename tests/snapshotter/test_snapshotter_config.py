@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import attrs
 import pytest
 
 from snapshotter._jsonlog import JSONFormatter
@@ -63,6 +64,22 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     )
 
 
+def test_every_setting_is_a_flag_that_overrides_it(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", "")
+    argv = ["--config", str(path), "--address", "/s.sock", "--hosts-dir", "/h", "--attach", "nbd"]
+    argv += ["--background-fetch", "--log-level", "warning", "--metrics-address", "[::1]:9"]
+    args = build_parser().parse_args(argv)
+    unset = {f.name for f in attrs.fields(SnapshotterConfig)} - set(vars(args))
+    assert unset == set()
+    config = config_from_args(args)
+    assert (config.address, config.hosts_dir, config.attach) == (Path("/s.sock"), Path("/h"), "nbd")
+    assert config.background_fetch and config.log_level == "warning"
+    assert config.metrics_address == "[::1]:9"
+    assert (
+        config_from_args(build_parser().parse_args(["--config", str(path)])) == SnapshotterConfig()
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -91,6 +108,15 @@ def test_daemon_exits_2_on_a_bad_configuration(
     path = write(tmp_path / "c.toml", "bogus = 1\n")
     assert main(["--config", str(path)]) == 2
     assert "unknown keys ['bogus']" in capsys.readouterr().err
+
+
+def test_daemon_exits_2_on_a_bad_flag_and_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path / "c.toml", "")
+    assert main(["--config", str(path), "--attach", "loop"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} with flags ['attach']: attach:" in err
 
 
 def test_json_log_line_carries_extra_fields_and_errors() -> None:
