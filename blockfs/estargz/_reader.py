@@ -51,6 +51,10 @@ _BATCH_BYTES: Final = 8 << 20
 _MAX_WINDOW: Final = 16 << 20
 _EMPTY_SHA256: Final = "sha256:" + hashlib.sha256(b"").hexdigest()
 
+# Bytes at the end of a blob read to find its footer and TOC: enough for the TOC of most
+# layers, so that opening one costs one request.
+TOC_TAIL_GUESS = 256 << 10
+
 
 @attrs.frozen
 class VerifyReport:
@@ -164,9 +168,12 @@ class BlobReader:
         """
         name = source.name
         size = source.size
-        tail_size = min(MAX_FOOTER_SIZE, size)
-        tail = source.read_range(size - tail_size, tail_size)
-        footer = parse_footer(tail, size, layer=name)
+        # One request for the footer and, usually, the TOC before it: a round trip costs
+        # more than the bytes of a tail that reaches further back than the TOC.
+        tail_size = min(max(MAX_FOOTER_SIZE, TOC_TAIL_GUESS), size)
+        tail_start = size - tail_size
+        tail = source.read_range(tail_start, tail_size)
+        footer = parse_footer(tail[-MAX_FOOTER_SIZE:], size, layer=name)
         if footer.kind == "zstd":
             toc_start, toc_size = footer.toc_offset, footer.toc_compressed_size
         else:
@@ -178,7 +185,14 @@ class BlobReader:
                 layer=name,
                 offset=toc_start,
             )
-        compressed = source.read_range(toc_start, toc_size)
+        if toc_size < 0 or toc_start + toc_size > size:
+            compressed = source.read_range(toc_start, toc_size)  # raises what it should
+        elif toc_start < tail_start:
+            compressed = source.read_range(toc_start, tail_start - toc_start) + tail
+        else:
+            compressed = tail[toc_start - tail_start :]
+        del tail
+        compressed = compressed[:toc_size]
         if footer.kind == "zstd":
             toc_json = read_zstd_toc(
                 compressed,
