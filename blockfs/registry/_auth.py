@@ -1,25 +1,36 @@
-"""Registry authentication: WWW-Authenticate challenges, bearer tokens and their cache.
+"""Registry authentication: the 401 -> credentials -> retry round as an ``httpx.Auth``,
+WWW-Authenticate challenges, bearer tokens and their cache.
 
 The registry answers 401 with ``WWW-Authenticate: Bearer realm=...,service=...,scope=...``
 (or ``Basic realm=...``). For Bearer, a token is fetched from the realm for the scopes
 needed (``repository:NAME:pull[,push]``), with Basic credentials if we have some, or with
 an OAuth2 refresh token (docker's identity token). Tokens are cached per registry host,
-realm, service and scope until they expire or the registry rejects them.
+realm, service and scope until they expire or the registry rejects them. The challenge
+each registry origin sent last is remembered, so later requests carry their credentials
+from the start; a 401 all the same fetches a fresh token and sends the request once more.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
+from pathlib import Path
 from types import MappingProxyType
+from urllib.parse import urlsplit
 
 import attrs
 import httpx
 
-from blockfs.registry._credentials import Credential
+from blockfs.registry._credentials import Credential, CredentialStore
 from blockfs.registry._errors import RegistryAuthError, RegistryProtocolError, RegistryUnavailable
+from blockfs.registry._hosts import Endpoint
+from blockfs.registry._target import Target
+from blockfs.registry._tls import tls_error
+
+log = logging.getLogger("blockfs.registry")
 
 # Used when a token response has no expires_in (the token spec's default lifetime).
 DEFAULT_TOKEN_SECONDS = 60.0
@@ -303,3 +314,174 @@ def login_hint(host: str) -> str:
         f"Run `docker login {host}` or put credentials for {host} in docker's config.json "
         "(auths, credHelpers or credsStore) and make sure they grant access to the repository"
     )
+
+
+def login_host(ep: Endpoint) -> str:
+    """The name that the credentials for ``ep`` are stored under.
+
+    Credentials go by the host actually contacted: a mirror never gets the upstream
+    registry's secrets. The upstream server goes by its namespace (docker.io, not
+    registry-1.docker.io), as docker stores it.
+    """
+    return ep.host if ep.mirror else ep.namespace
+
+
+class Authenticator:
+    """The credentials, the challenge each registry origin sent last and the bearer
+    tokens got for them, shared by every request. Thread-safe.
+
+    ``hosts_dir`` is the client's hosts directory, for the hint of a TLS error with a
+    token server.
+    """
+
+    def __init__(self, credentials: CredentialStore, hosts_dir: Path | None) -> None:
+        self._credentials = credentials
+        self._hosts_dir = hosts_dir
+        self._tokens = TokenCache()
+        self._lock = threading.Lock()
+        self._challenges: dict[str, Challenge] = {}
+
+    def credential(self, ep: Endpoint) -> Credential | None:
+        """The credential stored for ``ep`` (see :func:`login_host`), if any."""
+        return self._credentials.get(login_host(ep))
+
+    def known(self, ep: Endpoint, target: Target, http: httpx.Client) -> str | None:
+        """The Authorization header for ``ep`` known from an earlier challenge, if any."""
+        with self._lock:
+            challenge = self._challenges.get(ep.origin)
+        if challenge is None:
+            return None
+        credential = self.credential(ep)
+        if challenge.scheme == "basic":
+            if credential is not None and credential.has_password:
+                return basic_authorization(credential.username, credential.password)
+            return None
+        return self._bearer(ep, target, http, challenge, credential, rejected=None)
+
+    def answer(
+        self,
+        ep: Endpoint,
+        target: Target,
+        http: httpx.Client,
+        headers: list[str],
+        *,
+        rejected: str | None,
+    ) -> str:
+        """The Authorization header that answers the challenges (WWW-Authenticate
+        ``headers``) of a 401 to a request that carried ``rejected``."""
+        challenges: list[Challenge] = []
+        for header in headers:
+            try:
+                challenges.extend(parse_www_authenticate(header))
+            except ValueError:
+                continue
+        by_scheme = {c.scheme: c for c in challenges}
+        challenge = by_scheme.get("bearer") or by_scheme.get("basic")
+        if challenge is None:
+            raise target.error(
+                RegistryAuthError,
+                f"{ep.host} asks for an authentication scheme we do not support "
+                f"({'; '.join(headers) or 'no WWW-Authenticate'})",
+                ep.host,
+                status=401,
+            )
+        with self._lock:
+            self._challenges[ep.origin] = challenge
+        credential = self.credential(ep)
+        if challenge.scheme == "basic":
+            if credential is None or not credential.has_password:
+                raise target.error(
+                    RegistryAuthError,
+                    f"{ep.host} requires a user name and password and none are configured for it",
+                    ep.host,
+                    status=401,
+                    hint=login_hint(login_host(ep)),
+                )
+            return basic_authorization(credential.username, credential.password)
+        stale = (
+            rejected.removeprefix("Bearer ")
+            if rejected and rejected.startswith("Bearer ")
+            else None
+        )
+        if stale is not None:
+            log.info(
+                "%s refused our token for %s; getting a new one", ep.host, " ".join(target.scopes)
+            )
+        return self._bearer(ep, target, http, challenge, credential, rejected=stale)
+
+    def _bearer(
+        self,
+        ep: Endpoint,
+        target: Target,
+        http: httpx.Client,
+        challenge: Challenge,
+        credential: Credential | None,
+        *,
+        rejected: str | None,
+    ) -> str:
+        if credential is not None and credential.registry_token:
+            return f"Bearer {credential.registry_token}"
+        key: TokenKey = (ep.origin, challenge.realm, challenge.service, target.scopes)
+
+        def fetch() -> Token:
+            try:
+                return fetch_token(http, challenge, target.scopes, credential, host=ep.host)
+            except RegistryUnavailable as e:
+                # The token server is reached with the registry's TLS settings: a TLS
+                # failure there needs the same fix, and retrying does not help either.
+                cause = e.__cause__
+                if isinstance(cause, httpx.TransportError):
+                    realm_host = urlsplit(challenge.realm).netloc
+                    tls = tls_error(cause, ep, target, realm_host, self._hosts_dir)
+                    if tls is not None:
+                        tls.message = f"the token server {challenge.realm}: {tls.message}"
+                        raise tls from cause
+                raise
+
+        token = self._tokens.get(key, fetch, rejected=rejected)
+        return f"Bearer {token.value}"
+
+
+class RegistryAuth(httpx.Auth):
+    """The credentials of one request to ``ep`` for ``target``, as an httpx auth flow.
+
+    The request carries what the origin's last challenge calls for; a 401 is answered
+    with fresh credentials (a new token) and the request sent once more; a second 401
+    raises :class:`RegistryAuthError`. Tokens are fetched with ``http``, the client the
+    request goes through: the flow blocks, so it serves a sync ``httpx.Client`` only.
+    """
+
+    requires_response_body = False
+
+    def __init__(
+        self, authenticator: Authenticator, ep: Endpoint, target: Target, http: httpx.Client
+    ) -> None:
+        self._authenticator = authenticator
+        self._ep = ep
+        self._target = target
+        self._http = http
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        ep, target, authenticator = self._ep, self._target, self._authenticator
+        sent = authenticator.known(ep, target, self._http)
+        if sent is not None:
+            request.headers["Authorization"] = sent
+        response = yield request
+        if response.status_code != 401:
+            return
+        request.headers["Authorization"] = authenticator.answer(
+            ep, target, self._http, response.headers.get_list("www-authenticate"), rejected=sent
+        )
+        response = yield request
+        if response.status_code != 401:
+            return
+        credential = authenticator.credential(ep)
+        if credential is None:
+            why = f"{ep.host} requires authentication and no credentials are configured for it"
+        elif credential.username:
+            why = f"{ep.host} rejected the credentials of user {credential.username!r}"
+        else:
+            why = f"{ep.host} rejected our credentials"
+        raise target.error(
+            RegistryAuthError, why, ep.host, status=401, hint=login_hint(login_host(ep))
+        )

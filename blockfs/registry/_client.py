@@ -46,8 +46,9 @@ from blockfs.registry._errors import (
     RegistryUnavailable,
 )
 from blockfs.registry._hosts import Endpoint, HostsConfig
-from blockfs.registry._retry import RetryPolicy
-from blockfs.registry._transport import HeadRejected, Target, Transient, Transport
+from blockfs.registry._retry import RetryPolicy, Transient
+from blockfs.registry._target import Target
+from blockfs.registry._transport import HeadRejected, Transport
 
 log = logging.getLogger("blockfs.registry")
 

@@ -80,12 +80,21 @@ class Endpoint:
     @property
     def origin(self) -> str:
         """``scheme://host[:port]``."""
-        parts = urlsplit(self.api_root)
-        return f"{parts.scheme}://{parts.netloc}"
+        return _origin(self.api_root)
+
+    def same_origin(self, url: str) -> bool:
+        """Whether ``url`` is on this endpoint's scheme, host and port (where the
+        endpoint's credentials and headers may go)."""
+        return _origin(url) == self.origin
 
     def can(self, capability: str) -> bool:
         """Whether this endpoint may be used for ``capability`` (pull, resolve or push)."""
         return capability in self.capabilities
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def parse_duration(text: str) -> float:

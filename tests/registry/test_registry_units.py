@@ -1,10 +1,12 @@
 """Pieces of the registry client that need no server: challenges, scopes, retries,
-credentials."""
+credentials, the auth flow."""
 
 import base64
+import itertools
 import json
 import random
 
+import httpx
 import pytest
 
 from blockfs.registry import (
@@ -12,14 +14,16 @@ from blockfs.registry import (
     Credential,
     CredentialHelperError,
     CredentialStore,
+    Endpoint,
     RegistryAuthError,
     RegistryError,
     RetryPolicy,
     parse_www_authenticate,
 )
-from blockfs.registry._auth import merge_scopes
+from blockfs.registry._auth import Authenticator, RegistryAuth, merge_scopes
 from blockfs.registry._client import repository_of
 from blockfs.registry._hosts import parse_duration
+from blockfs.registry._target import Target
 
 
 def test_bearer_challenge_is_parsed_with_quoted_values():
@@ -188,3 +192,48 @@ def test_registry_error_message_names_host_repository_digest_status_and_hint():
 def test_repository_pairs_are_normalized_like_references():
     assert repository_of(("index.docker.io", "busybox")) == ("docker.io", "library/busybox")
     assert repository_of(("r:5000", "a/b")) == ("r:5000", "a/b")
+
+
+def test_auth_flow_answers_a_401_with_a_token_then_sends_it_from_the_start():
+    """The httpx.Auth flow on its own, against an in-process registry and token server."""
+    seen: list[tuple[str, str | None]] = []
+    issued = itertools.count(1)
+    valid = {"Bearer t1"}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        authorization = request.headers.get("authorization")
+        seen.append((request.url.path, authorization))
+        if request.url.host == "auth.example.com":
+            assert request.url.params["scope"] == "repository:a/b:pull"
+            return httpx.Response(200, json={"token": f"t{next(issued)}"})
+        if authorization in valid:
+            return httpx.Response(200, content=b"manifest")
+        challenge = 'Bearer realm="https://auth.example.com/token",service="r.example.com"'
+        return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+
+    ep = Endpoint("https://r.example.com/v2", "r.example.com")
+    target = Target("r.example.com", "a/b", "pull", "manifest", scopes=("repository:a/b:pull",))
+    authenticator = Authenticator(CredentialStore(), None)
+    url = "https://r.example.com/v2/a/b/manifests/v1"
+    with httpx.Client(transport=httpx.MockTransport(answer)) as http:
+        first = http.get(url, auth=RegistryAuth(authenticator, ep, target, http))
+        assert first.content == b"manifest"
+        assert seen == [
+            ("/v2/a/b/manifests/v1", None),
+            ("/token", None),
+            ("/v2/a/b/manifests/v1", "Bearer t1"),
+        ]
+        seen.clear()
+        assert http.get(url, auth=RegistryAuth(authenticator, ep, target, http)).is_success
+        assert seen == [("/v2/a/b/manifests/v1", "Bearer t1")]  # the cached token, at once
+
+        valid.clear()  # the registry now refuses every token: one new token, then an error
+        seen.clear()
+        with pytest.raises(RegistryAuthError, match="requires authentication") as info:
+            http.get(url, auth=RegistryAuth(authenticator, ep, target, http))
+        assert info.value.status == 401
+        assert seen == [
+            ("/v2/a/b/manifests/v1", "Bearer t1"),
+            ("/token", None),
+            ("/v2/a/b/manifests/v1", "Bearer t2"),
+        ]
