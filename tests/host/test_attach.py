@@ -23,7 +23,7 @@ from attach_testkit import (
     tree_listing,
 )
 
-from blockfs.host import mounts
+from blockfs.host import kernel_nbd, mounts
 from blockfs.host.attach import (
     ATTACHMENT_FILE,
     AttachError,
@@ -32,7 +32,6 @@ from blockfs.host.attach import (
     attach_and_mount,
     choose_mode,
     is_mounted,
-    kernel_nbd_available,
     parse_mode,
     read_attachment,
     reconnect,
@@ -74,7 +73,7 @@ def test_parse_mode_accepts_auto_nbd_and_nbdfuse_only() -> None:
 
 @without_nbd_ko
 def test_without_nbd_ko_kernel_mode_is_unavailable_and_auto_picks_nbdfuse() -> None:
-    assert kernel_nbd_available() is False
+    assert kernel_nbd.available() is False
     assert choose_mode("auto") is AttachMode.NBDFUSE
     assert choose_mode("nbdfuse") is AttachMode.NBDFUSE
 
@@ -323,6 +322,37 @@ def test_attachment_json_round_trips(tmp_path: Path) -> None:
 
     assert data["mode"] == "nbdfuse"
     assert Attachment.from_json(data) == att
+
+
+def test_a_record_written_by_an_earlier_version_still_loads(tmp_path: Path) -> None:
+    # attachment.json as blockfs wrote it before the attach backends were split: running
+    # mounts must survive an upgrade.
+    record = {
+        "connections": 4,
+        "device": "/dev/nbd3",
+        "export": "sha256-0123",
+        "loop_device": None,
+        "mode": "nbd",
+        "mount_method": "block",
+        "mount_source": "/dev/nbd3",
+        "mountpoint": "/var/lib/blockfs/layers/sha256-0123/mnt",
+        "nbdfuse_pid": None,
+        "socket": "/var/lib/blockfs/run/nbd.sock",
+        "state_dir": "/var/lib/blockfs/layers/sha256-0123/attach",
+    }
+    (tmp_path / ATTACHMENT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+
+    att = read_attachment(str(tmp_path))
+
+    assert att is not None
+    assert (att.mode, att.device, att.nbd_index, att.connections) == (
+        AttachMode.KERNEL_NBD,
+        "/dev/nbd3",
+        3,
+        4,
+    )
+    assert att.backend_identifier == "blockfs:sha256-0123"
+    assert att.to_json() == record
 
 
 def test_unreadable_attachment_record_raises_attach_error(tmp_path: Path) -> None:

@@ -1,0 +1,140 @@
+"""What both attach backends (:mod:`blockfs.host.kernel_nbd`, :mod:`blockfs.host.nbdfuse`)
+share: the error they raise, the EROFS mount that ends every attach, and the wording of
+the NBD server's failures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import attrs
+
+from blockfs.errors import BlockfsError
+from blockfs.host import _handshake, mounts
+
+log = logging.getLogger(__name__)
+
+# How long a device or an nbdfuse process may take to become ready, and how often to look.
+READY_TIMEOUT = 30.0
+POLL = 0.02
+
+# How EROFS is mounted: on the nbd device, on the nbdfuse file, or on a loop device over it.
+MountMethod = Literal["block", "file-backed", "loop"]
+
+
+class AttachError(BlockfsError):
+    """Attaching, mounting, reconnecting or detaching a layer's export failed.
+
+    The message says what the user can do about it; ``export`` and ``mountpoint`` say which
+    attachment it was, when known.
+    """
+
+    def __init__(
+        self, message: str, *, export: str | None = None, mountpoint: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.export = export
+        self.mountpoint = mountpoint
+
+    def context(self) -> list[str]:
+        where = []
+        if self.export is not None:
+            where.append(f"export {self.export!r}")
+        if self.mountpoint is not None:
+            where.append(f"mountpoint {self.mountpoint}")
+        return where
+
+
+@attrs.frozen
+class BackendMount:
+    """What a backend attached and mounted: its part of an attachment's record.
+
+    ``device`` is ``/dev/nbdN`` or the nbdfuse file; ``mount_source`` is what is mounted
+    (the device, the file, or the loop device in front of the file).
+    """
+
+    device: str
+    mount_source: str
+    mount_method: MountMethod = attrs.field(
+        validator=attrs.validators.in_(("block", "file-backed", "loop"))
+    )
+    connections: int = 1
+    nbdfuse_pid: int | None = None
+    loop_device: str | None = None
+
+
+class ErofsMountError(AttachError):
+    """The kernel refused to mount an export's image as EROFS; ``errno`` says why."""
+
+    def __init__(
+        self, source: str, cause: mounts.MountError, *, export: str, mountpoint: str
+    ) -> None:
+        reason = os.strerror(cause.errno) if cause.errno else str(cause)
+        super().__init__(
+            f"cannot mount {source} as EROFS: {reason} (is the export an EROFS image?)",
+            export=export,
+            mountpoint=mountpoint,
+        )
+        self.errno: int | None = cause.errno
+
+
+def mount_erofs(source: str, mountpoint: str, *, export: str, undo: Undo) -> None:
+    """Mount ``source`` (a block device, or a file where the kernel can) read-only as EROFS
+    on ``mountpoint``; ``undo`` gets the unmount."""
+    try:
+        mounts.mount(source, mountpoint, "erofs", mounts.MS_RDONLY)
+    except mounts.MountError as e:
+        raise ErofsMountError(source, e, export=export, mountpoint=mountpoint) from e
+    undo.push(mounts.umount, mountpoint)
+
+
+def server_unreachable(socket: str, export: str, e: OSError) -> AttachError:
+    """The error for an NBD server that does not answer on ``socket``."""
+    return AttachError(
+        f"cannot connect to the NBD server at {socket}: {e.strerror or e} "
+        "(is the blockfs NBD server running?)",
+        export=export,
+    )
+
+
+def handshake_failed(socket: str, e: _handshake.HandshakeError) -> AttachError:
+    """The error for an NBD handshake that failed (an unknown export, say)."""
+    if isinstance(e, _handshake.ExportNotFoundError):
+        return AttachError(
+            f"export not found on the NBD server at {socket} (is the layer being served?)",
+            export=e.export,
+        )
+    return AttachError(f"NBD handshake with {socket} failed: {e.message}", export=e.export)
+
+
+class Undo:
+    """Steps that reverse an attach in progress, run last-first if it fails."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[Callable[..., object], tuple[object, ...], dict[str, Any]]] = []
+
+    def push(self, fn: Callable[..., object], *args: object, **kwargs: Any) -> None:
+        self._steps.append((fn, args, kwargs))
+
+    def run(self) -> None:
+        while self._steps:
+            fn, args, kwargs = self._steps.pop()
+            try:
+                fn(*args, **kwargs)
+            except Exception:
+                # Keep undoing the rest; the original error is the one worth raising.
+                log.exception("cleanup step %s failed", getattr(fn, "__name__", fn))
+
+
+@contextlib.contextmanager
+def undo_on_error() -> Iterator[Undo]:
+    undo = Undo()
+    try:
+        yield undo
+    except BaseException:
+        undo.run()
+        raise

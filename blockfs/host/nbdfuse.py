@@ -1,0 +1,275 @@
+"""nbdfuse as an attach backend, where the kernel has no NBD driver.
+
+``nbdfuse`` exposes the export as one file in a FUSE directory of the attachment's state
+directory; the file is mounted as EROFS directly (file-backed EROFS, Linux ≥ 6.12) or
+through a read-only loop device. nbdfuse cannot reconnect: when its server goes away the
+layer has to be attached afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from typing import Literal
+from urllib.parse import quote
+
+from blockfs.host import _handshake, mounts
+from blockfs.host._attach_common import (
+    POLL,
+    READY_TIMEOUT,
+    AttachError,
+    BackendMount,
+    ErofsMountError,
+    Undo,
+    handshake_failed,
+    mount_erofs,
+    server_unreachable,
+)
+
+log = logging.getLogger(__name__)
+
+# How the FUSE file reaches EROFS: mounted itself, or through a loop device.
+FileMountMethod = Literal["file-backed", "loop"]
+
+_PIDFILE = "nbdfuse.pid"
+_LOG = "nbdfuse.log"
+_FUSE_DIR = "fuse"
+_FUSE_FILE = "image"
+_EXIT_TIMEOUT = 10.0
+
+
+def available() -> bool:
+    """Whether nbdfuse is installed."""
+    return shutil.which("nbdfuse") is not None
+
+
+def require() -> str:
+    """The path of nbdfuse; AttachError saying what to install if it is missing."""
+    return _require_tool("nbdfuse", "install libnbd-bin")
+
+
+def fuse_dir(state_dir: str) -> str:
+    """Where nbdfuse of the attachment in ``state_dir`` mounts its FUSE directory."""
+    return os.path.join(state_dir, _FUSE_DIR)
+
+
+def attach(
+    socket: str,
+    export: str,
+    mountpoint: str,
+    state_dir: str,
+    *,
+    connections: int,
+    mount_method: FileMountMethod | None,
+    undo: Undo,
+) -> BackendMount:
+    """Start nbdfuse for ``export`` and mount its file on ``mountpoint``.
+
+    ``mount_method`` None mounts the file itself where the kernel can, else through a loop
+    device. ``undo`` gets every step's reversal.
+    """
+    nbdfuse = require()
+    _require_tool("fusermount3", "install fuse3")
+    # Ask the server first: its answer makes a far clearer error than nbdfuse's exit status.
+    try:
+        _handshake.query_export(socket, export)
+    except _handshake.HandshakeError as e:
+        raise handshake_failed(socket, e) from e
+    except OSError as e:
+        raise server_unreachable(socket, export, e) from e
+
+    os.makedirs(fuse_dir(state_dir), mode=0o700, exist_ok=True)
+    undo.push(_remove_files, state_dir)
+    image = os.path.join(fuse_dir(state_dir), _FUSE_FILE)
+    pid = _spawn(nbdfuse, socket, export, image, state_dir, connections)
+    undo.push(_stop, state_dir, pid, export=export)
+    _wait_ready(state_dir, pid, export)
+
+    if mount_method != "loop":
+        try:
+            mount_erofs(image, mountpoint, export=export, undo=undo)
+            return BackendMount(image, image, "file-backed", connections, pid)
+        except ErofsMountError as e:
+            # ENOTBLK: this kernel's EROFS only mounts block devices (no file-backed mounts).
+            if e.errno != errno.ENOTBLK or mount_method == "file-backed":
+                raise
+            log.info("this kernel cannot mount EROFS from a file; using a loop device")
+    try:
+        loop_device = mounts.loop_attach_readonly(image)
+    except mounts.MountError as e:
+        raise AttachError(f"cannot set up a loop device: {e.strerror}", export=export) from e
+    undo.push(mounts.loop_detach, loop_device)
+    mount_erofs(loop_device, mountpoint, export=export, undo=undo)
+    return BackendMount(image, loop_device, "loop", connections, pid, loop_device)
+
+
+def detach(
+    state_dir: str,
+    image: str,
+    pid: int | None,
+    loop_device: str | None,
+    *,
+    export: str,
+    lazy: bool = False,
+) -> None:
+    """Release what :func:`attach` set up once its EROFS mount is gone: the loop device
+    (if it still shows ``image``), nbdfuse and its files.
+
+    ``lazy``: the FUSE file may still be held (by an EROFS superblock that a container's
+    overlay keeps alive): detach the FUSE directory at once and stop nbdfuse by force.
+    """
+    if loop_device is not None and mounts.loop_backing_file(loop_device) == image:
+        mounts.loop_detach(loop_device)
+    _stop(state_dir, pid, export=export, lazy=lazy)
+    _remove_files(state_dir)
+
+
+def _spawn(
+    nbdfuse: str, socket: str, export: str, image: str, state_dir: str, connections: int
+) -> int:
+    """Start nbdfuse detached from this process and return its pid.
+
+    nbdfuse must outlive a restart of the daemon, like the mount it backs, so a throwaway
+    shell starts it in the background: it is never our child and needs no reaping.
+    """
+    pidfile = os.path.join(state_dir, _PIDFILE)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pidfile)
+    # nbdfuse's --unix mode cannot name an export; the URI's path is the export name.
+    uri = f"nbd+unix:///{quote(export, safe='')}?socket={quote(socket, safe='/')}"
+    argv = [nbdfuse, "-r", "-C", str(connections), "-P", pidfile, image, uri]
+    launcher = 'log=$1; shift; "$@" </dev/null >"$log" 2>&1 & echo $!'
+    result = subprocess.run(
+        ["/bin/sh", "-c", launcher, "sh", os.path.join(state_dir, _LOG), *argv],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+        start_new_session=True,
+    )
+    if result.returncode != 0 or not result.stdout.strip().isdigit():
+        raise AttachError(f"cannot start nbdfuse: {result.stderr.strip()}", export=export)
+    return int(result.stdout.strip())
+
+
+def _wait_ready(state_dir: str, pid: int, export: str) -> None:
+    """Wait until nbdfuse writes its pid file, which it does once the FUSE file is ready."""
+    pidfile = os.path.join(state_dir, _PIDFILE)
+    marker = fuse_dir(state_dir)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        with (
+            contextlib.suppress(FileNotFoundError, ValueError),
+            open(pidfile, encoding="ascii") as f,
+        ):
+            if int(f.read()) == pid:
+                return
+        if not _process_alive(pid, marker):
+            raise AttachError(
+                f"nbdfuse exited before it was ready: {_log_tail(state_dir)}", export=export
+            )
+        if time.monotonic() > deadline:
+            raise AttachError(
+                f"nbdfuse was not ready after {READY_TIMEOUT:.0f} s: {_log_tail(state_dir)}",
+                export=export,
+            )
+        time.sleep(POLL)
+
+
+def _stop(state_dir: str, pid: int | None, *, export: str, lazy: bool = False) -> None:
+    """Unmount nbdfuse's FUSE directory and wait for it to exit (kill it as a last resort)."""
+    directory = fuse_dir(state_dir)
+    entry = mounts.find_mount(directory)
+    if lazy and entry is not None:
+        _fusermount_unmount(directory, export, lazy=True)
+        entry = None
+    if entry is not None and entry.fstype.startswith("fuse"):
+        _fusermount_unmount(directory, export)
+        if pid is not None and _wait_exit(pid, directory, _EXIT_TIMEOUT):
+            return
+    # Not mounted (it failed or never got ready) or it did not exit: stop it by force.
+    if pid is None or not _process_alive(pid, directory):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        if _wait_exit(pid, directory, _EXIT_TIMEOUT):
+            break
+    # A killed nbdfuse may leave a dead FUSE mount behind ("transport endpoint is not
+    # connected"), which still has to be unmounted.
+    if mounts.find_mount(directory) is not None:
+        _fusermount_unmount(directory, export)
+
+
+def _fusermount_unmount(directory: str, export: str, *, lazy: bool = False) -> None:
+    # Right after the EROFS or loop device lets go of the file, the FUSE mount can still be
+    # busy for a moment.
+    deadline = time.monotonic() + _EXIT_TIMEOUT
+    while True:
+        result = subprocess.run(
+            ["fusermount3", "-u", *(["-z"] if lazy else []), directory],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode == 0 or mounts.find_mount(directory) is None:
+            return
+        if time.monotonic() > deadline:
+            raise AttachError(
+                f"cannot unmount nbdfuse's directory {directory}: {result.stderr.strip()}",
+                export=export,
+            )
+        time.sleep(0.1)
+
+
+def _process_alive(pid: int, marker: str) -> bool:
+    """Whether ``pid`` runs and is the nbdfuse of ``marker`` (pids get reused)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    # A zombie has exited: whoever its parent is will reap it.
+    return state not in (b"Z", b"X") and os.fsencode(marker) in cmdline
+
+
+def _wait_exit(pid: int, marker: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _process_alive(pid, marker):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL)
+    return True
+
+
+def _log_tail(state_dir: str) -> str:
+    try:
+        with open(os.path.join(state_dir, _LOG), encoding="utf-8", errors="replace") as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return "no output"
+    return text[-2000:] or "no output"
+
+
+def _require_tool(name: str, hint: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise AttachError(f"{name} not found: {hint}")
+    return path
+
+
+def _remove_files(state_dir: str) -> None:
+    for name in (_PIDFILE, _LOG):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(state_dir, name))
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(fuse_dir(state_dir))
