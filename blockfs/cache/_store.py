@@ -5,6 +5,10 @@ stored once. Only bytes whose digest was verified are put in; a file read back f
 is verified again the first time this process reads it, so a damaged cache file is a
 miss, never wrong data. After that, ranges of it are read without hashing the whole
 chunk again (cache files are written once and replaced only by rename).
+
+Which chunks a node holds says which images it runs, so the cache is private to its
+owner: directories 0700, files 0600, and a cache left wider by an older version is
+tightened when it is opened.
 """
 
 from __future__ import annotations
@@ -21,6 +25,27 @@ import attrs
 
 _DIGEST_PREFIX = "sha256:"
 _HEX = frozenset("0123456789abcdef")
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+
+
+def _tighten(path: Path, st: os.stat_result, mode: int) -> None:
+    """Take group and other permissions off ``path`` if it has any (and is ours)."""
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        os.chmod(path, mode, follow_symlinks=False)
+
+
+def _private_dir(path: Path) -> None:
+    """Make ``path`` and any missing parents 0700; tighten ``path`` if it exists wider."""
+    missing = []
+    parent = path
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        # mode is masked by the umask, which may only take more away.
+        directory.mkdir(mode=_DIR_MODE, exist_ok=True)
+    _tighten(path, path.stat(), _DIR_MODE)
 
 
 @attrs.define
@@ -62,7 +87,7 @@ class ChunkCache:
         self._disk: OrderedDict[str, int] = OrderedDict()
         # Files this process has read back and verified since they were last written.
         self._verified: set[str] = set()
-        self.root.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.root)
         self._scan()
 
     def _path(self, hex_: str) -> Path:
@@ -73,6 +98,7 @@ class ChunkCache:
         for sub in self.root.iterdir():
             if not sub.is_dir() or len(sub.name) != 2:
                 continue
+            _tighten(sub, sub.stat(), _DIR_MODE)
             for f in sub.iterdir():
                 if f.name.startswith("."):
                     # A temporary file left by a process that died mid-write.
@@ -81,6 +107,7 @@ class ChunkCache:
                     continue
                 with contextlib.suppress(OSError):
                     st = f.stat()
+                    _tighten(f, st, _FILE_MODE)
                     found.append((st.st_atime, f.name, st.st_size))
         found.sort()
         for _, name, size in found:
@@ -163,7 +190,8 @@ class ChunkCache:
         if len(data) > self.max_bytes:
             return
         path = self._path(hex_)
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(mode=_DIR_MODE, exist_ok=True)
+        # mkstemp makes the file 0600, and the rename keeps that.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".")
         try:
             with os.fdopen(fd, "wb") as f:

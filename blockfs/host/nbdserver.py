@@ -63,6 +63,18 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _private_file(path: Path, *, truncate: bool) -> None:
+    """Create ``path`` 0600 (emptied with ``truncate``), or take group and other
+    permissions off it if an older version left it with them."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if truncate else os.O_APPEND)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 class NBDServerError(BlockfsError):
     """The NBD server could not be started or stopped."""
 
@@ -142,9 +154,13 @@ class NBDServer:
         if (pid := self.pid()) is not None:
             return pid
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (self.socket, self.pidfile):
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        # The log names the layers and registries this node uses. It and the pid file are
+        # made 0600 here: nbdkit sets its own umask (022), and it only truncates a pid
+        # file that exists. An empty pid file reads as "not running".
+        _private_file(self.logfile, truncate=False)
+        _private_file(self.pidfile, truncate=True)
         # nbdkit 1.32 as packaged by Debian arms a parent-death signal (SIGTERM) even
         # without --exit-with-parent, so its parent must outlive whoever starts it: a
         # detached shell that only waits for it is that parent.

@@ -4,6 +4,10 @@ Each mount point gets ``ROOT/mounts/<hash of its real path>``, holding what the 
 made (layer indexes, its NBD server's socket, pid file and log, attachment state) and a
 JSON record that ``umount`` reads to undo exactly that. Every mount's server shares the
 chunk cache ``ROOT/cache/chunks``.
+
+All of it is private to root: ``ROOT/mounts``, each run directory and ``ROOT/cache`` are
+0700 (tightened if an older version left them wider), and a missing ``ROOT`` is made
+0700 too. An existing ``ROOT`` is left as it is: ``--root`` may name any directory.
 """
 
 from __future__ import annotations
@@ -48,6 +52,21 @@ def existing_mount(run_dir: Path) -> str | None:
     return None
 
 
+def private_dir(path: Path, *, tighten: bool = True) -> None:
+    """Make ``path`` and any missing parents 0700; with ``tighten``, take group and
+    other permissions off ``path`` if it already exists with them."""
+    missing = []
+    parent = path
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    st = path.stat()
+    if tighten and st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        path.chmod(0o700)
+
+
 def fresh_run_dir(root: str | os.PathLike[str], mountpoint: str) -> Path:
     """An empty run directory for a new mount at ``mountpoint``.
 
@@ -59,8 +78,12 @@ def fresh_run_dir(root: str | os.PathLike[str], mountpoint: str) -> Path:
         raise FileExistsError(
             f"{mountpoint} already has a blockfs mount; run `{command} {mountpoint}`"
         )
+    top = Path(root).absolute()
+    private_dir(top, tighten=False)
+    private_dir(top / "mounts")
+    private_dir(top / "cache")
     shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True, mode=0o700)
+    run_dir.mkdir(mode=0o700)
     return run_dir
 
 

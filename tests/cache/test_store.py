@@ -137,3 +137,53 @@ def test_range_read_after_eviction_is_a_miss(tmp_path):
     assert read_range(cache, digest(a), 0, 10) == a[:10]
     cache.put(digest(b), b)  # evicts a
     assert read_range(cache, digest(a), 0, 10) is None
+
+
+def mode(path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_a_new_cache_is_private_to_its_owner(tmp_path):
+    # Which chunks a node holds says which images it runs: nobody else may list them.
+    root = tmp_path / "root" / "cache" / "chunks"
+    cache = ChunkCache(root, max_bytes=1 << 20)
+    data = os.urandom(1000)
+    cache.put(digest(data), data)
+    assert mode(tmp_path / "root") == 0o700  # every directory the cache made
+    assert mode(tmp_path / "root" / "cache") == 0o700
+    assert mode(root) == 0o700
+    (shard,) = root.iterdir()
+    assert mode(shard) == 0o700
+    (chunk,) = shard.iterdir()
+    assert mode(chunk) == 0o600
+
+
+def test_a_cache_left_open_by_an_older_version_is_tightened_when_opened(tmp_path):
+    root = tmp_path / "chunks"
+    data = os.urandom(1000)
+    hex_ = digest(data).removeprefix("sha256:")
+    (root / hex_[:2]).mkdir(parents=True)
+    (root / hex_[:2] / hex_).write_bytes(data)
+    root.chmod(0o755)
+    (root / hex_[:2]).chmod(0o755)
+    (root / hex_[:2] / hex_).chmod(0o644)
+    cache = ChunkCache(root, max_bytes=1 << 20)
+    assert (mode(root), mode(root / hex_[:2]), mode(root / hex_[:2] / hex_)) == (
+        0o700,
+        0o700,
+        0o600,
+    )
+    assert cache.get(digest(data)) == data
+
+
+def test_a_shard_made_after_opening_is_private_too(tmp_path):
+    old = os.umask(0o022)
+    try:
+        cache = ChunkCache(tmp_path / "chunks", max_bytes=1 << 20)
+        for n in range(20):
+            data = n.to_bytes(4, "big") * 10
+            cache.put(digest(data), data)
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "chunks").rglob("*"):
+        assert mode(path) == (0o700 if path.is_dir() else 0o600), path
