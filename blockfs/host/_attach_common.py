@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Literal, ParamSpec
 
 import attrs
 
@@ -17,6 +17,8 @@ from blockfs.errors import BlockfsError
 from blockfs.host import _handshake, mounts
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
 
 # How long a device or an nbdfuse process may take to become ready, and how often to look.
 READY_TIMEOUT = 30.0
@@ -82,14 +84,32 @@ class ErofsMountError(AttachError):
         self.errno: int | None = cause.errno
 
 
-def mount_erofs(source: str, mountpoint: str, *, export: str, undo: Undo) -> None:
+def push_undo(
+    undo: contextlib.ExitStack, step: Callable[P, object], *args: P.args, **kwargs: P.kwargs
+) -> None:
+    """Push ``step(*args, **kwargs)`` onto ``undo``, the reversal of an attach in progress.
+
+    A step that fails is logged and the rest still run: the error that made the attach
+    fail is the one worth raising.
+    """
+
+    def run() -> None:
+        try:
+            step(*args, **kwargs)
+        except Exception:
+            log.exception("cleanup step %s failed", getattr(step, "__name__", step))
+
+    undo.callback(run)
+
+
+def mount_erofs(source: str, mountpoint: str, *, export: str, undo: contextlib.ExitStack) -> None:
     """Mount ``source`` (a block device, or a file where the kernel can) read-only as EROFS
     on ``mountpoint``; ``undo`` gets the unmount."""
     try:
         mounts.mount(source, mountpoint, "erofs", mounts.MS_RDONLY)
     except mounts.MountError as e:
         raise ErofsMountError(source, e, export=export, mountpoint=mountpoint) from e
-    undo.push(mounts.umount, mountpoint)
+    push_undo(undo, mounts.umount, mountpoint)
 
 
 def server_unreachable(socket: str, export: str, e: OSError) -> AttachError:
@@ -109,32 +129,3 @@ def handshake_failed(socket: str, e: _handshake.HandshakeError) -> AttachError:
             export=e.export,
         )
     return AttachError(f"NBD handshake with {socket} failed: {e.message}", export=e.export)
-
-
-class Undo:
-    """Steps that reverse an attach in progress, run last-first if it fails."""
-
-    def __init__(self) -> None:
-        self._steps: list[tuple[Callable[..., object], tuple[object, ...], dict[str, Any]]] = []
-
-    def push(self, fn: Callable[..., object], *args: object, **kwargs: Any) -> None:
-        self._steps.append((fn, args, kwargs))
-
-    def run(self) -> None:
-        while self._steps:
-            fn, args, kwargs = self._steps.pop()
-            try:
-                fn(*args, **kwargs)
-            except Exception:
-                # Keep undoing the rest; the original error is the one worth raising.
-                log.exception("cleanup step %s failed", getattr(fn, "__name__", fn))
-
-
-@contextlib.contextmanager
-def undo_on_error() -> Iterator[Undo]:
-    undo = Undo()
-    try:
-        yield undo
-    except BaseException:
-        undo.run()
-        raise

@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 
 from blockfs.host import kernel_nbd, mounts, nbdfuse
-from blockfs.host._attach_common import AttachError, BackendMount, MountMethod, undo_on_error
+from blockfs.host._attach_common import AttachError, BackendMount, MountMethod
 from blockfs.host.kernel_nbd import DEFAULT_DEAD_CONN_TIMEOUT, DEFAULT_REQUEST_TIMEOUT
 
 __all__ = [
@@ -192,7 +192,7 @@ def attach_and_mount(
             f"{state_dir} still holds an earlier attachment: unmount and detach it first",
             export=export,
         )
-    with undo_on_error() as undo:
+    with contextlib.ExitStack() as undo:
         if mode is AttachMode.KERNEL_NBD:
             made = kernel_nbd.attach(
                 socket,
@@ -222,6 +222,7 @@ def attach_and_mount(
             **attrs.asdict(made),
         )
         _write_attachment(att)
+        undo.pop_all()
     log.info(
         "attached export %s via %s (%s), mounted %s on %s",
         export,

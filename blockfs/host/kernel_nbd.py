@@ -22,9 +22,9 @@ from blockfs.host._attach_common import (
     READY_TIMEOUT,
     AttachError,
     BackendMount,
-    Undo,
     handshake_failed,
     mount_erofs,
+    push_undo,
     server_unreachable,
 )
 
@@ -73,7 +73,7 @@ def attach(
     connections: int,
     dead_conn_timeout: int,
     request_timeout: int,
-    undo: Undo,
+    undo: contextlib.ExitStack,
 ) -> BackendMount:
     """Configure a free ``/dev/nbdN`` for ``export`` and mount it on ``mountpoint``.
 
@@ -101,7 +101,7 @@ def attach(
         for s in sockets:
             s.close()
     device = f"/dev/nbd{index}"
-    undo.push(_disconnect, index)
+    push_undo(undo, _disconnect, index)
     _wait_for_block_device(device, export)
     mount_erofs(device, mountpoint, export=export, undo=undo)
     return BackendMount(device, device, "block", len(sockets))

@@ -26,9 +26,9 @@ from blockfs.host._attach_common import (
     AttachError,
     BackendMount,
     ErofsMountError,
-    Undo,
     handshake_failed,
     mount_erofs,
+    push_undo,
     server_unreachable,
 )
 
@@ -67,7 +67,7 @@ def attach(
     *,
     connections: int,
     mount_method: FileMountMethod | None,
-    undo: Undo,
+    undo: contextlib.ExitStack,
 ) -> BackendMount:
     """Start nbdfuse for ``export`` and mount its file on ``mountpoint``.
 
@@ -85,10 +85,10 @@ def attach(
         raise server_unreachable(socket, export, e) from e
 
     os.makedirs(fuse_dir(state_dir), mode=0o700, exist_ok=True)
-    undo.push(_remove_files, state_dir)
+    push_undo(undo, _remove_files, state_dir)
     image = os.path.join(fuse_dir(state_dir), _FUSE_FILE)
     pid = _spawn(nbdfuse, socket, export, image, state_dir, connections)
-    undo.push(_stop, state_dir, pid, export=export)
+    push_undo(undo, _stop, state_dir, pid, export=export)
     _wait_ready(state_dir, pid, export)
 
     if mount_method != "loop":
@@ -104,7 +104,7 @@ def attach(
         loop_device = mounts.loop_attach_readonly(image)
     except mounts.MountError as e:
         raise AttachError(f"cannot set up a loop device: {e.strerror}", export=export) from e
-    undo.push(mounts.loop_detach, loop_device)
+    push_undo(undo, mounts.loop_detach, loop_device)
     mount_erofs(loop_device, mountpoint, export=export, undo=undo)
     return BackendMount(image, loop_device, "loop", connections, pid, loop_device)
 

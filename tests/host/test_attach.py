@@ -6,6 +6,7 @@ mounts; the kernel NBD path is proven by the VM test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from attach_testkit import (
 )
 
 from blockfs.host import kernel_nbd, mounts
+from blockfs.host._attach_common import push_undo
 from blockfs.host.attach import (
     ATTACHMENT_FILE,
     AttachError,
@@ -277,6 +279,22 @@ def test_unreachable_server_is_reported_with_its_socket(
         attach_and_mount(
             socket, LAYER_EXPORT, str(mountpoint), state_dir=str(state_dir), mode=AttachMode.NBDFUSE
         )
+
+
+def test_undo_runs_every_step_last_first_and_keeps_the_error_that_caused_it() -> None:
+    ran: list[str] = []
+
+    def fails() -> None:
+        ran.append("fails")
+        raise OSError("cleanup failed too")
+
+    with pytest.raises(AttachError, match="the attach failed"), contextlib.ExitStack() as undo:
+        push_undo(undo, ran.append, "first")
+        push_undo(undo, fails)
+        push_undo(undo, ran.append, "last")
+        raise AttachError("the attach failed")
+
+    assert ran == ["last", "fails", "first"]
 
 
 def test_mountinfo_lines_are_parsed_with_escapes_and_optional_fields() -> None:
