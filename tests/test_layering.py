@@ -111,16 +111,16 @@ def imports(path: Path, root: Path) -> Iterator[Edge]:
             for alias in node.names:
                 if alias.name != "*":
                     yield Edge(path, node.lineno, f"{base}.{alias.name}" if base else alias.name)
-        elif (name := _dynamic_import(node)) is not None:
+        elif isinstance(node, ast.Call) and (name := _dynamic_import(node)) is not None:
             if name.startswith("."):
                 level = len(name) - len(name.lstrip("."))
                 name = _resolve(module, is_package, level, name.lstrip(".") or None)
             yield Edge(path, node.lineno, name)
 
 
-def _dynamic_import(node: ast.AST) -> str | None:
+def _dynamic_import(node: ast.Call) -> str | None:
     """The module named by ``importlib.import_module("…")`` or ``__import__("…")``."""
-    if not isinstance(node, ast.Call) or not node.args:
+    if not node.args:
         return None
     func = node.func
     if not (

@@ -14,7 +14,7 @@ environment can resolve ``blockfs`` or its entry points to the repository.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import json
 import os
 import shutil
@@ -84,11 +84,10 @@ def _run(
 
 def _build_isolation_args() -> list[str]:
     """Build with this interpreter's setuptools when it is recent enough (no network)."""
-    if importlib.util.find_spec("setuptools") is None:
+    try:
+        major = int(importlib.metadata.version("setuptools").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
         return []
-    import setuptools
-
-    major = int(setuptools.__version__.split(".")[0])
     return ["--no-build-isolation"] if major >= 77 else []
 
 

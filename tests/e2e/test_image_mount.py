@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -96,7 +97,7 @@ def whiteout_image(tmp_path_factory, access_registry) -> PushedImage:
 
 
 @pytest.fixture
-def image_mount(workdir: Path) -> Iterator:
+def image_mount(workdir: Path) -> Iterator[Any]:
     """`blockfs image mount` into the workdir; always unmounted afterwards."""
     mounted: list[Path] = []
     root = workdir / "root"
@@ -115,7 +116,7 @@ def image_mount(workdir: Path) -> Iterator:
             blockfs("image", "umount", "--root", str(root), str(mnt), check=False)
 
 
-def stats(image_mount, mnt: Path) -> dict:
+def stats(image_mount, mnt: Path) -> dict[str, Any]:
     out = blockfs("image", "stats", "--json", "--root", str(image_mount.root), str(mnt))
     return json.loads(out.stdout)
 

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from tests.helpers.testdata import TESTDATA, VERIFIABLE_BLOBS, toc_digest_of
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
 
 
-def stats(mount_layer, mnt: Path) -> dict:
+def stats(mount_layer, mnt: Path) -> dict[str, Any]:
     out = blockfs("layer", "stats", "--json", "--root", str(mount_layer.root), str(mnt))
     return json.loads(out.stdout)
 

@@ -326,12 +326,7 @@ REFERENCE_BLOBS = [
 
 @pytest.mark.parametrize("blob", REFERENCE_BLOBS)
 def test_image_of_reference_blob_toc_mounts_as_layer_tar(blob: str, tmp_path: Path) -> None:
-    try:
-        from blockfs.estargz import BlobReader  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        reader_module = pytest.importorskip("blockfs.estargz._reader")
-        BlobReader = reader_module.BlobReader
-    from blockfs.estargz import FileBlobSource
+    from blockfs.estargz import BlobReader, FileBlobSource
 
     testdata = LAYER_TAR.parent
     toc_digest = json.loads((testdata / f"{blob}.build.json").read_text())["tocDigest"]

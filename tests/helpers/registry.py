@@ -40,13 +40,15 @@ from blockfs.oci import Descriptor, ImageConfig, Manifest, Reference, sha256_dig
 from blockfs.oci import media_types as mt
 from blockfs.registry import RegistryClient, RetryPolicy
 from tests.helpers.tls import CertKey
-from tools.local_registry import (  # noqa: F401 - free_port is re-exported for tests
+from tools.local_registry import (
     REGISTRY_BINARY,
     TokenAuth,
-    free_port,
     registry_available,
 )
 from tools.local_registry import LocalRegistry as Registry
+from tools.local_registry import (
+    free_port as free_port,  # re-exported for tests
+)
 from tools.local_registry import start_registry as _start_registry
 
 # Short waits keep retry tests fast; the bounds on attempts and time still apply.

@@ -24,7 +24,7 @@ __all__ = ["PROJECT", "SnapshotterDaemon", "snapshots_stub", "start_snapshotter"
 
 def snapshots_stub(channel: grpc.Channel) -> Any:
     """The generated Snapshots client (grpc's code generator writes no annotations)."""
-    return pb_grpc.SnapshotsStub(channel)  # type: ignore[no-untyped-call]
+    return pb_grpc.SnapshotsStub(channel)
 
 
 @contextlib.contextmanager

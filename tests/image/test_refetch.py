@@ -8,6 +8,7 @@ always wrong must fail the read after a few attempts, and must never reach the c
 
 import io
 import threading
+from typing import Literal
 
 import pytest
 
@@ -78,7 +79,7 @@ class FlippingSource:
 def flip_position(blob: str, name: str, kind: type[FormatError]) -> int:
     """A blob offset in ``name``'s first member where one flipped bit makes the member
     fail with ``kind``: a digest mismatch or a decompression error."""
-    compression = "zstd" if blob.startswith("zstd") else "gzip"
+    compression: Literal["gzip", "zstd"] = "zstd" if blob.startswith("zstd") else "gzip"
     source = FileBlobSource(TESTDATA / blob)
     chunk = BlobReader.open(source).toc.lookup(name).chunks[0]
     data = source.read_range(chunk.offset, chunk.end - chunk.offset)

@@ -90,7 +90,7 @@ def test_descriptor_round_trips_all_fields():
 def test_descriptor_annotations_cannot_be_modified():
     descriptor = layer(annotations={"k": "v"})
     with pytest.raises(TypeError):
-        descriptor.annotations["k"] = "w"  # type: ignore[index]
+        descriptor.annotations["k"] = "w"
 
 
 @pytest.mark.parametrize(

@@ -189,8 +189,8 @@ def test_token_that_expires_between_reads_is_refreshed_transparently(token_setup
     digest = sha256_digest(data)
     # The registry allows 60 s of clock leeway past exp: the first token stops working about
     # 3 s after it is issued, though the client is told it lasts 300 s.
-    server.lifetime = lambda n: -57 if n == first else 300
     first = server.issued + 1
+    server.lifetime = lambda n: -57 if n == first else 300
     try:
         with client_for(CredentialStore()) as c:
             assert c.read_range(ref, digest, 0, 100) == data[:100]

@@ -191,7 +191,7 @@ def test_coalesced_reads_of_near_ranges_are_one_request(registry, client, image,
             ranges = [(5000, 100), (0, 10), (10, 0), (70_000, 10), (200_000, 50), (200_010, 20)]
             got = read_coalesced(source, ranges)
         assert got == [blob[o : o + n] for o, n in ranges]
-        gets = [h.get("Range") for m, _, h in proxy.requests if m == "GET"]
+        gets = [h.get("Range", "") for m, _, h in proxy.requests if m == "GET"]
         # 0..10 and 5000..5100 and 70000..70010 are within 64 KiB of each other; 200000.. is not.
         assert sorted(gets) == ["bytes=0-70009", "bytes=200000-200049"]  # sent at once
     finally:

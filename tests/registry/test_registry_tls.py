@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from blockfs.oci import Reference, sha256_digest
+from blockfs.oci import Manifest, Reference, sha256_digest
 from blockfs.registry import (
     Credential,
     CredentialStore,
@@ -109,6 +109,7 @@ def assert_reads(client: RegistryClient, ref: Reference) -> None:
     """Manifest by tag and digest, the blob's size and byte ranges: all over TLS."""
     descriptor, _ = client.resolve(ref)
     manifest = client.get_manifest(ref.with_digest(descriptor.digest))
+    assert isinstance(manifest, Manifest)
     digest = sha256_digest(LAYER)
     assert [layer.digest for layer in manifest.layers] == [digest]
     assert client.blob_size(ref, digest) == len(LAYER)

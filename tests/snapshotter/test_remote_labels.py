@@ -216,7 +216,7 @@ def scrape(stats: Any, attached: list[str], server_restarts: int = 0) -> str:
             raise stats
         return stats
 
-    layers = SimpleNamespace(
+    layers: Any = SimpleNamespace(
         stats=read_stats, attached=lambda: attached, server_restarts=server_restarts
     )
     registry = CollectorRegistry()
