@@ -19,7 +19,7 @@ import attrs
 from blockfs.cache import ChunkCache
 from blockfs.estargz import BlobSource, CountingSource
 from blockfs.image._extents import ExtentMap
-from blockfs.image._layer import LayerImage
+from blockfs.image._layer import FetchPolicy, LayerImage
 from blockfs.image._reader import BlobChunkReader
 from blockfs.image._record import (
     EXTENTS_FILE,
@@ -54,6 +54,7 @@ class ExportTable:
         prefetch: bool = False,
         background_fetch: bool = False,
         background_idle: float = BACKGROUND_IDLE,
+        fetch: FetchPolicy = FetchPolicy(),  # noqa: B008 - frozen, shared safely
     ) -> None:
         self.root = Path(root)
         self.cache = cache
@@ -66,6 +67,7 @@ class ExportTable:
         self.prefetch = prefetch
         self.background_fetch = background_fetch
         self.background_idle = background_idle
+        self.fetch = fetch
         self._lock = threading.Lock()
         self._served: dict[str, _Served] = {}
         self._stop = threading.Event()
@@ -102,7 +104,7 @@ class ExportTable:
         reader = BlobChunkReader(source, record.compression)
         image = LayerImage(
             name, layer_dir / INDEX_FILE, extents, reader, self.cache,
-            on_demand_fetch=self._demand,
+            on_demand_fetch=self._demand, policy=self.fetch,
         )  # fmt: skip
         self._demand()
         served = _Served(record, image, source)

@@ -253,7 +253,15 @@ class ExtentMap:
 
     def file_of_chunk(self, j: int) -> str:
         """Name of the file that chunk ``j`` belongs to."""
-        return self.extent_name(bisect.bisect_right(self._ext_first_chunk, j) - 1)
+        return self.extent_name(self.extent_of_chunk(j))
+
+    def extent_of_chunk(self, j: int) -> int:
+        """Number of the extent that chunk ``j`` belongs to."""
+        return bisect.bisect_right(self._ext_first_chunk, j) - 1
+
+    def extent_chunks(self, i: int) -> range:
+        """Numbers of the chunks of extent ``i``, in blob order."""
+        return range(self._ext_first_chunk[i], self._ext_first_chunk[i + 1])
 
     def chunks_in_member(self, offset: int) -> list[int]:
         """Numbers of the chunks whose compressed stream starts at blob ``offset``."""

@@ -8,11 +8,12 @@ cache when present, else fetched, decompressed and verified, then cached.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 import attrs
@@ -22,8 +23,10 @@ from blockfs.errors import BlockfsError
 from blockfs.estargz import Chunk, ChunkVerificationError, DecompressionError, FormatError
 from blockfs.image._extents import ExtentMap
 
-# Compressed bytes fetched together by one prefetch step.
+# Compressed bytes fetched together by one step of the background fetch.
 PREFETCH_BATCH = 4 << 20
+# Threads of a layer that fetch the rest of files in the background.
+BACKGROUND_FETCHERS = 4
 # Times a member is fetched, in all, before bytes that fail verification fail the read: a
 # 206 body damaged on the way must not become a permanent I/O error, but bytes that are
 # wrong at the source are not fetched for ever.
@@ -37,6 +40,28 @@ def _zero(buf: memoryview, start: int, end: int) -> None:
         n = min(end - start, len(_ZEROS))
         buf[start : start + n] = _ZEROS[:n]
         start += n
+
+
+@attrs.frozen
+class FetchPolicy:
+    """How much a read that must fetch asks for beyond the members it lacks.
+
+    ``unit``: the least compressed span of its request; the members that follow its own
+    come along up to it. Below the bandwidth-delay product of a registry link (100 Mbit/s
+    x 20 ms is 250 kB) more bytes in a request cost next to nothing beside its round trip,
+    and the files next to a file in the blob are those of the same directory.
+    ``whole_file_max``: a file that a read fetches part of is fetched whole, the rest in
+    the background while the read returns, when its compressed span is at most this; a
+    process that touches an executable, a library or a module reads much of it.
+    """
+
+    unit: int = 256 << 10
+    whole_file_max: int = 64 << 20
+
+    @classmethod
+    def exact(cls) -> FetchPolicy:
+        """Fetch only the members a read lacks."""
+        return cls(unit=0, whole_file_max=0)
 
 
 class ImageReadError(BlockfsError):
@@ -92,8 +117,11 @@ class LayerImage:
         cache: ChunkCache,
         *,
         on_demand_fetch: Callable[[], None] | None = None,
+        policy: FetchPolicy = FetchPolicy(),
     ) -> None:
-        """``on_demand_fetch`` is called whenever a read has to fetch from the blob."""
+        """``on_demand_fetch`` is called whenever a read has to fetch from the blob;
+        ``policy`` says what such a read fetches besides what it lacks."""
+        self.policy = policy
         self.name = name
         self._on_demand_fetch = on_demand_fetch
         self.extents = extents
@@ -110,6 +138,7 @@ class LayerImage:
             )
         self._lock = threading.Lock()
         self._inflight: dict[int, Future[dict[str, bytes]]] = {}
+        self._background: ThreadPoolExecutor | None = None
 
     @property
     def size(self) -> int:
@@ -117,7 +146,11 @@ class LayerImage:
         return self.extents.image_size
 
     def close(self) -> None:
-        """Release the index file."""
+        """Release the index file; fetches in the background are dropped."""
+        with self._lock:
+            background, self._background = self._background, None
+        if background is not None:
+            background.shutdown(wait=False, cancel_futures=True)
         if self._meta_fd >= 0:
             os.close(self._meta_fd)
             self._meta_fd = -1
@@ -147,6 +180,7 @@ class LayerImage:
         touched_data = pos < end
         bsize = self.extents.block_size
         missing: list[tuple[int, Chunk, int, int]] = []  # (offset in buf, chunk, start, length)
+        missing_chunks: list[int] = []
         hits = 0
         while pos < end:
             i = self.extents.extent_at(pos)
@@ -171,6 +205,7 @@ class LayerImage:
                 hits += 1
             else:
                 missing.append((pos - offset, chunk, within, take))
+                missing_chunks.append(j)
             pos += take
         with self._lock:
             self.stats.reads += 1
@@ -180,9 +215,14 @@ class LayerImage:
         if missing:
             if self._on_demand_fetch is not None:
                 self._on_demand_fetch()
-            # Every member this read lacks, fetched together: one request for a readahead
-            # that spans many small files.
-            fetched = self._fetch_members([c.offset for _, c, _, _ in missing])
+            # Every member this read lacks, fetched together with the members that follow
+            # them (one request for a readahead across many small files, and for the
+            # files beside them); the rest of the files it touched comes in the background.
+            needed = [c.offset for _, c, _, _ in missing]
+            along, later = self._plan(missing_chunks, needed)
+            if later:
+                self._fetch_in_background(later)
+            fetched = self._fetch_members(needed, along=along)
             for at, chunk, within, take in missing:
                 dest = buf[at : at + take]
                 plain = fetched.get(chunk.digest)
@@ -206,14 +246,44 @@ class LayerImage:
             # Another reader cached the member between our look and our fetch: look again.
         raise ImageReadError(f"layer {self.name}: chunk {chunk.digest} keeps leaving the cache")
 
-    def _fetch_members(self, member_offsets: Sequence[int]) -> dict[str, bytes]:
-        """Fetch (once, however many threads ask) every chunk of the members that start at
-        ``member_offsets``; their plaintext by chunk digest.
+    def _plan(self, chunks: Sequence[int], needed: Sequence[int]) -> tuple[list[int], list[int]]:
+        """For a read that lacks ``chunks`` (the members at ``needed``): the members to
+        fetch along with them, and those to fetch in the background.
 
-        Members another thread is fetching are waited for; the rest are fetched with one
-        call to the reader, which coalesces their ranges. Raises the error of the first
-        member that failed, after every member this call owns is settled.
+        Along: the uncached members that follow the last one needed, up to the policy's
+        ``unit`` of compressed span from the first. Background: the uncached rest of each
+        file the read touched, for files of at most the policy's ``whole_file_max``.
         """
+        ext = self.extents
+        taken = set(needed)
+        along: list[int] = []
+        limit = min(needed) + self.policy.unit
+        j = max(chunks) + 1
+        while j < ext.chunk_count:
+            chunk = ext.chunk(j)
+            if chunk.end > limit or chunk.digest in self.cache:
+                break  # one contiguous range, ending before what is cached already
+            if chunk.offset not in taken:
+                taken.add(chunk.offset)
+                along.append(chunk.offset)
+            j += 1
+        later: list[int] = []
+        for i in sorted({ext.extent_of_chunk(j) for j in chunks}):
+            span = ext.extent_chunks(i)
+            if ext.chunk(span[-1]).end - ext.chunk(span[0]).offset > self.policy.whole_file_max:
+                continue
+            for k in span:
+                chunk = ext.chunk(k)
+                if chunk.offset not in taken and chunk.digest not in self.cache:
+                    taken.add(chunk.offset)
+                    later.append(chunk.offset)
+        return along, later
+
+    def _claim(
+        self, member_offsets: Iterable[int]
+    ) -> tuple[dict[int, Future[dict[str, bytes]]], list[Future[dict[str, bytes]]]]:
+        """Take the fetch of each member at ``member_offsets`` that no thread is fetching:
+        (the futures this caller must settle, the futures of members fetched elsewhere)."""
         owned: dict[int, Future[dict[str, bytes]]] = {}
         waiting: list[Future[dict[str, bytes]]] = []
         with self._lock:
@@ -223,7 +293,10 @@ class LayerImage:
                     owned[off] = self._inflight[off] = Future()
                 else:
                     waiting.append(future)
-        result: dict[str, bytes] = {}
+        return owned, waiting
+
+    def _fetch_claimed(self, owned: dict[int, Future[dict[str, bytes]]]) -> None:
+        """Fetch the members claimed in ``owned``, settle their futures and let them go."""
         try:
             if owned:
                 self._fetch_owned(owned)
@@ -231,9 +304,60 @@ class LayerImage:
             with self._lock:
                 for off in owned:
                     del self._inflight[off]
+
+    def _fetch_members(
+        self, member_offsets: Sequence[int], *, along: Iterable[int] = ()
+    ) -> dict[str, bytes]:
+        """Fetch (once, however many threads ask) every chunk of the members that start at
+        ``member_offsets``; their plaintext by chunk digest.
+
+        Members another thread is fetching are waited for; the rest, and those of
+        ``along`` that nobody is fetching, are fetched with one call to the reader, which
+        coalesces their ranges. Raises the error of the first member of
+        ``member_offsets`` that failed, after every member this call owns is settled;
+        the members of ``along`` only go to the cache.
+        """
+        owned, waiting = self._claim(member_offsets)
+        extra, _ = self._claim(off for off in along if off not in owned)
+        self._fetch_claimed({**owned, **extra})
+        result: dict[str, bytes] = {}
         for future in [*owned.values(), *waiting]:
             result.update(future.result())  # raises that member's error
         return result
+
+    def _fetch_in_background(self, member_offsets: Sequence[int]) -> None:
+        """Fetch the members at ``member_offsets`` into the cache without waiting.
+
+        They are claimed now, so that a read that needs one of them waits for this fetch
+        instead of starting its own. Failures are left for on-demand reads.
+        """
+        with self._lock:
+            if self._background is None:
+                if self._meta_fd < 0:
+                    return  # closed
+                self._background = ThreadPoolExecutor(
+                    BACKGROUND_FETCHERS, thread_name_prefix=f"fetch-{self.name}"
+                )
+            pool = self._background
+        owned, _ = self._claim(member_offsets)
+        if not owned:
+            return
+        try:
+            pool.submit(self._fetch_quietly, owned)
+        except RuntimeError:  # closed meanwhile
+            self._fetch_claimed_failed(owned, ImageReadError(f"layer {self.name}: closed"))
+
+    def _fetch_quietly(self, owned: dict[int, Future[dict[str, bytes]]]) -> None:
+        with contextlib.suppress(BlockfsError):
+            self._fetch_claimed(owned)
+
+    def _fetch_claimed_failed(
+        self, owned: dict[int, Future[dict[str, bytes]]], error: BlockfsError
+    ) -> None:
+        with self._lock:
+            for off, future in owned.items():
+                future.set_exception(error)
+                del self._inflight[off]
 
     def _fetch_owned(self, owned: dict[int, Future[dict[str, bytes]]]) -> None:
         """Fetch the members of ``owned`` and settle each one's future.
@@ -313,14 +437,24 @@ class LayerImage:
     ) -> int:
         """Fetch into the cache every chunk whose member starts below blob offset ``end``.
 
-        Members are fetched in batches of about :data:`PREFETCH_BATCH` compressed bytes,
-        each batch with as few requests as the reader can. ``pace`` is called before each
-        batch and may wait; when it returns False, prefetching stops. Returns how many
-        members were fetched. Failures are left for on-demand reads.
+        Without ``pace`` (the prioritised files, as a layer opens), every member is
+        claimed at once and fetched with as few requests as the reader makes (one per
+        16 MiB of the contiguous region, sent together); a read that needs one of them
+        meanwhile waits for this fetch. With ``pace`` (the background fetch of the rest),
+        members are fetched in batches of about :data:`PREFETCH_BATCH` compressed bytes,
+        ``pace`` is called before each batch and may wait, and when it returns False,
+        prefetching stops. Returns how many members were fetched. Failures are left for
+        on-demand reads.
         """
+        if pace is None:
+            region = [off for batch in self._uncached_batches(end, stop) for off in batch]
+            owned, _ = self._claim(region)
+            with contextlib.suppress(BlockfsError):
+                self._fetch_claimed(owned)
+            return sum(1 for f in owned.values() if f.exception() is None)
         fetched = 0
         for batch in self._uncached_batches(end, stop):
-            if pace is not None and not pace():
+            if not pace():
                 break
             try:
                 self._fetch_members(batch)

@@ -15,6 +15,7 @@ from blockfs.cache import ChunkCache
 from blockfs.errors import BlockfsError
 from blockfs.image._control import ControlServer
 from blockfs.image._exports import ExportTable
+from blockfs.image._layer import FetchPolicy
 
 
 class ServerConfigError(BlockfsError):
@@ -50,11 +51,13 @@ class ServerConfig:
     control: Path | None = None
     prefetch: bool = False
     background_fetch: bool = False
+    fetch: FetchPolicy = FetchPolicy()  # noqa: RUF009 - frozen, shared safely
 
     @classmethod
     def from_params(cls, params: dict[str, str]) -> ServerConfig:
         known = {
             "root", "cache", "cache_max", "memory_cache", "control", "prefetch", "background_fetch",
+            "fetch_unit", "whole_file_max",
         }  # fmt: skip
         unknown = sorted(set(params) - known)
         if unknown:
@@ -70,6 +73,12 @@ class ServerConfig:
             control=Path(params["control"]).absolute() if "control" in params else None,
             prefetch=_flag(params.get("prefetch", "0")),
             background_fetch=_flag(params.get("background_fetch", "0")),
+            fetch=FetchPolicy(
+                unit=parse_size(params.get("fetch_unit", str(FetchPolicy().unit))),
+                whole_file_max=parse_size(
+                    params.get("whole_file_max", str(FetchPolicy().whole_file_max))
+                ),
+            ),
         )
 
     def to_params(self) -> list[str]:
@@ -81,6 +90,8 @@ class ServerConfig:
             f"memory_cache={self.memory_cache}",
             f"prefetch={int(self.prefetch)}",
             f"background_fetch={int(self.background_fetch)}",
+            f"fetch_unit={self.fetch.unit}",
+            f"whole_file_max={self.fetch.whole_file_max}",
         ]
         if self.control is not None:
             out.append(f"control={self.control}")
@@ -100,6 +111,7 @@ class ServedLayers:
             self.cache,
             prefetch=config.prefetch,
             background_fetch=config.background_fetch,
+            fetch=config.fetch,
         )
         self.control = (
             ControlServer(

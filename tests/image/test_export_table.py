@@ -9,6 +9,7 @@ from blockfs.estargz import LANDMARKS, BlobReader, FileBlobSource
 from blockfs.image import (
     ControlError,
     ExportTable,
+    FetchPolicy,
     LayerStateError,
     ServedLayers,
     ServerConfig,
@@ -57,7 +58,13 @@ def test_background_fetch_caches_every_member_without_a_read(tmp_path):
 
 
 def test_background_fetch_waits_while_reads_fetch_on_demand(tmp_path):
-    table = make_table(tmp_path, "gzip-64k.esgz", background_fetch=True, background_idle=1.0)
+    table = make_table(
+        tmp_path,
+        "gzip-64k.esgz",
+        background_fetch=True,
+        background_idle=1.0,
+        fetch=FetchPolicy.exact(),  # reads fetch only their own member
+    )
     try:
         image = table.open("l")
         emap = image.extents

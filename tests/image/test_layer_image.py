@@ -14,13 +14,15 @@ from blockfs.image import (
     BlobChunkReader,
     ExtentMap,
     ExtentMapError,
+    FetchPolicy,
     LayerImage,
     index_layer,
 )
 from tests.helpers.testdata import TESTDATA, VERIFIABLE_BLOBS, toc_digest_of
 
 
-def open_image(blob_path, tmp_path, *, toc_digest=None, cache_bytes=0):
+def open_image(blob_path, tmp_path, *, toc_digest=None, cache_bytes=0, policy=None):
+    """A LayerImage of ``blob_path``; it fetches only what reads lack unless ``policy``."""
     reader = BlobReader.open(FileBlobSource(blob_path), toc_digest=toc_digest)
     layer_dir = tmp_path / "layer"
     record = index_layer(
@@ -34,7 +36,12 @@ def open_image(blob_path, tmp_path, *, toc_digest=None, cache_bytes=0):
     emap = ExtentMap.load(layer_dir / EXTENTS_FILE)
     cache = ChunkCache(tmp_path / "cache", max_bytes=1 << 30, memory_bytes=cache_bytes)
     image = LayerImage(
-        "l", layer_dir / INDEX_FILE, emap, BlobChunkReader(source, record.compression), cache
+        "l",
+        layer_dir / INDEX_FILE,
+        emap,
+        BlobChunkReader(source, record.compression),
+        cache,
+        policy=policy or FetchPolicy.exact(),
     )
     return image, reader.toc, emap, source
 

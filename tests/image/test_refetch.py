@@ -28,6 +28,7 @@ from blockfs.image import (
     MAX_FETCH_ATTEMPTS,
     BlobChunkReader,
     ExtentMap,
+    FetchPolicy,
     LayerImage,
     index_layer,
 )
@@ -111,7 +112,12 @@ def open_image(tmp_path, blob, source):
     emap = ExtentMap.load(layer_dir / EXTENTS_FILE)
     cache = ChunkCache(tmp_path / "cache", max_bytes=1 << 30)
     image = LayerImage(
-        "l", layer_dir / INDEX_FILE, emap, BlobChunkReader(source, record.compression), cache
+        "l",
+        layer_dir / INDEX_FILE,
+        emap,
+        BlobChunkReader(source, record.compression),
+        cache,
+        policy=FetchPolicy.exact(),  # only the member under test is fetched
     )
     return image, reader.toc, emap, cache
 
