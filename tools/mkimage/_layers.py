@@ -18,14 +18,14 @@ import stat
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import attrs
 
 from blockfs.oci import Descriptor, ImageConfig, ImageLayout, Manifest, host_platform
 from blockfs.oci import media_types as mt
-from tools.debs import DebCache, DebError, extract
+from tools.debs import DebCache, DebError, dependency_closure, download, extract
 
 # Every entry's mtime: a fixed time makes the same tree give the same layer digest.
 MTIME = 1_700_000_000
@@ -34,6 +34,7 @@ _PIECE = 1 << 20
 _APPLET = re.compile(r"[a-z0-9][a-z0-9._/-]*")
 # What a runtime tree does not need from Debian packages.
 _DOCS = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/lintian")
+PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib")
 
 
 @attrs.frozen
@@ -45,7 +46,7 @@ class Layer:
     created_by: str
 
 
-def _entries(tree: Path) -> Iterator[Path]:
+def entries(tree: Path) -> Iterator[Path]:
     """Every path below ``tree`` (not ``tree`` itself), parents first, names sorted."""
     for dirpath, dirnames, filenames in os.walk(tree):
         dirnames.sort()
@@ -55,7 +56,7 @@ def _entries(tree: Path) -> Iterator[Path]:
 
 def write_tar(tree: Path, out: tarfile.TarFile) -> None:
     """Add the entries of ``tree`` to ``out``, owned by root, with the fixed mtime."""
-    for path in _entries(tree):
+    for path in entries(tree):
         info = out.gettarinfo(str(path), arcname=str(path.relative_to(tree)))
         info.uid = info.gid = 0
         info.uname = info.gname = ""
@@ -162,12 +163,27 @@ def busybox_tree(dest: Path, debs: DebCache | None = None, *, binary: Path | Non
         os.chmod(dest / name, mode)
 
 
-def python_tree(dest: Path, debs: DebCache) -> None:
-    """Debian's Python 3.11 with its standard library and the shared libraries it needs."""
-    for deb in debs.closure(["python3.11-minimal", "libpython3.11-stdlib"]):
-        extract(deb, dest)
+def debian_tree(
+    dest: Path, debs: DebCache, packages: Sequence[str], *, exclude: Collection[str] = ()
+) -> list[str]:
+    """Unpack ``packages`` and their dependencies under ``dest``, without documentation,
+    except the packages named in ``exclude`` (those of a lower layer).
+
+    Returns the names of the packages unpacked.
+    """
+    wanted = [d for d in dependency_closure(packages) if d.package not in exclude]
+    paths = download(wanted, debs.directory)
+    for deb in wanted:
+        extract(paths[deb.package], dest)
     for docs in _DOCS:
         shutil.rmtree(dest / docs, ignore_errors=True)
+    return [d.package for d in wanted]
+
+
+def python_tree(dest: Path, debs: DebCache, *, exclude: Collection[str] = ()) -> None:
+    """Debian's Python 3.11 with its standard library and the shared libraries it needs
+    (except the packages named in ``exclude``)."""
+    debian_tree(dest, debs, PYTHON_PACKAGES, exclude=exclude)
     python3 = dest / "usr" / "bin" / "python3"
     if not python3.exists():
         python3.symlink_to("python3.11")
@@ -185,7 +201,7 @@ def random_tree(dest: Path, megabytes: int, *, seed: int = 0) -> None:
 def tree_size(tree: Path) -> tuple[int, int]:
     """(entries, bytes of regular files) below ``tree``."""
     count = size = 0
-    for path in _entries(tree):
+    for path in entries(tree):
         count += 1
         st = path.lstat()
         if stat.S_ISREG(st.st_mode):
