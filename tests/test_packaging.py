@@ -23,6 +23,7 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import tempfile
 import time
 import tomllib
 import zipfile
@@ -274,10 +275,12 @@ def serving(installed: Installed, outside: Path, layer_blob: Path) -> Iterator[P
     for tool in ("nbdkit", "nbdinfo", "nbdcopy"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
-    socket = outside / "nbd.sock"
+    # Sockets deep in pytest's temporary directory would not fit in a socket address.
+    state = Path(tempfile.mkdtemp(prefix="bfs-pkg-", dir="/tmp"))
+    socket = state / "nbd.sock"
     log = outside / "serve.log"
     serve = [installed.bin("blockfs"), "layer", "serve", str(layer_blob), "--socket", str(socket)]
-    serve += ["--export", "layer", "--root", str(outside / "state")]
+    serve += ["--export", "layer", "--root", str(state / "root")]
     with log.open("w") as out:
         proc = subprocess.Popen(
             serve,
@@ -302,6 +305,7 @@ def serving(installed: Installed, outside: Path, layer_blob: Path) -> Iterator[P
             proc.wait()
         if (pid := _nbdkit_serving(socket)) is not None:
             os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.mark.slow
