@@ -18,7 +18,7 @@ from tests.helpers.cli import blockfs
 from tests.helpers.testdata import TESTDATA
 from tests.host.attach_testkit import force_cleanup, leftovers
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")]
 
 
 def mode(path: Path) -> int:

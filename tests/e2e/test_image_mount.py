@@ -38,7 +38,7 @@ from tests.helpers.registry import (
 from tools.local_registry import LocalRegistry
 from tools.mkimage import random_tree
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")]
 
 
 def base_layer(tree: Path) -> None:

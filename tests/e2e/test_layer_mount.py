@@ -14,7 +14,7 @@ from tests.erofs.erofs_testkit import assert_tree_matches_tar
 from tests.helpers.cli import blockfs
 from tests.helpers.testdata import TESTDATA, VERIFIABLE_BLOBS, toc_digest_of
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")]
 
 
 def stats(mount_layer, mnt: Path) -> dict[str, Any]:

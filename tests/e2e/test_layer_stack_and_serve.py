@@ -13,7 +13,7 @@ from tests.estargz.estargz_blobkit import BlobMaker
 from tests.helpers.cli import PROJECT, blockfs
 from tests.helpers.testdata import TESTDATA, toc_digest_of
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")]
 
 
 def layer_file(name: str) -> bytes:

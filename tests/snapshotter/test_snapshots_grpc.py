@@ -88,6 +88,7 @@ def _upper(response: Any) -> str:
     return next(o.removeprefix("upperdir=") for o in options if o.startswith("upperdir="))
 
 
+@pytest.mark.root
 def test_socket_is_a_socket_only_root_can_use(daemon: SnapshotterDaemon) -> None:
     st = os.stat(daemon.socket)
     assert stat.S_ISSOCK(st.st_mode)

@@ -31,6 +31,7 @@ def test_make_test_runs_the_test_command_with_its_arguments() -> None:
     assert dry_run("vm-test")[0].strip().endswith("tools/vm-test")
 
 
+@pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to try the Makefile as another user")
 def test_make_test_uses_sudo_when_make_is_not_root() -> None:
     assert dry_run("test", user="nobody") == ["sudo tools/run test "]

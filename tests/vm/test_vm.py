@@ -83,6 +83,7 @@ def _stop_leftover_server(work: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.root
 @pytest.mark.slow
 def test_vm_kernel_nbd_attach_and_snapshotter_survive_server_and_daemon_crashes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
