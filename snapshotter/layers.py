@@ -39,12 +39,15 @@ import attrs
 from blockfs.errors import BlockfsError
 from blockfs.estargz import BlobReader, CountingSource
 from blockfs.host.attach import (
+    AUTO,
+    AttachChoice,
     AttachError,
     Attachment,
     AttachMode,
     attach_and_mount,
     choose_mode,
     is_mounted,
+    parse_choice,
     read_attachment,
     reconnect,
     unmount_and_detach,
@@ -106,7 +109,7 @@ class LayerManager:
         self,
         root: str | os.PathLike[str],
         *,
-        attach: str = "auto",
+        attach: AttachChoice | str = AUTO,
         cache_size: int = 10 << 30,
         prefetch: bool = False,
         background_fetch: bool = False,
@@ -115,7 +118,8 @@ class LayerManager:
         self.root = Path(root).absolute()
         self.layers_dir = self.root / LAYERS_DIR
         self.run_dir = self.root / RUN_DIR
-        self.attach = attach
+        # The daemon's configuration still holds the word ("auto", "nbd", "nbdfuse").
+        self.attach = parse_choice(attach) if isinstance(attach, str) else attach
         self.connections = connections
         self.server = NBDServer(
             self.run_dir,

@@ -7,6 +7,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from blockfs.cli._common import print_json, registry_args, state_args
+from blockfs.cli._layer import attach_argument
 from blockfs.cli._progress import TextProgress
 from blockfs.convert import ConvertOptions, convert_image, open_location
 from blockfs.image import BlobSources, docker_config_path
@@ -52,10 +53,7 @@ def register(groups: Any) -> None:
         "--no-lazy", action="store_true",
         help="download and extract every layer instead (what a full pull does)",
     )  # fmt: skip
-    p.add_argument(
-        "--attach", choices=["auto", "nbd", "nbdfuse"], default="auto",
-        help="how to attach each layer's export to the kernel (default: auto)",
-    )  # fmt: skip
+    attach_argument(p, "how to attach each layer's export to the kernel (default: auto)")
     _platform_arg(p)
     registry_args(p)
     state_args(p)

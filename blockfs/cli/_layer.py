@@ -12,6 +12,7 @@ from typing import Any
 
 from blockfs.cli._common import DEFAULT_ROOT, print_json, registry_args, state_args
 from blockfs.estargz import BlobReader, BuildOptions, Entry, build_file
+from blockfs.host.attach import AUTO, CHOICE_WORDS, AttachChoice, AttachError, parse_choice
 from blockfs.image import BlobSources, open_blob
 
 
@@ -58,10 +59,7 @@ def register(groups: Any) -> None:
     _blob_args(p)
     p.add_argument("mountpoint", metavar="DIR")
     p.add_argument("--prefetch", action="store_true", help="prefetch prioritized files")
-    p.add_argument(
-        "--attach", choices=["auto", "nbd", "nbdfuse"], default="auto",
-        help="how to attach the export to the kernel (default: auto)",
-    )  # fmt: skip
+    attach_argument(p, "how to attach the export to the kernel (default: auto)")
     state_args(p)
     p.set_defaults(func=cmd_mount)
 
@@ -96,6 +94,19 @@ def _open(args: argparse.Namespace) -> Iterator[BlobReader]:
             args.blob, sources, plain_http=args.plain_http, hosts_dir=args.hosts_dir
         )
         yield BlobReader.open(source, toc_digest=args.toc_digest)
+
+
+def attach_argument(p: argparse.ArgumentParser, help: str) -> None:
+    """``--attach auto|nbd|nbdfuse``, parsed into an AttachChoice."""
+    choices = "{" + ",".join(CHOICE_WORDS) + "}"
+    p.add_argument("--attach", type=_attach_choice, default=AUTO, metavar=choices, help=help)
+
+
+def _attach_choice(value: str) -> AttachChoice:
+    try:
+        return parse_choice(value)
+    except AttachError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ import errno
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Final, TypeAlias
 
 import attrs
 
@@ -32,15 +32,20 @@ from blockfs.host.kernel_nbd import DEFAULT_DEAD_CONN_TIMEOUT, DEFAULT_REQUEST_T
 
 __all__ = [
     "ATTACHMENT_FILE",
+    "AUTO",
+    "CHOICE_WORDS",
     "DEFAULT_DEAD_CONN_TIMEOUT",
     "DEFAULT_REQUEST_TIMEOUT",
+    "AttachChoice",
     "AttachError",
     "AttachMode",
     "Attachment",
+    "Auto",
     "MountMethod",
     "attach_and_mount",
     "choose_mode",
     "is_mounted",
+    "parse_choice",
     "parse_mode",
     "read_attachment",
     "reconnect",
@@ -59,30 +64,52 @@ class AttachMode(enum.Enum):
     NBDFUSE = "nbdfuse"
 
 
-def parse_mode(value: str) -> AttachMode | None:
-    """``"nbd"`` or ``"nbdfuse"`` as an AttachMode, ``"auto"`` as None (decide per host)."""
-    if value == "auto":
-        return None
+class Auto(enum.Enum):
+    """The attach choice that leaves the mode to :func:`choose_mode`, per host."""
+
+    AUTO = "auto"
+
+
+AUTO: Final = Auto.AUTO
+# What a caller (a flag, the configuration) may ask for: a mode, or AUTO.
+AttachChoice: TypeAlias = AttachMode | Auto
+# The words of the choices, for flags and messages.
+CHOICE_WORDS = tuple(choice.value for choice in (AUTO, *AttachMode))
+
+
+def parse_choice(value: str) -> AttachChoice:
+    """``"auto"``, ``"nbd"`` or ``"nbdfuse"`` (a flag's or the configuration's word) as
+    the choice it names; AttachError for any other word."""
+    if value == AUTO.value:
+        return AUTO
     try:
         return AttachMode(value)
     except ValueError:
-        raise AttachError(f"unknown attach mode {value!r}: use one of auto, nbd, nbdfuse") from None
+        raise AttachError(
+            f"unknown attach mode {value!r}: use one of {', '.join(CHOICE_WORDS)}"
+        ) from None
 
 
-def choose_mode(requested: str = "auto") -> AttachMode:
-    """The attach mode to use here: ``requested`` if it can work, else a clear AttachError."""
-    mode = parse_mode(requested)
-    if mode is AttachMode.KERNEL_NBD:
+# The earlier name, which snapshotter/config.py still uses to check its ``attach`` key.
+parse_mode = parse_choice
+
+
+def choose_mode(requested: AttachChoice = AUTO) -> AttachMode:
+    """The attach mode to use here: ``requested`` if it can work, else a clear AttachError.
+
+    AUTO picks the kernel NBD driver when it is loaded or loadable, else nbdfuse.
+    """
+    if requested is AttachMode.KERNEL_NBD:
         if not kernel_nbd.available():
             raise AttachError(
                 "attach mode nbd was requested but nbd.ko is not available "
                 "(modprobe nbd failed or is missing): load the nbd module, "
                 "or use attach mode nbdfuse"
             )
-        return mode
-    if mode is AttachMode.NBDFUSE:
+        return requested
+    if requested is AttachMode.NBDFUSE:
         nbdfuse.require()
-        return mode
+        return requested
     if kernel_nbd.available():
         return AttachMode.KERNEL_NBD
     if not nbdfuse.available():
@@ -158,7 +185,7 @@ def attach_and_mount(
     mountpoint: str,
     *,
     state_dir: str,
-    mode: AttachMode | None = None,
+    mode: AttachChoice = AUTO,
     dead_conn_timeout: int = DEFAULT_DEAD_CONN_TIMEOUT,
     connections: int = 4,
     request_timeout: int = DEFAULT_REQUEST_TIMEOUT,
@@ -167,11 +194,13 @@ def attach_and_mount(
     """Attach ``export`` served on the unix socket ``socket`` and mount it on ``mountpoint``.
 
     Returns once ``mountpoint`` is a read-only EROFS mount. ``state_dir`` is a private
-    directory for this attachment. ``mode`` None picks one for this host. In nbdfuse mode,
+    directory for this attachment. ``mode`` AUTO picks one for this host (a mode given is
+    used as it is, without checking that this host has it). In nbdfuse mode,
     ``mount_method`` forces the file-backed mount or the loop device (default: file-backed
     when the kernel supports it). On failure everything done so far is undone.
     """
-    mode = mode if mode is not None else choose_mode("auto")
+    if mode is AUTO:
+        mode = choose_mode(AUTO)
     if connections < 1:
         raise ValueError("connections must be at least 1")
     if mount_method is not None and mode is not AttachMode.NBDFUSE:

@@ -43,7 +43,14 @@ from blockfs.erofs import LayoutError
 from blockfs.errors import BlockfsError
 from blockfs.estargz import BlobReader, CountingSource, FormatError
 from blockfs.host import mounts
-from blockfs.host.attach import Attachment, attach_and_mount, choose_mode, unmount_and_detach
+from blockfs.host.attach import (
+    AUTO,
+    AttachChoice,
+    Attachment,
+    attach_and_mount,
+    choose_mode,
+    unmount_and_detach,
+)
 from blockfs.host.nbdserver import NBDServer, socket_path
 from blockfs.host.overlay import MountPlan, mounts_for, overlay_index_off_supported
 from blockfs.image import (
@@ -162,7 +169,7 @@ def mount_image(
     writable: bool = False,
     plain_http: bool = False,
     hosts_dir: str | None = None,
-    attach: str = "auto",
+    attach: AttachChoice = AUTO,
     prefetch: bool = False,
     lazy: bool = True,
     platform: Platform | None = None,
@@ -179,7 +186,7 @@ def mount_image(
         raise ImageMountError(f"the state directory {root} must not contain ',' or ':' (overlay)")
     if mounts.find_mount(os.path.realpath(mountpoint)) is not None:
         raise ImageMountError(f"something is already mounted on {mountpoint}: unmount it first")
-    mode = choose_mode(attach) if lazy else None
+    mode = choose_mode(attach) if lazy else attach
     try:
         run_dir = fresh_run_dir(root, mountpoint)
     except FileExistsError as e:

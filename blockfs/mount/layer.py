@@ -18,7 +18,14 @@ import attrs
 
 from blockfs.errors import BlockfsError
 from blockfs.estargz import BlobReader, CountingSource
-from blockfs.host.attach import Attachment, attach_and_mount, choose_mode, unmount_and_detach
+from blockfs.host.attach import (
+    AUTO,
+    AttachChoice,
+    Attachment,
+    attach_and_mount,
+    choose_mode,
+    unmount_and_detach,
+)
 from blockfs.host.nbdserver import NBDServer, socket_path
 from blockfs.image import BlobSources, index_layer, open_blob, query_stats
 from blockfs.mount._rundir import (
@@ -106,7 +113,7 @@ def mount_layer(
     *,
     toc_digest: str | None,
     root: str,
-    attach: str = "auto",
+    attach: AttachChoice = AUTO,
     prefetch: bool = False,
     plain_http: bool = False,
     hosts_dir: str | None = None,

@@ -28,13 +28,14 @@ from blockfs.host import kernel_nbd, mounts
 from blockfs.host._attach_common import push_undo
 from blockfs.host.attach import (
     ATTACHMENT_FILE,
+    AUTO,
     AttachError,
     Attachment,
     AttachMode,
     attach_and_mount,
     choose_mode,
     is_mounted,
-    parse_mode,
+    parse_choice,
     read_attachment,
     reconnect,
     unmount_and_detach,
@@ -65,25 +66,27 @@ def _file_backed_expected() -> bool:
     return (major, minor) >= (6, 12)
 
 
-def test_parse_mode_accepts_auto_nbd_and_nbdfuse_only() -> None:
-    assert parse_mode("auto") is None
-    assert parse_mode("nbd") is AttachMode.KERNEL_NBD
-    assert parse_mode("nbdfuse") is AttachMode.NBDFUSE
+def test_parse_choice_accepts_auto_nbd_and_nbdfuse_only() -> None:
+    assert parse_choice("auto") is AUTO
+    assert parse_choice("nbd") is AttachMode.KERNEL_NBD
+    assert parse_choice("nbdfuse") is AttachMode.NBDFUSE
     with pytest.raises(AttachError, match="unknown attach mode 'nbd-client'"):
-        parse_mode("nbd-client")
+        parse_choice("nbd-client")
+    with pytest.raises(AttachError, match="unknown attach mode 'NBD'"):
+        parse_choice("NBD")
 
 
 @without_nbd_ko
 def test_without_nbd_ko_kernel_mode_is_unavailable_and_auto_picks_nbdfuse() -> None:
     assert kernel_nbd.available() is False
-    assert choose_mode("auto") is AttachMode.NBDFUSE
-    assert choose_mode("nbdfuse") is AttachMode.NBDFUSE
+    assert choose_mode() is choose_mode(AUTO) is AttachMode.NBDFUSE
+    assert choose_mode(AttachMode.NBDFUSE) is AttachMode.NBDFUSE
 
 
 @without_nbd_ko
 def test_forcing_nbd_mode_without_nbd_ko_says_to_use_nbdfuse() -> None:
     with pytest.raises(AttachError) as caught:
-        choose_mode("nbd")
+        choose_mode(AttachMode.KERNEL_NBD)
 
     assert "nbd.ko is not available" in str(caught.value)
     assert "use attach mode nbdfuse" in str(caught.value)
@@ -371,6 +374,13 @@ def test_a_record_written_by_an_earlier_version_still_loads(tmp_path: Path) -> N
     )
     assert att.backend_identifier == "blockfs:sha256-0123"
     assert att.to_json() == record
+
+
+def test_a_record_never_holds_the_auto_choice(tmp_path: Path) -> None:
+    record = _sample_attachment(tmp_path).to_json() | {"mode": "auto"}
+
+    with pytest.raises(AttachError, match="unreadable attachment record"):
+        Attachment.from_json(record)
 
 
 def test_unreadable_attachment_record_raises_attach_error(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from remote_testkit import Layer, estargz_layer, gzip_layer
 
-from blockfs.host.attach import read_attachment
+from blockfs.host.attach import AUTO, AttachChoice, AttachError, AttachMode, read_attachment
 from blockfs.image import file_source_spec
 from snapshotter.daemon import watch_nbd_server
 from snapshotter.layers import LayerManager, LayerUnavailable
@@ -58,6 +58,27 @@ def blob_layer(root: Path, layer: Layer) -> RemoteLayer:
 @pytest.fixture
 def motd_layer(root: Path) -> RemoteLayer:
     return blob_layer(root, estargz_layer(layer_tar({"etc/motd": MOTD})))
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("nbdfuse", AttachMode.NBDFUSE),
+        ("auto", AUTO),
+        (AttachMode.KERNEL_NBD, AttachMode.KERNEL_NBD),
+    ],
+)
+def test_the_attach_word_of_the_configuration_is_parsed_at_once(
+    tmp_path: Path, given: AttachChoice | str, expected: AttachChoice
+) -> None:
+    layers = LayerManager(tmp_path, attach=given)
+    layers.close()
+    assert layers.attach is expected
+
+
+def test_an_unknown_attach_word_is_refused_at_once(tmp_path: Path) -> None:
+    with pytest.raises(AttachError, match="unknown attach mode 'loop'"):
+        LayerManager(tmp_path, attach="loop")
 
 
 def test_a_layer_acquired_twice_is_mounted_once_and_release_removes_it(
@@ -131,7 +152,7 @@ def test_a_new_manager_adopts_the_server_and_mounts_of_a_dead_one(
 def test_a_layer_whose_nbdfuse_died_is_attached_again_when_needed(
     root: Path, motd_layer: RemoteLayer
 ) -> None:
-    dead = LayerManager(root, attach="nbdfuse")
+    dead = LayerManager(root, attach=AttachMode.NBDFUSE)
     name = layer_name(motd_layer.digest)
     with dead.holding(name):
         mountpoint = dead.acquire(motd_layer)
@@ -142,7 +163,7 @@ def test_a_layer_whose_nbdfuse_died_is_attached_again_when_needed(
     while os.path.exists(f"/proc/{before.nbdfuse_pid}"):
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    layers = LayerManager(root, attach="nbdfuse")
+    layers = LayerManager(root, attach=AttachMode.NBDFUSE)
     layers.start(lambda n: True)
     assert layers.attached() == []  # the stale mount was undone
     with layers.holding(name):
@@ -173,7 +194,7 @@ def test_the_watchdog_restarts_a_dead_nbd_server_under_attached_layers(
 ) -> None:
     # nbd.ko is missing here, so the layer is attached with nbdfuse, which cannot take a
     # new connection: this proves the restart; the VM test proves the kernel reconnect.
-    layers = LayerManager(root, attach="nbdfuse")
+    layers = LayerManager(root, attach=AttachMode.NBDFUSE)
     assert not layers.revive_server()  # nothing attached: nothing to restart
     assert not layers.server.is_running()
     name = layer_name(motd_layer.digest)
@@ -227,7 +248,7 @@ def test_the_watchdog_backs_off_while_the_server_cannot_start_and_restarts_it_la
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    layers = LayerManager(root, attach="nbdfuse")
+    layers = LayerManager(root, attach=AttachMode.NBDFUSE)
     name = layer_name(motd_layer.digest)
     with layers.holding(name):
         layers.acquire(motd_layer)
@@ -263,7 +284,7 @@ def test_the_watchdog_backs_off_while_the_server_cannot_start_and_restarts_it_la
 def test_an_nbdfuse_layer_is_attached_afresh_while_a_container_still_holds_the_old_one(
     root: Path, motd_layer: RemoteLayer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    layers = LayerManager(root, attach="nbdfuse")
+    layers = LayerManager(root, attach=AttachMode.NBDFUSE)
     name = layer_name(motd_layer.digest)
     with layers.holding(name):
         lower = layers.acquire(motd_layer)

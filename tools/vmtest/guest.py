@@ -182,8 +182,8 @@ def run_checks(ctl: Control, relay: Relay, config: dict[str, Any]) -> None:
     whiteouts: list[str] = config["whiteouts"]
     first_paths = [p for p in sorted(expected) if p not in blocked_paths]
 
-    mode = attach.choose_mode("auto")
-    say(f"attach mode chosen by blockfs.host.attach.choose_mode('auto'): {mode.value}")
+    mode = attach.choose_mode(attach.AUTO)
+    say(f"attach mode chosen by blockfs.host.attach.choose_mode(AUTO): {mode.value}")
     if mode is not attach.AttachMode.KERNEL_NBD:
         raise CheckFailed(f"expected the kernel NBD path here, got {mode.value}")
 
