@@ -5,14 +5,14 @@ This package encodes EROFS (superblock, inodes, dirents, xattrs) and lays a TOC 
 knows nothing of eStargz compression or networks.
 """
 
-from blockfs.erofs._errors import LayoutError
+from blockfs.erofs._errors import ErofsLayoutError
 from blockfs.erofs._format import BLOCK_SIZE
 from blockfs.erofs._layout import ErofsIndex, Extent, build_index
 
 __all__ = [
     "BLOCK_SIZE",
     "ErofsIndex",
+    "ErofsLayoutError",
     "Extent",
-    "LayoutError",
     "build_index",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from blockfs.errors import BlockfsError
 
 
-class LayoutError(BlockfsError):
+class ErofsLayoutError(BlockfsError):
     """A TOC cannot be laid out as an EROFS image (a limit of the format, or a conflict).
 
     ``entry`` names the TOC path concerned and ``layer`` the layer, when they are known.

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import attrs
 
-from blockfs.erofs._errors import LayoutError
+from blockfs.erofs._errors import ErofsLayoutError
 from blockfs.erofs._format import (
     BLOCK_SIZE,
     BLOCK_SIZE_BITS,
@@ -213,7 +213,7 @@ def build_index(
     """Write the EROFS metadata region for ``toc`` to ``out`` and return the image's layout.
 
     ``out`` receives ``meta_blocks`` whole blocks in one write. ``layer`` only names the
-    layer in errors. Raises LayoutError (before writing anything) if the TOC cannot be
+    layer in errors. Raises ErofsLayoutError (before writing anything) if the TOC cannot be
     represented.
     """
     if uuid is None:
@@ -240,8 +240,8 @@ class _Layout:
         self.inodes: list[_Inode] = []
         self.skipped_xattrs: list[tuple[str, str]] = []
 
-    def error(self, message: str, path: str | None = None) -> LayoutError:
-        return LayoutError(message, entry=path, layer=self.layer)
+    def error(self, message: str, path: str | None = None) -> ErofsLayoutError:
+        return ErofsLayoutError(message, entry=path, layer=self.layer)
 
     def build(self, *, build_time: int, uuid: bytes, label: bytes) -> tuple[bytearray, ErofsIndex]:
         self.collect()

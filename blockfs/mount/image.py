@@ -39,7 +39,7 @@ from blockfs.convert import (
     open_location,
     resolve_image,
 )
-from blockfs.erofs import LayoutError
+from blockfs.erofs import ErofsLayoutError
 from blockfs.errors import BlockfsError
 from blockfs.estargz import BlobReader, CountingSource, FormatError
 from blockfs.host import mounts
@@ -304,7 +304,7 @@ def _prepare_layer(
                 source=spec,
                 bytes_fetched=source.bytes_read,
             )
-        except (FormatError, LayoutError) as e:
+        except (FormatError, ErofsLayoutError) as e:
             reason = f"not servable lazily: {e}"
         else:
             path = str(run_dir / "lower" / name)

@@ -20,9 +20,9 @@ from blockfs.oci._errors import (
     InvalidDocument,
     InvalidReference,
     LayoutDigestMismatch,
-    LayoutError,
     NoMatchingPlatform,
     OCIError,
+    OCILayoutError,
 )
 from blockfs.oci._json import canonical_json
 from blockfs.oci._layout import ImageLayout, parse_layout_reference
@@ -39,10 +39,10 @@ __all__ = [
     "InvalidDocument",
     "InvalidReference",
     "LayoutDigestMismatch",
-    "LayoutError",
     "Manifest",
     "NoMatchingPlatform",
     "OCIError",
+    "OCILayoutError",
     "Platform",
     "Reference",
     "annotations",

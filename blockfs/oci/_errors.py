@@ -25,7 +25,7 @@ class NoMatchingPlatform(OCIError):
     """An image index has no manifest for the requested platform."""
 
 
-class LayoutError(OCIError):
+class OCILayoutError(OCIError):
     """An OCI image layout directory is missing, malformed, or lacks what was asked for.
 
     ``path`` is the layout directory (or the file inside it) concerned.
@@ -39,5 +39,5 @@ class LayoutError(OCIError):
         return [self.path] if self.path else []
 
 
-class LayoutDigestMismatch(LayoutError):
+class LayoutDigestMismatch(OCILayoutError):
     """A blob in an image layout does not hash to the digest it is stored under."""

@@ -21,7 +21,12 @@ from blockfs.oci import _mediatypes as mt
 from blockfs.oci._annotations import REF_NAME
 from blockfs.oci._descriptors import Descriptor, ImageConfig, Index, Manifest, parse_document
 from blockfs.oci._digest import digest_hex, new_hasher, sha256_digest, validate_digest
-from blockfs.oci._errors import InvalidDocument, InvalidReference, LayoutDigestMismatch, LayoutError
+from blockfs.oci._errors import (
+    InvalidDocument,
+    InvalidReference,
+    LayoutDigestMismatch,
+    OCILayoutError,
+)
 
 LAYOUT_FILE = "oci-layout"
 LAYOUT_VERSION = "1.0.0"
@@ -71,19 +76,19 @@ class ImageLayout:
     """An OCI image layout directory: ``oci-layout``, ``index.json`` and ``blobs/<alg>/<hex>``."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        """Open an existing layout; raises :class:`LayoutError` if ``root`` is not one."""
+        """Open an existing layout; raises :class:`OCILayoutError` if ``root`` is not one."""
         self._root = Path(root)
         marker = self._root / LAYOUT_FILE
         try:
             version = json.loads(marker.read_bytes()).get("imageLayoutVersion")
         except FileNotFoundError:
-            raise LayoutError(
+            raise OCILayoutError(
                 "not an OCI image layout: no oci-layout file", path=str(self._root)
             ) from None
         except (ValueError, AttributeError):
-            raise LayoutError("oci-layout is not a JSON object", path=str(marker)) from None
+            raise OCILayoutError("oci-layout is not a JSON object", path=str(marker)) from None
         if version != LAYOUT_VERSION:
-            raise LayoutError(f"unsupported imageLayoutVersion {version!r}", path=str(marker))
+            raise OCILayoutError(f"unsupported imageLayoutVersion {version!r}", path=str(marker))
 
     @classmethod
     def create(cls, root: str | os.PathLike[str]) -> ImageLayout:
@@ -143,7 +148,7 @@ class ImageLayout:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise LayoutError(f"blob {digest} is not in the layout", path=str(path)) from None
+            raise OCILayoutError(f"blob {digest} is not in the layout", path=str(path)) from None
         hasher = new_hasher(digest)
         hasher.update(data)
         _check(hasher.name, hasher.hexdigest(), digest, path)
@@ -158,7 +163,7 @@ class ImageLayout:
                 while chunk := f.read(_COPY_CHUNK):
                     hasher.update(chunk)
         except FileNotFoundError:
-            raise LayoutError(f"blob {digest} is not in the layout", path=str(path)) from None
+            raise OCILayoutError(f"blob {digest} is not in the layout", path=str(path)) from None
         _check(hasher.name, hasher.hexdigest(), digest, path)
 
     def write_document(self, document: Manifest | Index | ImageConfig) -> Descriptor:
@@ -173,7 +178,7 @@ class ImageLayout:
         try:
             return parse_document(data, descriptor.media_type)
         except InvalidDocument as e:
-            raise LayoutError(str(e), path=str(self.blob_path(descriptor.digest))) from None
+            raise OCILayoutError(str(e), path=str(self.blob_path(descriptor.digest))) from None
 
     def index(self) -> Index:
         """The layout's ``index.json``."""
@@ -181,9 +186,9 @@ class ImageLayout:
         try:
             return Index.from_bytes(path.read_bytes(), mt.OCI_INDEX)
         except FileNotFoundError:
-            raise LayoutError("the layout has no index.json", path=str(path)) from None
+            raise OCILayoutError("the layout has no index.json", path=str(path)) from None
         except InvalidDocument as e:
-            raise LayoutError(str(e), path=str(path)) from None
+            raise OCILayoutError(str(e), path=str(path)) from None
 
     def tags(self) -> list[str]:
         """The ``org.opencontainers.image.ref.name`` of every tagged manifest, in index order."""
@@ -216,7 +221,7 @@ class ImageLayout:
         if tag is None:
             if len(manifests) == 1:
                 return manifests[0]
-            raise LayoutError(
+            raise OCILayoutError(
                 f"the layout holds {len(manifests)} manifests; name one of the tags "
                 f"{self.tags()} as oci:DIR:TAG",
                 path=str(self._root),
@@ -224,7 +229,9 @@ class ImageLayout:
         for descriptor in manifests:
             if descriptor.annotations.get(REF_NAME) == tag:
                 return descriptor
-        raise LayoutError(f"no manifest tagged {tag!r}; tags: {self.tags()}", path=str(self._root))
+        raise OCILayoutError(
+            f"no manifest tagged {tag!r}; tags: {self.tags()}", path=str(self._root)
+        )
 
     @contextlib.contextmanager
     def _index_lock(self) -> Iterator[None]:

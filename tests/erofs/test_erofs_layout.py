@@ -8,7 +8,7 @@ import stat
 import pytest
 from erofs_testkit import build, directory, reg
 
-from blockfs.erofs import BLOCK_SIZE, ErofsIndex, Extent, LayoutError, build_index
+from blockfs.erofs import BLOCK_SIZE, ErofsIndex, ErofsLayoutError, Extent, build_index
 from blockfs.erofs import _format as fmt
 from blockfs.estargz import Entry, make_toc
 
@@ -301,9 +301,9 @@ def test_same_toc_gives_identical_bytes() -> None:
 # -- refusals ---------------------------------------------------------------------------
 
 
-def refuse(entries: list[Entry], match: str) -> LayoutError:
+def refuse(entries: list[Entry], match: str) -> ErofsLayoutError:
     out = io.BytesIO()
-    with pytest.raises(LayoutError, match=match) as info:
+    with pytest.raises(ErofsLayoutError, match=match) as info:
         build_index(make_toc(entries), out, layer="sha256:abc")
     assert out.getvalue() == b"", "nothing may be written when the layout fails"
     assert "sha256:abc" in str(info.value)

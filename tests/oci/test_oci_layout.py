@@ -10,8 +10,8 @@ from blockfs.oci import (
     ImageLayout,
     InvalidReference,
     LayoutDigestMismatch,
-    LayoutError,
     Manifest,
+    OCILayoutError,
     parse_layout_reference,
     sha256_digest,
 )
@@ -78,9 +78,9 @@ def test_resolve_without_tag_needs_a_single_manifest(tmp_path):
     only, _ = write_image(layout, None, b"x")
     assert layout.resolve().digest == only.digest
     write_image(layout, "other", b"y")
-    with pytest.raises(LayoutError, match="holds 2 manifests"):
+    with pytest.raises(OCILayoutError, match="holds 2 manifests"):
         layout.resolve()
-    with pytest.raises(LayoutError, match="no manifest tagged 'nope'"):
+    with pytest.raises(OCILayoutError, match="no manifest tagged 'nope'"):
         layout.resolve("nope")
 
 
@@ -114,13 +114,13 @@ def test_streamed_blob_is_verified_and_stored(tmp_path):
 
 
 def test_missing_blob_and_non_layout_directory_are_layout_errors(tmp_path):
-    with pytest.raises(LayoutError, match="no oci-layout"):
+    with pytest.raises(OCILayoutError, match="no oci-layout"):
         ImageLayout(tmp_path)
     (tmp_path / "oci-layout").write_text('{"imageLayoutVersion": "2.0.0"}')
-    with pytest.raises(LayoutError, match="unsupported"):
+    with pytest.raises(OCILayoutError, match="unsupported"):
         ImageLayout(tmp_path)
     layout = ImageLayout.create(tmp_path / "ok")
-    with pytest.raises(LayoutError, match="not in the layout"):
+    with pytest.raises(OCILayoutError, match="not in the layout"):
         layout.read_blob(sha256_digest(b"absent"))
 
 
