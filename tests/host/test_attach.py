@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,7 +41,13 @@ from blockfs.host.attach import (
     unmount_and_detach,
 )
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+
+def needs_root(test: Callable[..., None]) -> Callable[..., None]:
+    """Marked ``root`` (so ``-m "not root"`` leaves it out) and skipped unless run as root."""
+    skip = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+    return pytest.mark.root(skip(test))
+
+
 without_nbd_ko = pytest.mark.skipif(nbd_ko_present(), reason="this host has nbd.ko")
 
 
