@@ -19,7 +19,7 @@ import time
 from typing import Literal
 from urllib.parse import quote
 
-from blockfs.host import _handshake, mounts
+from blockfs.host import _handshake, _process, mounts
 from blockfs.host._attach_common import (
     POLL,
     READY_TIMEOUT,
@@ -170,7 +170,7 @@ def _wait_ready(state_dir: str, pid: int, export: str) -> None:
         ):
             if int(f.read()) == pid:
                 return
-        if not _process_alive(pid, marker):
+        if not _process.running(pid, marker):
             raise AttachError(
                 f"nbdfuse exited before it was ready: {_log_tail(state_dir)}", export=export
             )
@@ -191,16 +191,12 @@ def _stop(state_dir: str, pid: int | None, *, export: str, lazy: bool = False) -
         entry = None
     if entry is not None and entry.fstype.startswith("fuse"):
         _fusermount_unmount(directory, export)
-        if pid is not None and _wait_exit(pid, directory, _EXIT_TIMEOUT):
+        if pid is not None and _process.wait_exit(pid, directory, _EXIT_TIMEOUT):
             return
     # Not mounted (it failed or never got ready) or it did not exit: stop it by force.
-    if pid is None or not _process_alive(pid, directory):
+    if pid is None or not _process.running(pid, directory):
         return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        if _wait_exit(pid, directory, _EXIT_TIMEOUT):
-            break
+    _process.end(pid, directory, (signal.SIGTERM, signal.SIGKILL), _EXIT_TIMEOUT)
     # A killed nbdfuse may leave a dead FUSE mount behind ("transport endpoint is not
     # connected"), which still has to be unmounted.
     if mounts.find_mount(directory) is not None:
@@ -227,28 +223,6 @@ def _fusermount_unmount(directory: str, export: str, *, lazy: bool = False) -> N
                 export=export,
             )
         time.sleep(0.1)
-
-
-def _process_alive(pid: int, marker: str) -> bool:
-    """Whether ``pid`` runs and is the nbdfuse of ``marker`` (pids get reused)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    # A zombie has exited: whoever its parent is will reap it.
-    return state not in (b"Z", b"X") and os.fsencode(marker) in cmdline
-
-
-def _wait_exit(pid: int, marker: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _process_alive(pid, marker):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(POLL)
-    return True
 
 
 def _log_tail(state_dir: str) -> str:

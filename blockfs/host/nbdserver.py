@@ -22,6 +22,7 @@ from pathlib import Path
 
 import blockfs
 from blockfs.errors import BlockfsError
+from blockfs.host import _process
 from blockfs.image import ServerConfig
 
 # The plugin file nbdkit loads: plugins/blockfs_nbdkit.py in the repository, installed as
@@ -29,9 +30,12 @@ from blockfs.image import ServerConfig
 PLUGIN = Path(str(importlib.resources.files("blockfs.host.plugin") / "blockfs_nbdkit.py"))
 
 # Runs "$@" (with output appended to the log "$1") under a subshell that prints the
-# child's pid, lets go of the caller's pipes and stays as the child's parent until it ends.
+# child's pid, lets go of the caller's pipes and stays as the child's parent until it ends;
+# the subshell's own pid goes to the file "$2".
 _SUPERVISE = (
-    'log=$1; shift; ( "$@" </dev/null >>"$log" 2>&1 & echo $!; exec >/dev/null 2>&1; wait ) &'
+    "log=$1 supervisor=$2; shift 2; "
+    '( "$@" </dev/null >>"$log" 2>&1 & echo $!; exec >/dev/null 2>&1; wait ) & '
+    'echo $! >"$supervisor"'
 )
 
 
@@ -53,14 +57,6 @@ def socket_path(run_dir: str | os.PathLike[str], name: str) -> Path:
     short = RUNTIME_DIR / key
     short.mkdir(mode=0o700, parents=True, exist_ok=True)
     return short / name
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _private_file(path: Path, *, truncate: bool) -> None:
@@ -107,6 +103,11 @@ class NBDServer:
         return self.run_dir / "nbdkit.pid"
 
     @property
+    def supervisor_pidfile(self) -> Path:
+        """The pid file of the shell that stays as nbdkit's parent (see :meth:`start`)."""
+        return self.run_dir / "supervisor.pid"
+
+    @property
     def logfile(self) -> Path:
         return self.run_dir / "nbdkit.log"
 
@@ -149,6 +150,15 @@ class NBDServer:
     def is_running(self) -> bool:
         return self.pid() is not None
 
+    def supervisor_pid(self) -> int | None:
+        """Pid of the shell supervising nbdkit, or None if it is not running."""
+        try:
+            pid = int(self.supervisor_pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        # Its command line is the launcher's: the shell, the log, then nbdkit's.
+        return pid if _process.running(pid, str(self.logfile)) else None
+
     def start(self, timeout: float = 30.0) -> int:
         """Start the server detached from this process and wait until it accepts connections."""
         if (pid := self.pid()) is not None:
@@ -156,16 +166,26 @@ class NBDServer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
-        # The log names the layers and registries this node uses. It and the pid file are
+        # The log names the layers and registries this node uses. It and the pid files are
         # made 0600 here: nbdkit sets its own umask (022), and it only truncates a pid
         # file that exists. An empty pid file reads as "not running".
         _private_file(self.logfile, truncate=False)
         _private_file(self.pidfile, truncate=True)
+        _private_file(self.supervisor_pidfile, truncate=True)
         # nbdkit 1.32 as packaged by Debian arms a parent-death signal (SIGTERM) even
         # without --exit-with-parent, so its parent must outlive whoever starts it: a
-        # detached shell that only waits for it is that parent.
+        # detached shell that only waits for it is that parent. Its pid is recorded too,
+        # so that stop() can wait for it.
+        launcher = [
+            "/bin/sh",
+            "-c",
+            _SUPERVISE,
+            "sh",
+            str(self.logfile),
+            str(self.supervisor_pidfile),
+        ]
         launched = subprocess.run(
-            ["/bin/sh", "-c", _SUPERVISE, "sh", str(self.logfile), *self.command()],
+            [*launcher, *self.command()],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -180,13 +200,14 @@ class NBDServer:
         while time.monotonic() < deadline:
             if (pid := self.pid()) is not None and self.socket.exists():
                 return pid
-            if not _alive(child):
+            if not _process.running(child, str(self.socket)):
+                self.stop()
                 raise NBDServerError(
                     f"nbdkit exited while starting; its log {self.logfile} says:\n{self.log_tail()}"
                 )
             time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
+        _process.end(child, str(self.socket), (signal.SIGKILL,), timeout)
+        self.stop()
         raise NBDServerError(f"nbdkit did not start within {timeout} s; see {self.logfile}")
 
     def run(self) -> int:
@@ -213,18 +234,19 @@ class NBDServer:
                 self.socket.unlink()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL) and remove its socket and pid file."""
+        """Stop the server (SIGTERM, then SIGKILL) and remove its socket and pid files.
+
+        Returns once nbdkit and its supervising shell have both exited: nothing of the
+        server is left running.
+        """
+        supervisor = self.supervisor_pid()
         pid = self.pid()
         if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and _alive(pid):
-                time.sleep(0.05)
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        for path in (self.socket, self.pidfile):
+            _process.end(pid, str(self.socket), (signal.SIGTERM, signal.SIGKILL), timeout)
+        if supervisor is not None:
+            # It exits as soon as it has reaped nbdkit (which may have died before).
+            _process.end(supervisor, str(self.logfile), (None, signal.SIGKILL), timeout)
+        for path in (self.socket, self.pidfile, self.supervisor_pidfile):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         if self.socket.parent.parent == RUNTIME_DIR:

@@ -1,0 +1,56 @@
+"""The NBD server process: nbdkit under its supervising shell, started and stopped for real."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from attach_testkit import force_cleanup, leftovers
+
+from blockfs.host.nbdserver import NBDServer
+from blockfs.image import ServerConfig
+
+pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None, reason="needs nbdkit")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[NBDServer]:
+    (tmp_path / "layers").mkdir()
+    config = ServerConfig(root=tmp_path / "layers", cache_dir=tmp_path / "cache")
+    try:
+        yield NBDServer(tmp_path / "run", config)
+    finally:
+        force_cleanup(tmp_path)
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_stop_returns_once_nbdkit_and_its_supervising_shell_are_gone(server: NBDServer) -> None:
+    for _ in range(3):
+        pid = server.start()
+        supervisor = server.supervisor_pid()
+        assert supervisor is not None and _parent(pid) == supervisor
+        assert len(leftovers(server.run_dir)) == 2  # nbdkit and the shell
+
+        server.stop()
+
+        # At once: nothing may still be on its way out.
+        assert leftovers(server.run_dir) == []
+        assert not server.is_running() and server.supervisor_pid() is None
+        assert not server.supervisor_pidfile.exists()
+
+
+def test_stop_after_nbdkit_died_waits_for_the_shell_it_leaves(server: NBDServer) -> None:
+    for _ in range(3):
+        pid = server.start()
+        os.kill(pid, signal.SIGKILL)
+
+        server.stop()
+
+        assert leftovers(server.run_dir) == []
