@@ -57,7 +57,21 @@ def image_size(ref: str) -> int:
     return sum(layer.size for layer in manifest.layers)
 
 
-def _check(argv: list[str], say: Callable[[str], None], shown: str) -> str:
+def pull_command(ctd: Containerd, ref: str, snapshotter: str) -> tuple[list[str], str]:
+    """How to pull ``ref`` into ``ctd`` for ``snapshotter``, and that command as shown.
+
+    ``blockfs`` pulls with ``blockfs image pull`` (lazy layers); any other snapshotter
+    with ``ctr images pull`` (every layer downloaded and unpacked).
+    """
+    if snapshotter == "blockfs":
+        pull = [*BLOCKFS, "image", "pull", "--plain-http", "--address", str(ctd.address),
+                "--namespace", ctd.namespace, ref]  # fmt: skip
+        return pull, f"blockfs image pull --plain-http {ref}"
+    pull = ctd.ctr_argv("images", "pull", "--plain-http", "--snapshotter", snapshotter, ref)
+    return pull, f"ctr images pull --plain-http --snapshotter {snapshotter} {ref}"
+
+
+def _check(argv: list[str], shown: str, say: Callable[[str], None]) -> str:
     say(f"$ {shown}")
     done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if done.stdout:
@@ -85,14 +99,7 @@ def first_output(
     """
     before = registry.bytes_sent()
     started = time.monotonic()
-    if snapshotter == "blockfs":
-        pull = [*BLOCKFS, "image", "pull", "--plain-http", "--address", str(ctd.address),
-                "--namespace", ctd.namespace, ref]  # fmt: skip
-        shown = f"blockfs image pull --plain-http {ref}"
-    else:
-        pull = ctd.ctr_argv("images", "pull", "--plain-http", "--snapshotter", snapshotter, ref)
-        shown = f"ctr images pull --plain-http --snapshotter {snapshotter} {ref}"
-    _check(pull, say, shown)
+    _check(*pull_command(ctd, ref, snapshotter), say)
     pulled = time.monotonic()
     run = ctd.ctr_argv("run", "--rm", "--snapshotter", snapshotter, ref, name, *argv)
     say(f"$ ctr run --rm --snapshotter {snapshotter} {ref} {name} {shlex.join(argv)}")
@@ -159,7 +166,7 @@ def run_demo() -> int:
             ref = f"{registry.host}/demo/app:latest"
             say("== 2. convert every layer to eStargz and push the image")
             _check([*BLOCKFS, "image", "convert", "--plain-http", f"oci:{work / 'base'}:latest",
-                    ref], say, f"blockfs image convert --plain-http oci:base:latest {ref}")  # fmt: skip
+                    ref], f"blockfs image convert --plain-http oci:base:latest {ref}", say)  # fmt: skip
             size = image_size(ref)
             say("== 3. start a private containerd with blockfs-snapshotter as its proxy plugin")
             with start_blockfs_containerd(work / "ctd") as stack:

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -354,10 +354,15 @@ def sweep(work: Path) -> None:
 
 @contextlib.contextmanager
 def start_blockfs_containerd(
-    work: Path, *, log_level: str = "info", start_timeout: float = START_TIMEOUT
+    work: Path,
+    *,
+    log_level: str = "info",
+    start_timeout: float = START_TIMEOUT,
+    snapshotter_args: Sequence[str] = (),
 ) -> Iterator[BlockfsContainerd]:
     """Run blockfs-snapshotter and a containerd that uses it, with their state under
     ``work`` (keep it short: sockets live there); stop both, and sweep ``work``, on exit.
+    ``snapshotter_args`` are more options of the daemon (``--prefetch``, say).
 
     Images pulled meanwhile should be removed first (``ctr images rm --sync``), so that
     the snapshotter unmounts its layers and stops serving them in order.
@@ -367,7 +372,11 @@ def start_blockfs_containerd(
     try:
         with (
             start_snapshotter(
-                work / "root", socket, log_level=log_level, start_timeout=start_timeout
+                work / "root",
+                socket,
+                *snapshotter_args,
+                log_level=log_level,
+                start_timeout=start_timeout,
             ) as snapshotter,
             start_containerd({"blockfs": socket}, start_timeout=start_timeout) as containerd,
         ):
