@@ -1,4 +1,4 @@
-"""The command line of the benchmarks: ``python -m tools.bench {estargz,image,reads} [options]``."""
+"""The command line of the benchmarks: ``python -m tools.bench {estargz,image,reads,wan} [options]``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,20 @@ requests, against the baseline of one request per member, in the same run, with 
 modelled round-trip time per request (0 and 10 ms by default; the bytes, decompression
 and verification are real). Prints Markdown for docs/benchmarks.md on stdout."""
 
+WAN_HELP = """\
+Measure cold container starts through containerd over a WAN-like link (issue 10): a
+shaping proxy (tools/shaping_proxy.py: one token bucket for all connections, a delay per
+request) in front of a docker-registry on loopback, checked first (a --check-mb blob must
+take its expected time within 5%, else the run stops). Images built offline by
+tools/mkimage: `python` (byte-compiled Python 3.11, 40 MiB nothing reads, workload
+imports json, email, asyncio, http.client) and `gcc` (gcc-12 toolchain, workload compiles
+and runs hello world). Each from a cold state (new containerd and snapshotter, caches
+dropped), for each link: overlayfs with `ctr images pull` of the gzip image; blockfs with
+its defaults on the eStargz image; blockfs on the image converted with --prioritize for
+the workload's read set (strace of a chroot run), prefetch on. Reports pull, create and
+run-to-first-output seconds, requests and bytes at ready, and an ideal transfer computed
+from the read set; median of --runs. Needs root. Prints Markdown on stdout."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -82,12 +96,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small files in the layer (default: %(default)s)")  # fmt: skip
     r.add_argument("--rtt", type=float, action="append", metavar="MS",
                    help="round-trip time per request, repeatable (default: 0 and 10)")  # fmt: skip
-    for p in (e, i, r):
+    w = sub.add_parser(
+        "wan",
+        help="cold container starts over a shaped link: full pull, blockfs, prioritized",
+        description=WAN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    w.add_argument("--images", type=_names, default=["python", "gcc"], metavar="NAMES",
+                   help="comma-separated images: python, gcc (default: python,gcc)")  # fmt: skip
+    w.add_argument("--links", type=_names, default=["shaped", "loopback"], metavar="NAMES",
+                   help="comma-separated links: shaped, loopback (default: shaped,loopback)")  # fmt: skip
+    w.add_argument("--runs", type=int, default=3, metavar="N",
+                   help="cold starts per mode, link and image; medians are reported "
+                   "(default: %(default)s)")  # fmt: skip
+    w.add_argument("--rate-mbit", type=float, default=100.0, metavar="MBIT",
+                   help="bandwidth of the shaped link in Mbit/s (default: %(default)g)")  # fmt: skip
+    w.add_argument("--delay-ms", type=float, default=20.0, metavar="MS",
+                   help="delay of each request on the shaped link (default: %(default)g)")  # fmt: skip
+    w.add_argument("--check-mb", type=float, default=50.0, metavar="MB",
+                   help="size of the blob of the link's self-check, 10^6 bytes "
+                   "(default: %(default)g)")  # fmt: skip
+    for p in (e, i, r, w):
         p.add_argument("--quick", action="store_true",
                        help="tiny inputs and one repetition: checks that the bench runs, "
                        "its figures mean nothing")  # fmt: skip
-        p.add_argument("--repeat", type=int, default=3, metavar="N",
-                       help="runs per figure; the best is reported (default: %(default)s)")  # fmt: skip
+        if p is not w:
+            p.add_argument("--repeat", type=int, default=3, metavar="N",
+                           help="runs per figure; the best is reported (default: %(default)s)")  # fmt: skip
+        p.add_argument("--record", type=Path, metavar="FILE",
+                       help="append the Markdown section to FILE (docs/benchmarks.md)")  # fmt: skip
         p.add_argument("--workdir", type=Path, metavar="DIR",
                        help="where inputs and blobs go (default: a new directory in /var/tmp)")  # fmt: skip
         p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -114,7 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.markdown())
     if args.json is not None:
         report.write_json(args.json)
+    if args.record is not None:
+        with open(args.record, "a") as f:
+            f.write("\n" + report.markdown())
     return 0
+
+
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
 
 
 def _run(args: argparse.Namespace, workdir: Path, command: str) -> Report:
@@ -128,6 +172,19 @@ def _run(args: argparse.Namespace, workdir: Path, command: str) -> Report:
             quick=args.quick,
             repeat=args.repeat,
             toc_entries=args.toc_entries,
+        ).run(command)
+    if args.bench == "wan":
+        from tools.bench._wan import WanBench
+
+        return WanBench(
+            workdir,
+            images=["busybox"] if args.quick else args.images,
+            links=args.links,
+            runs=1 if args.quick else args.runs,
+            rate_bps=args.rate_mbit * 1e6,
+            delay=args.delay_ms / 1000,
+            check_bytes=4_000_000 if args.quick else int(args.check_mb * 1e6),
+            enforce_check=not args.quick,
         ).run(command)
     if args.bench == "reads":
         from tools.bench._reads import ReadsBench

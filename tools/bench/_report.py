@@ -125,6 +125,10 @@ class Report:
     )
     tables: list[Table] = attrs.Factory(list)
     figures: dict[str, Figure] = attrs.Factory(dict)
+    # More lines of the list under the title (what was measured on what), and raw data
+    # for the JSON file only (logs of requests, say).
+    facts: list[str] = attrs.Factory(list)
+    details: dict[str, Any] = attrs.Factory(dict)
     # Other work on the machine skews every figure; the report says how busy it was.
     load_at_start: tuple[float, float, float] = attrs.Factory(os.getloadavg)
 
@@ -142,6 +146,7 @@ class Report:
             f"- Command: `{self.command}`",
             f"- Load average (1, 5, 15 min) at start: {_loads(self.load_at_start)}; "
             f"at end: {_loads(os.getloadavg())}",
+            *(f"- {fact}" for fact in self.facts),
         ]
         return "\n\n".join(["\n".join(head), *(t.markdown() for t in self.tables)]) + "\n"
 
@@ -152,6 +157,7 @@ class Report:
             "date": self.date,
             "machine": attrs.asdict(self.machine),
             "figures": self.figures,
+            **({"details": self.details} if self.details else {}),
         }
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
