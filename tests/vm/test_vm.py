@@ -30,13 +30,13 @@ TIMEOUT = 600
 # What the guest must print, in this order: the attach scenario, then the snapshotter one.
 GUEST_LINES = [
     r"\[guest .*\] guest kernel: Linux \S+",
-    r"/dev/nbd0 attached by blockfs: snapshotter\.attach\.attach_and_mount, netlink "
+    r"/dev/nbd0 attached by blockfs: blockfs\.host\.attach\.attach_and_mount, netlink "
     r"NBD_CMD_CONNECT with \d+ connections, dead-connection timeout \d+ s",
     r"EROFS mounted: /dev/nbd0 on /mnt/layer type erofs \(ro",
     r"overlay mounted: overlay on /mnt/merged type overlay",
     r"checksums verified: \d+ files",
     r"reads blocked while the server is down",
-    r"reconnect after restart: snapshotter\.attach\.reconnect gave /dev/nbd0",
+    r"reconnect after restart: blockfs\.host\.attach\.reconnect gave /dev/nbd0",
     r"blocked reads resumed: \d+ files, \d+ bytes, checksums verified",
     r"no remount: still /dev/nbd0 on /mnt/layer",
     r"all \d+ files verified again after the restart",
