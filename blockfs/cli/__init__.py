@@ -7,7 +7,12 @@ import sys
 from collections.abc import Sequence
 
 from blockfs.cli import _image, _layer
-from blockfs.cli._common import registry_args
+from blockfs.cli._common import (
+    check_shared_options,
+    describe_os_error,
+    log_to_stderr,
+    registry_args,
+)
 from blockfs.errors import BlockfsError
 
 __all__ = ["build_parser", "main", "registry_args"]
@@ -21,23 +26,37 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
     _layer.register(groups)
     _image.register(groups)
+    check_shared_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``blockfs``; returns the exit status."""
+    """Entry point of ``blockfs``; returns the exit status.
+
+    Whatever the input, a failure is one ``blockfs: error: …`` line saying what to do (or
+    argparse's usage error), never a traceback: blockfs's own errors carry their message,
+    and an OSError (a path missing, a directory, existing, not permitted) is described by
+    the path it names. Anything else is a bug and keeps its traceback.
+    """
+    log_to_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         status: int = args.func(args)
     except BlockfsError as exc:
-        print(f"blockfs: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        return _fail(describe_os_error(exc, root=getattr(args, "root", None)))
     return status
+
+
+def _fail(message: str) -> int:
+    print(f"blockfs: error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -70,3 +70,11 @@ class DecompressionError(FormatError):
 
 class BuildError(FormatError):
     """A tar stream cannot be turned into an eStargz blob."""
+
+
+class NoSuchEntryError(BlockfsError, FileNotFoundError):
+    """The layer has no entry at the path asked for (also a FileNotFoundError)."""
+
+
+class NotARegularFileError(BlockfsError, ValueError):
+    """The entry at the path asked for is not a regular file (also a ValueError)."""

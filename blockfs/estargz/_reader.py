@@ -24,6 +24,8 @@ from blockfs.estargz._errors import (
     ChunkVerificationError,
     DecompressionError,
     FormatError,
+    NoSuchEntryError,
+    NotARegularFileError,
     TOCDigestMismatch,
     TOCTooLargeError,
 )
@@ -341,9 +343,15 @@ class BlobReader:
         try:
             entry = self.toc.lookup(path)
         except KeyError:
-            raise FileNotFoundError(f"no {path!r} in layer {self.name}") from None
+            raise NoSuchEntryError(
+                f"no {path!r} in layer {self.name}; paths are relative to the layer's root, "
+                "and `blockfs layer inspect` lists them"
+            ) from None
         if entry.type != "reg":
-            raise ValueError(f"{path!r} in layer {self.name} is a {entry.type}, not a file")
+            raise NotARegularFileError(
+                f"{path!r} in layer {self.name} is a {entry.type}, not a file; "
+                "give the path of a regular file"
+            )
         return entry
 
     def read_file(self, path: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -30,6 +30,7 @@ from blockfs.registry import (
     RegistryClient,
     RetryPolicy,
 )
+from blockfs.registry._credentials import warn_if_unreadable
 
 SourceSpec = dict[str, Any]
 
@@ -43,11 +44,16 @@ _ClientKey = tuple[bool, str | None, str | None]
 
 
 def docker_config_path(env: Mapping[str, str] | None = None) -> str | None:
-    """docker's config.json as docker finds it (``$DOCKER_CONFIG`` or ``~/.docker``), if it exists."""
+    """docker's config.json as docker finds it (``$DOCKER_CONFIG`` or ``~/.docker``), if it
+    exists, or if this user cannot even look (reading it will then say why)."""
     environ = os.environ if env is None else env
     directory = environ.get("DOCKER_CONFIG")
     path = (Path(directory) if directory else Path.home() / ".docker") / "config.json"
-    return str(path.absolute()) if path.is_file() else None
+    try:
+        exists = path.is_file()
+    except PermissionError:  # a directory on the way is not searchable
+        exists = True
+    return str(path.absolute()) if exists else None
 
 
 def file_source_spec(path: str | os.PathLike[str]) -> SourceSpec:
@@ -85,6 +91,11 @@ def blob_source_spec(
 ) -> SourceSpec:
     """The spec of a BLOB argument: an existing file, else a registry blob ``REF@sha256:…``."""
     if os.path.exists(text):
+        if os.path.isdir(text):
+            raise BlobSourceError(
+                f"{text} is a directory; BLOB is an eStargz file or a registry blob "
+                "HOST/REPO@sha256:…"
+            )
         return file_source_spec(text)
     if "@" not in text:
         raise BlobSourceError(
@@ -120,7 +131,13 @@ class BlobSources:
         kind = spec.get("type")
         try:
             if kind == "file":
-                return FileBlobSource(spec["path"])
+                try:
+                    return FileBlobSource(spec["path"])
+                except PermissionError:
+                    raise BlobSourceError(
+                        f"cannot read the blob file {spec['path']}: permission denied; "
+                        "run blockfs as a user who can read it"
+                    ) from None
             if kind == "registry":
                 ref = Reference.parse(spec["ref"])
                 client = self.client(
@@ -190,13 +207,17 @@ def open_blob(
     """Open a BLOB argument (a file or ``REF@sha256:…``): its source and its spec.
 
     The spec records the blob's size, so that whoever opens it again need not ask.
-    ``docker_config`` defaults to docker's own config.json, if there is one.
+    ``docker_config`` defaults to docker's own config.json, if there is one. A local blob
+    needs no credentials: a config.json that cannot be read only earns a warning then
+    (a registry blob's client refuses it, naming the file).
     """
     if docker_config is None:
         docker_config = docker_config_path()
     spec = blob_source_spec(
         text, plain_http=plain_http, hosts_dir=hosts_dir, docker_config=docker_config
     )
+    if spec["type"] == "file" and docker_config is not None:
+        warn_if_unreadable(docker_config)
     source = sources.open(spec)
     if spec["type"] == "registry":
         spec["size"] = source.size

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 import subprocess
 import threading
@@ -30,6 +31,44 @@ _DOCKER_HUB_NAMES = frozenset(
 )
 # A helper answering with this user name returns an identity (refresh) token as Secret.
 _TOKEN_USERNAME = "<token>"
+# What to do about a docker config.json that cannot be read.
+_UNREADABLE_FIX = (
+    "make it readable by this user, or set DOCKER_CONFIG to a directory whose config.json is"
+)
+
+log = logging.getLogger("blockfs.registry")
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def docker_config_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why docker's config.json at ``path`` cannot be read (``"permission denied"``), or
+    None if it can be or does not exist."""
+    try:
+        with open(path, "rb"):
+            return None
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return (e.strerror or str(e)).lower()
+
+
+def warn_if_unreadable(path: str | os.PathLike[str]) -> None:
+    """Warn (once per file and process) that docker's config.json at ``path`` exists but
+    cannot be read: for a command that needs no registry credentials it is no error."""
+    problem = docker_config_problem(path)
+    if problem is None:
+        return
+    with _warned_lock:
+        if os.fspath(path) in _warned:
+            return
+        _warned.add(os.fspath(path))
+    log.warning(
+        "cannot read docker config %s (%s), so its registry credentials are not used; %s",
+        os.fspath(path),
+        problem,
+        _UNREADABLE_FIX,
+    )
 
 
 def normalize_host(key: str) -> str:
@@ -145,10 +184,19 @@ class CredentialStore:
             config: Any = json.loads(path.read_bytes())
         except FileNotFoundError:
             return cls(env=env)
-        except (ValueError, OSError) as e:
-            raise RegistryAuthError(f"cannot read docker config {path}: {e}") from None
+        except OSError as e:
+            raise RegistryAuthError(
+                f"cannot read docker config {path} ({(e.strerror or str(e)).lower()}), which "
+                f"holds the registry credentials; {_UNREADABLE_FIX}"
+            ) from None
+        except ValueError as e:
+            raise RegistryAuthError(
+                f"docker config {path} is not valid JSON ({e}); fix it or move it away"
+            ) from None
         if not isinstance(config, dict):
-            raise RegistryAuthError(f"docker config {path} is not a JSON object")
+            raise RegistryAuthError(
+                f"docker config {path} is not a JSON object; fix it or move it away"
+            )
         auths: dict[str, Credential] = {}
         raw_auths = config.get("auths") or {}
         if isinstance(raw_auths, dict):
