@@ -37,8 +37,12 @@ _LAYER_COUNTERS = (
     ("blockfs_layer_fetches_total", "Fetches of compressed members.", "members_fetched"),
     ("blockfs_layer_cache_hits_total", "Chunks served from the cache.", "cache_hits"),
     ("blockfs_layer_verification_failures_total",
-     "Chunks whose digest did not match the TOC.", "verification_failures"),
-    ("blockfs_layer_fetch_errors_total", "Chunk fetches that failed.", "fetch_errors"),
+     "Fetched members whose bytes did not decompress or match the TOC.",
+     "verification_failures"),
+    ("blockfs_layer_refetches_total",
+     "Members fetched again after their bytes failed verification.", "refetches"),
+    ("blockfs_layer_fetch_errors_total", "Member fetches the registry could not deliver.",
+     "fetch_errors"),
 )  # fmt: skip
 
 # (exposed name, metric family, help, key in the cache's stats); unlabelled.
