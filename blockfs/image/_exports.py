@@ -7,6 +7,7 @@ A layer is opened on first use and shared by every connection to it.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -42,6 +43,17 @@ class _Served:
         self.prefetch_thread: threading.Thread | None = None
 
 
+def _trace_log(path: Path) -> Callable[[str], None]:
+    """Appends each name it is given to ``path`` as a JSON string, one write a line."""
+
+    def append(name: str) -> None:
+        line = json.dumps(name) + "\n"  # ASCII: any name, even one not UTF-8
+        with open(path, "a", encoding="ascii") as f:
+            f.write(line)
+
+    return append
+
+
 class ExportTable:
     """Opens and keeps the LayerImage of each export under ``root``."""
 
@@ -55,8 +67,12 @@ class ExportTable:
         background_fetch: bool = False,
         background_idle: float = BACKGROUND_IDLE,
         fetch: FetchPolicy = FetchPolicy(),  # noqa: B008 - frozen, shared safely
+        trace: str | os.PathLike[str] | None = None,
     ) -> None:
+        """With ``trace`` (a directory), each layer appends to ``trace/<export>`` the name
+        of each file at the first read of its data, one JSON string a line."""
         self.root = Path(root)
+        self.trace = Path(trace) if trace is not None else None
         self.cache = cache
         # Without an opener given, the table opens files and registry blobs, with one
         # registry client per configuration shared by all its layers.
@@ -105,6 +121,7 @@ class ExportTable:
         image = LayerImage(
             name, layer_dir / INDEX_FILE, extents, reader, self.cache,
             on_demand_fetch=self._demand, policy=self.fetch,
+            trace=_trace_log(self.trace / name) if self.trace is not None else None,
         )  # fmt: skip
         self._demand()
         served = _Served(record, image, source)

@@ -118,10 +118,14 @@ class LayerImage:
         *,
         on_demand_fetch: Callable[[], None] | None = None,
         policy: FetchPolicy = FetchPolicy(),
+        trace: Callable[[str], None] | None = None,
     ) -> None:
         """``on_demand_fetch`` is called whenever a read has to fetch from the blob;
-        ``policy`` says what such a read fetches besides what it lacks."""
+        ``policy`` says what such a read fetches besides what it lacks; ``trace`` gets
+        the name of each file at the first read of its data (metadata reads never count)."""
         self.policy = policy
+        self._trace = trace
+        self._traced = bytearray(extents.extent_count) if trace is not None else None
         self.name = name
         self._on_demand_fetch = on_demand_fetch
         self.extents = extents
@@ -197,6 +201,8 @@ class LayerImage:
                 _zero(buf, pos - offset, stop - offset)
                 pos = stop
                 continue
+            if self._traced is not None and not self._traced[i]:
+                self._first_read(i)
             j = self.extents.chunk_in_extent(i, file_offset)
             chunk = self.extents.chunk(j)
             within = file_offset - chunk.chunk_offset
@@ -230,6 +236,15 @@ class LayerImage:
                     self._chunk_range_into(chunk, within, dest)
                 else:
                     dest[:] = memoryview(plain)[within : within + take]
+
+    def _first_read(self, i: int) -> None:
+        """Trace the first data read of extent ``i`` (once, in the order reads arrive)."""
+        assert self._traced is not None and self._trace is not None
+        with self._lock:
+            if self._traced[i]:
+                return
+            self._traced[i] = 1
+            self._trace(self.extents.extent_name(i))
 
     def _chunk_range_into(self, chunk: Chunk, start: int, dest: memoryview) -> None:
         """Bytes ``[start, start + len(dest))`` of ``chunk`` into ``dest``: from the cache,

@@ -52,12 +52,14 @@ class ServerConfig:
     prefetch: bool = False
     background_fetch: bool = False
     fetch: FetchPolicy = FetchPolicy()  # noqa: RUF009 - frozen, shared safely
+    # A directory: each export appends the files whose data it serves, at first read.
+    trace: Path | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, str]) -> ServerConfig:
         known = {
             "root", "cache", "cache_max", "memory_cache", "control", "prefetch", "background_fetch",
-            "fetch_unit", "whole_file_max",
+            "fetch_unit", "whole_file_max", "trace",
         }  # fmt: skip
         unknown = sorted(set(params) - known)
         if unknown:
@@ -79,6 +81,7 @@ class ServerConfig:
                     params.get("whole_file_max", str(FetchPolicy().whole_file_max))
                 ),
             ),
+            trace=Path(params["trace"]).absolute() if "trace" in params else None,
         )
 
     def to_params(self) -> list[str]:
@@ -95,6 +98,8 @@ class ServerConfig:
         ]
         if self.control is not None:
             out.append(f"control={self.control}")
+        if self.trace is not None:
+            out.append(f"trace={self.trace}")
         return out
 
 
@@ -112,6 +117,7 @@ class ServedLayers:
             prefetch=config.prefetch,
             background_fetch=config.background_fetch,
             fetch=config.fetch,
+            trace=config.trace,
         )
         self.control = (
             ControlServer(

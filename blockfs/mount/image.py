@@ -173,10 +173,13 @@ def mount_image(
     prefetch: bool = False,
     lazy: bool = True,
     platform: Platform | None = None,
+    trace: str | None = None,
 ) -> ImageMount:
     """Mount the image ``ref`` (registry reference or ``oci:DIR[:TAG]``) at ``mountpoint``.
 
     With ``lazy`` False every layer is downloaded and extracted (what a full pull does).
+    With ``trace`` (a directory), the server appends to ``trace/<export>`` the files of
+    each lazy layer at the first read of their data (ServerConfig ``trace``).
     On failure, everything done so far is undone.
     """
     mountpoint = os.path.abspath(mountpoint)
@@ -194,7 +197,10 @@ def mount_image(
     registry = _Registry(
         plain_http, os.path.abspath(hosts_dir) if hosts_dir else None, docker_config_path()
     )
-    server = NBDServer(run_dir, server_config(root, run_dir, prefetch=prefetch))
+    served = server_config(root, run_dir, prefetch=prefetch)
+    if trace is not None:
+        served = attrs.evolve(served, trace=Path(trace).absolute())
+    server = NBDServer(run_dir, served)
     with contextlib.ExitStack() as undo:
         undo.callback(shutil.rmtree, run_dir, ignore_errors=True)
         with BlobSources() as sources:
