@@ -13,6 +13,14 @@ from blockfs.convert._locations import (
     open_location,
     resolve_image,
 )
+from blockfs.convert._optimize import rewrite_with_profile
+from blockfs.convert._profile import (
+    LayerProfile,
+    Profile,
+    ProfileError,
+    profile_from_traces,
+    read_trace,
+)
 from blockfs.convert._progress import Progress, ProgressTask, SilentProgress
 
 __all__ = [
@@ -21,7 +29,10 @@ __all__ = [
     "ConvertResult",
     "ImageLocation",
     "LayerConversion",
+    "LayerProfile",
     "LayoutLocation",
+    "Profile",
+    "ProfileError",
     "Progress",
     "ProgressTask",
     "RegistryLocation",
@@ -30,5 +41,8 @@ __all__ = [
     "Transfer",
     "convert_image",
     "open_location",
+    "profile_from_traces",
+    "read_trace",
     "resolve_image",
+    "rewrite_with_profile",
 ]

@@ -24,8 +24,16 @@ import attrs
 from blockfs.convert._errors import ConvertError
 from blockfs.convert._locations import ImageLocation, Transfer, resolve_image
 from blockfs.convert._progress import Progress, ProgressTask, SilentProgress
-from blockfs.estargz import BlobReader, BuildOptions, FileBlobSource, FormatError, build
+from blockfs.estargz import (
+    BlobReader,
+    BuildOptions,
+    FileBlobSource,
+    FormatError,
+    build,
+    clean_name,
+)
 from blockfs.estargz._model import Compression
+from blockfs.estargz._tarinput import decompressed_tar, read_entries
 from blockfs.oci import (
     Descriptor,
     ImageConfig,
@@ -59,6 +67,12 @@ class ConvertOptions:
 
     ``platform`` chooses the manifest of a multi-platform index (default: this host's).
     ``tmpdir`` is where layers are fetched and built (default: the system's).
+
+    ``layer_priorities`` (source diff_id -> files, see :class:`Profile`) replaces
+    ``prioritized`` with a list per layer: every layer is then rebuilt, even one that is
+    eStargz already, with the files of its list that it holds first, in that order, and
+    the prefetch landmark after them; a layer holding none of them gets the no-prefetch
+    landmark.
     """
 
     compression: Compression = "gzip"
@@ -67,28 +81,33 @@ class ConvertOptions:
     prioritized: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     platform: Platform | None = None
     tmpdir: str | None = None
+    layer_priorities: Mapping[str, tuple[str, ...]] | None = attrs.field(
+        default=None, eq=False, hash=False
+    )
 
-    def build_options(self) -> BuildOptions:
+    def build_options(self, prioritized: tuple[str, ...] | None = None) -> BuildOptions:
         """The writer's options; prioritized files missing from a layer are fine (they are
-        in another layer)."""
+        in another layer). ``prioritized`` replaces the options' own list."""
         return BuildOptions(
             compression=self.compression,
             chunk_size=self.chunk_size,
             min_chunk_size=self.min_chunk_size,
-            prioritized=self.prioritized,
+            prioritized=self.prioritized if prioritized is None else prioritized,
             allow_missing_prioritized=True,
         )
 
 
 @attrs.frozen
 class LayerConversion:
-    """What happened to one layer: ``kept`` as it was, or ``converted`` to ``result``."""
+    """What happened to one layer: ``kept`` as it was, or ``converted`` to ``result``
+    (``prioritized``: the files put before its landmark, with ``layer_priorities``)."""
 
     source: Descriptor
     result: Descriptor
     action: Literal["kept", "converted"]
     transfer: Transfer
     note: str = ""
+    prioritized: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -189,7 +208,10 @@ def _convert_layer(
     if mt.is_nondistributable(layer.media_type):
         progress.note(f"{label}: non-distributable layer, kept as it is and not copied")
         return LayerConversion(layer, layer, "kept", "exists", "non-distributable"), diff_id
-    reason = _verified_estargz(src, layer)
+    per_layer = options.layer_priorities
+    reason = (
+        "rewritten in profile order" if per_layer is not None else _verified_estargz(src, layer)
+    )
     if reason is None:
         kept = attrs.evolve(
             layer, media_type=_OCI_LAYER_TYPE.get(layer.media_type, layer.media_type)
@@ -203,10 +225,17 @@ def _convert_layer(
     fetch.finish()
     out_path = workdir / f"{_short(layer.digest)}.esgz"
     task = progress.task(f"{label} convert", os.path.getsize(local))
+    prioritized: tuple[str, ...] = ()
     try:
         with open(local, "rb") as raw, open(out_path, "wb") as out:
             counted = cast(IO[bytes], _ReadCounter(raw, task))
-            result = build(counted, out, options.build_options(), tmpdir=str(workdir))
+            if per_layer is None:
+                result = build(counted, out, options.build_options(), tmpdir=str(workdir))
+            else:
+                with decompressed_tar(counted, str(workdir)) as tar:
+                    prioritized = _present(tar, per_layer.get(diff_id, ()))
+                    build_options = options.build_options(prioritized)
+                    result = build(tar, out, build_options, tmpdir=str(workdir))
     finally:
         if local.parent == workdir:
             local.unlink()
@@ -223,7 +252,21 @@ def _convert_layer(
     finally:
         out_path.unlink()
     upload.finish(transfer)
-    return LayerConversion(layer, converted, "converted", transfer, reason), result.diff_id
+    outcome = LayerConversion(layer, converted, "converted", transfer, reason, prioritized)
+    return outcome, result.diff_id
+
+
+def _present(tar: IO[bytes], names: tuple[str, ...]) -> tuple[str, ...]:
+    """The names of ``names`` that the plain tar ``tar`` holds (``tar`` is left at its start).
+
+    Only these are handed to the writer: it writes the prefetch landmark whenever it is
+    given names, and a layer that holds none of them must get the no-prefetch one.
+    """
+    if not names:
+        return ()
+    held = {e.key for e in read_entries(tar)}
+    tar.seek(0)
+    return tuple(n for n in names if clean_name(n) in held)
 
 
 def _copy_blob(
