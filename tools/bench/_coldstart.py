@@ -108,7 +108,10 @@ def cold_start(
                 _run(pull, shown)
                 pulled = time.monotonic()
                 marks.append(proxy.counters())
-                ctd.ctr("containers", "create", "--snapshotter", snapshotter, ref, name, *argv)
+                # "--": ctr moves flags found among the arguments (python3's -c is its
+                # --config) before them, except after "--".
+                ctd.ctr("containers", "create", "--snapshotter", snapshotter, "--", ref, name,
+                        *argv)  # fmt: skip
                 created = time.monotonic()
                 marks.append(proxy.counters())
                 start = ctd.ctr_argv("tasks", "start", "--fifo-dir", str(ctd.dir / "fifo"), name)

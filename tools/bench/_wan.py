@@ -84,7 +84,7 @@ def workloads(*, unread_mb: int) -> dict[str, Workload]:
         ),
         "busybox": Workload(
             "busybox",
-            ("/bin/busybox", "echo", "hello"),
+            ("/bin/sh", "-c", "echo hello"),
             lambda out: build_base_image(out, random_mb=1),
             "busybox; 1 MiB nothing reads",
         ),
