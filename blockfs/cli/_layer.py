@@ -8,12 +8,13 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockfs.cli._common import DEFAULT_ROOT, print_json, registry_args, state_args
-from blockfs.estargz import BlobReader, BuildOptions, Entry, build_file
 from blockfs.host.attach import AUTO, CHOICE_WORDS, AttachChoice, AttachError, parse_choice
-from blockfs.image import BlobSources, open_blob
+
+if TYPE_CHECKING:
+    from blockfs.estargz import BlobReader, Entry
 
 
 def register(groups: Any) -> None:
@@ -89,6 +90,10 @@ def _blob_args(p: argparse.ArgumentParser) -> None:
 @contextlib.contextmanager
 def _open(args: argparse.Namespace) -> Iterator[BlobReader]:
     """The BLOB argument (a file or a registry blob), opened and its TOC checked."""
+    # Imported here, as in every command: the `blockfs` command starts faster.
+    from blockfs.estargz import BlobReader
+    from blockfs.image import BlobSources, open_blob
+
     with BlobSources() as sources:
         source, _ = open_blob(
             args.blob, sources, plain_http=args.plain_http, hosts_dir=args.hosts_dir
@@ -110,6 +115,8 @@ def _attach_choice(value: str) -> AttachChoice:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from blockfs.estargz import BuildOptions, build_file
+
     options = BuildOptions(
         compression="zstd" if args.zstd else "gzip",
         chunk_size=args.chunk_size,

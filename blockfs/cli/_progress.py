@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from blockfs.convert import ProgressTask
+if TYPE_CHECKING:
+    from blockfs.convert import ProgressTask
 
 _BAR_WIDTH = 24
 _REDRAW_SECONDS = 0.1
