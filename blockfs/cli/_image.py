@@ -6,6 +6,7 @@ import argparse
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
+from blockfs.cli import _optimize
 from blockfs.cli._common import print_json, registry_args, state_args
 from blockfs.cli._layer import attach_argument
 from blockfs.oci import Platform
@@ -39,6 +40,8 @@ def register(groups: Any) -> None:
     _platform_arg(p)
     registry_args(p)
     p.set_defaults(func=cmd_convert)
+
+    _optimize.register(cmds)
 
     p = cmds.add_parser("mount", help="mount an image at DIR, its eStargz layers lazily")
     p.add_argument("ref", metavar="REF", help="a registry reference, or oci:DIR[:TAG]")
