@@ -3,6 +3,16 @@
 util-linux's mount(8) silently puts a file on a loop device, which hides whether the
 kernel's file-backed EROFS mount worked; calling the syscall directly keeps the choice
 ours.
+
+:func:`unmount` takes a mount away from this mount namespace even when other mount
+namespaces hold copies of it. A new mount namespace (``unshare -m``, a container, a
+systemd service with ``PrivateTmp=``) starts with a copy of every mount, whatever its
+propagation (private and unbindable ones too); propagation only decides whether later
+mounts and unmounts travel between the copies, and ``unshare -m`` cuts that tie at once
+(``--propagation private``). Such a copy keeps the filesystem alive, so what lies under it
+(nbdfuse's FUSE mount under an EROFS layer) stays busy here. When nothing in this
+namespace uses a mount, :func:`unmount` therefore detaches it (``MNT_DETACH``) rather than
+fail; when something here does, it names the processes and mounts.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import fcntl
 import os
 import struct
 import time
+from collections.abc import Collection, Iterator
 
 import attrs
 
@@ -50,6 +61,14 @@ _LIBC.umount2.restype = ctypes.c_int
 # Another process may take the free loop device we were given before we configure it.
 _LOOP_ATTEMPTS = 20
 
+# How many users or copies a message names, and how many uses of one process.
+_SHOWN = 8
+_USES_SHOWN = 3
+# overlayfs options that name directories of its layers.
+_OVERLAY_DIR_OPTIONS = ("lowerdir", "lowerdir+", "upperdir", "workdir", "datadir+")
+# How often unmount tries again while a mount is busy for no reason it can see.
+_RETRY = 0.1
+
 
 class MountError(BlockfsError, OSError):
     """A mount, unmount or loop-device call failed; ``errno`` says why."""
@@ -57,6 +76,24 @@ class MountError(BlockfsError, OSError):
     def __init__(self, errno_: int, message: str) -> None:
         text = f"{message}: {os.strerror(errno_)}"
         OSError.__init__(self, errno_, text)
+        self.message = text
+
+
+class MountBusyError(MountError):
+    """A mount cannot be taken away: something in this mount namespace uses it.
+
+    ``users`` describes each process or mount that does (``pid 12 (bash): working
+    directory /mnt/x``), for the user to stop or unmount before trying again.
+    """
+
+    def __init__(self, target: str, users: Collection[str]) -> None:
+        self.target = target
+        self.users = tuple(users)
+        shown = list(self.users[:_SHOWN])
+        if len(self.users) > _SHOWN:
+            shown.append(f"and {len(self.users) - _SHOWN} more")
+        text = f"cannot unmount {target}: it is in use by {'; '.join(shown)}"
+        OSError.__init__(self, errno.EBUSY, text)
         self.message = text
 
 
@@ -91,6 +128,9 @@ class MountEntry:
     fstype: str
     source: str
     super_options: tuple[str, ...]
+    # major:minor of the filesystem: the same for every mount of it (bind mounts, and the
+    # copies other mount namespaces hold), and unique on the host.
+    device: str = ""
 
     @property
     def read_only(self) -> bool:
@@ -127,6 +167,7 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
                 fstype=fields[sep + 1],
                 source=_unescape(fields[sep + 2]),
                 super_options=tuple(fields[sep + 3].split(",")),
+                device=fields[2],
             )
         )
     return entries
@@ -218,3 +259,250 @@ def loop_backing_file(device: str) -> str | None:
             return f.read().rstrip("\n")
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+# ---------------------------------------------------------------------------------------
+# Unmounting what other mount namespaces may hold copies of.
+
+
+@attrs.frozen
+class NamespaceCopy:
+    """Mounts of a filesystem in another mount namespace, and some processes there."""
+
+    namespace: str  # mnt:[4026532…], as /proc/PID/ns/mnt reads
+    processes: tuple[tuple[int, str], ...]  # (pid, command), a few of them
+    mountpoints: tuple[str, ...]
+
+    def describe(self) -> str:
+        who = ", ".join(f"pid {pid} ({command})" for pid, command in self.processes)
+        return f"{who} in mount namespace {self.namespace}"
+
+
+@attrs.frozen
+class Detached:
+    """A mount that :func:`unmount` detached lazily: it is gone from this mount namespace,
+    and the kernel frees it once whatever outside this namespace holds it lets go."""
+
+    target: str
+    copies: tuple[NamespaceCopy, ...]
+
+    def describe(self) -> str:
+        """What holds it, for a warning: ``held by copies of its mounts in …``."""
+        if not self.copies:
+            return (
+                "still busy though nothing in this mount namespace uses it (a mount "
+                "namespace without processes, or a detached mount, may hold a copy)"
+            )
+        shown = [copy.describe() for copy in self.copies[:_SHOWN]]
+        if len(self.copies) > _SHOWN:
+            shown.append(f"and {len(self.copies) - _SHOWN} more")
+        return f"held by copies of its mounts in other mount namespaces: {'; '.join(shown)}"
+
+
+def unmount(
+    target: str,
+    *,
+    ignore_pids: Collection[int] = (),
+    ignore_loops: Collection[str] = (),
+    related: Collection[str] = (),
+    settle: float = 0.0,
+) -> Detached | None:
+    """Take the mount on ``target`` away from this mount namespace, even when other
+    mount namespaces hold copies of it.
+
+    Returns None when it was unmounted outright (umount propagates to copies that are
+    still peers or slaves of it), or a :class:`Detached` when it was busy only because of
+    something outside this namespace and was detached (``MNT_DETACH``). Raises
+    MountBusyError naming them when something in this namespace uses it: a process
+    (working or root directory, open or mapped file at or below ``target``; the pids in
+    ``ignore_pids`` excepted), another mount of the same filesystem, an overlay stacked on
+    a directory in it, a mount below it, or a loop device backed by a file in it (the
+    devices in ``ignore_loops`` excepted). overlayfs holds private clones of its layers,
+    so umount2 alone would let such an overlay go unnoticed.
+
+    ``related`` are further filesystems (``major:minor``) whose copies elsewhere explain
+    why ``target`` is busy (an EROFS mounted from a file in it). When it is busy and no
+    copy is found, it is tried again for up to ``settle`` seconds (what releases a file
+    can take a moment) before it is detached. Nothing mounted on ``target``: None.
+    """
+    entry = find_mount(target)
+    if entry is None:
+        return None
+    users = mount_users(entry, ignore_loops=ignore_loops)
+    if users:
+        raise MountBusyError(entry.mountpoint, users)
+    devices = {entry.device, *related}
+    deadline = time.monotonic() + settle
+    copies: list[NamespaceCopy] | None = None
+    while True:
+        try:
+            umount(entry.mountpoint)
+            return None
+        except MountError as e:
+            if e.errno != errno.EBUSY:
+                raise
+        if copies is None or time.monotonic() >= deadline:
+            # The first time and the last: who makes it busy?
+            users = [use.describe() for use in processes_using(entry.mountpoint, ignore_pids)]
+            users += mount_users(entry, ignore_loops=ignore_loops)
+            if users:
+                raise MountBusyError(entry.mountpoint, users)
+            copies = copies_elsewhere(devices)
+            if copies or time.monotonic() >= deadline:
+                break
+        time.sleep(_RETRY)
+    umount(entry.mountpoint, lazy=True)
+    return Detached(entry.mountpoint, tuple(copies))
+
+
+def mount_users(entry: MountEntry, *, ignore_loops: Collection[str] = ()) -> list[str]:
+    """What in this mount namespace uses the filesystem mounted as ``entry``, apart from
+    processes: other mounts of it, overlays on directories in it, mounts below it, and
+    loop devices backed by files in it (except ``ignore_loops``)."""
+    top = entry.mountpoint
+    users: list[str] = []
+    for other in read_mountinfo():
+        if other.mount_id == entry.mount_id:
+            continue
+        if other.device == entry.device:
+            users.append(f"the same filesystem is also mounted on {other.mountpoint}")
+        elif _below(other.mountpoint, top) and other.mountpoint != top:
+            users.append(f"{other.fstype} is mounted on {other.mountpoint} below it")
+        elif other.fstype == "overlay" and any(_below(d, top) for d in _overlay_dirs(other)):
+            users.append(f"the overlay mounted on {other.mountpoint} stacks a directory in it")
+    ignored = {os.path.realpath(device) for device in ignore_loops}
+    for loop in sorted(os.listdir("/sys/block")):
+        if not loop.startswith("loop") or f"/dev/{loop}" in ignored:
+            continue
+        backing = loop_backing_file(f"/dev/{loop}")
+        if backing is not None and _below(backing, top):
+            users.append(f"/dev/{loop} is backed by {backing}")
+    return users
+
+
+@attrs.frozen
+class ProcessUse:
+    """A process of this mount namespace with files at or below some path."""
+
+    pid: int
+    command: str
+    uses: tuple[str, ...]  # "working directory /mnt/x", "open file /mnt/x/a", …
+
+    def describe(self) -> str:
+        shown = list(self.uses[:_USES_SHOWN])
+        if len(self.uses) > _USES_SHOWN:
+            shown.append("…")
+        this = ", this command" if self.pid == os.getpid() else ""
+        return f"pid {self.pid} ({self.command}{this}): {', '.join(shown)}"
+
+
+def processes_using(path: str, ignore_pids: Collection[int] = ()) -> list[ProcessUse]:
+    """Processes of this mount namespace whose working directory, root directory, open
+    files or mapped files are at or below ``path``.
+
+    Only readlink and /proc text files are read, never the files themselves, so a dead
+    FUSE mount cannot make this hang.
+    """
+    own = mount_namespace()
+    found = []
+    for pid in _pids():
+        if pid in ignore_pids or mount_namespace(pid) != own:
+            continue
+        uses = list(_uses(pid, path))
+        if uses:
+            found.append(ProcessUse(pid, _command(pid), tuple(uses)))
+    return found
+
+
+def copies_elsewhere(devices: Collection[str]) -> list[NamespaceCopy]:
+    """Mounts of the filesystems ``devices`` (``major:minor``) in other mount namespaces
+    than this one, per namespace that has a process."""
+    own = mount_namespace()
+    namespaces: dict[str, list[int]] = {}
+    for pid in _pids():
+        namespace = mount_namespace(pid)
+        if namespace is not None and namespace != own:
+            namespaces.setdefault(namespace, []).append(pid)
+    copies = []
+    for namespace, pids in namespaces.items():
+        for pid in pids:
+            try:
+                with open(
+                    f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape"
+                ) as f:
+                    entries = parse_mountinfo(f.read())
+            except OSError:
+                continue  # it exited: ask another process of the namespace
+            places = tuple(e.mountpoint for e in entries if e.device in devices)
+            if places:
+                processes = tuple((p, _command(p)) for p in pids[:_USES_SHOWN])
+                copies.append(NamespaceCopy(namespace, processes, places))
+            break
+    return copies
+
+
+def mount_namespace(pid: int | str = "self") -> str | None:
+    """The mount namespace of ``pid`` (``mnt:[4026531841]``), or None if it is gone."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+def _pids() -> list[int]:
+    return sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _uses(pid: int, path: str) -> Iterator[str]:
+    for link, what in (("cwd", "working directory"), ("root", "root directory")):
+        target = _readlink(f"/proc/{pid}/{link}")
+        if target is not None and _below(target, path):
+            yield f"{what} {target}"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        fds = []
+    for fd in fds:
+        target = _readlink(f"/proc/{pid}/fd/{fd}")
+        if target is not None and _below(target, path):
+            yield f"open file {target}"
+    mapped = set()
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(maxsplit=5)
+                if len(fields) == 6 and _below(fields[5], path) and fields[5] not in mapped:
+                    mapped.add(fields[5])
+                    yield f"mapped file {fields[5]}"
+    except OSError:
+        pass
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def _below(path: str, top: str) -> bool:
+    """Whether ``path`` is ``top`` or inside it (a deleted file's path too)."""
+    path = path.removesuffix(" (deleted)")
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _overlay_dirs(entry: MountEntry) -> list[str]:
+    dirs = []
+    for option in entry.super_options:
+        key, _, value = option.partition("=")
+        if key in _OVERLAY_DIR_OPTIONS:
+            dirs += [d for d in value.split(":") if d]
+    return dirs
