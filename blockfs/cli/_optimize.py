@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockfs.cli._common import positive_size_arg, registry_args, size_arg
 from blockfs.cli._layer import attach_argument
-from blockfs.cli._progress import TextProgress
-from blockfs.convert import ConvertOptions, open_location
-from blockfs.image import BlobSources, docker_config_path
 from blockfs.oci import Platform
-from blockfs.registry import RegistryClient
+
+if TYPE_CHECKING:
+    from blockfs.registry import RegistryClient
 
 
 def register(cmds: Any) -> None:
@@ -88,6 +87,10 @@ def _seconds(text: str) -> float:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
+    # Imported here, as in every command: `--help` and other commands start faster.
+    from blockfs.cli._progress import TextProgress
+    from blockfs.convert import ConvertOptions, open_location
+    from blockfs.image import BlobSources, docker_config_path
     from blockfs.mount.optimize import Overrides, describe_outcome, optimize_image
 
     options = ConvertOptions(
