@@ -170,6 +170,7 @@ def _inspect(args: argparse.Namespace, reader: BlobReader) -> int:
                 "tocDigest": reader.toc_digest,
                 "tocOffset": reader.footer.toc_offset,
                 "blobSize": reader.source.size,
+                **_landmark_json(reader),
                 "entries": [entry_json(e) for e in reader.toc.entries],
             }
         )
@@ -187,10 +188,33 @@ def _inspect(args: argparse.Namespace, reader: BlobReader) -> int:
     )
     prefetch = reader.prefetch_range()
     print(f"prefetch:    {f'{prefetch[1]} bytes' if prefetch else 'none'}")
+    marks = _landmark_json(reader)
+    print(f"landmark:    {marks['landmark'] or 'none'}")
+    print(f"prioritized: {len(marks['prioritized'])} file(s)")
+    for name in marks["prioritized"]:
+        print(f"  {name}")
+    print("TOC, in blob order:")
     for e in entries:
         link = f" -> {e.link_name}" if e.link_name else ""
         print(f"  {e.type:8} {e.mode:04o} {e.uid}:{e.gid} {e.size:>10} {e.name}{link}")
     return 0
+
+
+def _landmark_json(reader: BlobReader) -> dict[str, Any]:
+    """The blob's landmark (``.prefetch.landmark``, ``.no.prefetch.landmark`` or None) and
+    the regular files before a prefetch landmark, in blob order: what prefetch fetches."""
+    from blockfs.estargz import LANDMARKS, PREFETCH_LANDMARK
+
+    before: list[str] = []
+    for e in reader.toc.entries:
+        if e.name in LANDMARKS:
+            return {
+                "landmark": e.name,
+                "prioritized": before if e.name == PREFETCH_LANDMARK else [],
+            }
+        if e.type == "reg":
+            before.append(e.name)
+    return {"landmark": None, "prioritized": []}
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
