@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import errno
 import json
 import logging
 import os
@@ -267,12 +266,20 @@ def unmount_and_detach(att: Attachment, *, lazy: bool = False) -> None:
     """Unmount ``att`` and release what it used: loop device, nbd device, nbdfuse process.
 
     Safe to call again after it succeeded or partly failed; it only touches what still
-    belongs to this attachment. ``lazy`` is for an nbdfuse attachment whose server is
-    gone: whatever still holds the layer (a running container's overlay) keeps its
-    broken view, while the mounts are detached at once (and freed when let go) and
-    nbdfuse is stopped, so that the layer can be attached afresh on the same mountpoint.
+    belongs to this attachment. Copies of the layer's mounts in other mount namespaces
+    (``unshare -m``, containers, services with a private mount namespace) do not stop it:
+    the layer is detached here, its device disconnected or its nbdfuse stopped, and
+    reads through those copies fail from then on (a warning names them). Something in
+    this mount namespace that still uses the layer (a process, an overlay stacked on it,
+    another mount of it) makes it fail, naming them, before anything is undone.
+
+    ``lazy`` is for an nbdfuse attachment whose server is gone: whatever still holds the
+    layer (a running container's overlay) keeps its broken view, while the mounts are
+    detached at once (and freed when let go) and nbdfuse is stopped, so that the layer
+    can be attached afresh on the same mountpoint.
     """
     entry = mounts.find_mount(att.mountpoint)
+    related: tuple[str, ...] = ()
     if entry is not None:
         if entry.source != att.mount_source:
             raise AttachError(
@@ -281,17 +288,34 @@ def unmount_and_detach(att: Attachment, *, lazy: bool = False) -> None:
                 export=att.export,
                 mountpoint=att.mountpoint,
             )
+        related = (entry.device,)
         try:
-            mounts.umount(att.mountpoint, lazy=lazy)
-        except mounts.MountError as e:
-            hint = (
-                ": stop what uses it (containers, overlay mounts) first"
-                if e.errno == errno.EBUSY
-                else ""
-            )
+            if lazy:
+                mounts.umount(att.mountpoint, lazy=True)
+                detached = None
+            else:
+                detached = mounts.unmount(att.mountpoint)
+        except mounts.MountBusyError as e:
             raise AttachError(
-                f"{e.strerror}{hint}", export=att.export, mountpoint=att.mountpoint
+                f"the layer is in use by {'; '.join(e.users)}: stop those processes "
+                "or unmount what uses it",
+                export=att.export,
+                mountpoint=att.mountpoint,
             ) from e
+        except mounts.MountError as e:
+            raise AttachError(
+                f"cannot unmount the layer: {e.strerror}",
+                export=att.export,
+                mountpoint=att.mountpoint,
+            ) from e
+        if detached is not None:
+            log.warning(
+                "layer %s mounted on %s is %s; detached it here: reads through those "
+                "copies fail from now on",
+                att.export,
+                att.mountpoint,
+                detached.describe(),
+            )
     if att.mode is AttachMode.KERNEL_NBD:
         kernel_nbd.detach(att.device, att.export)
     else:
@@ -302,6 +326,7 @@ def unmount_and_detach(att: Attachment, *, lazy: bool = False) -> None:
             att.loop_device,
             export=att.export,
             lazy=lazy,
+            related=related,
         )
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(att.state_dir, ATTACHMENT_FILE))

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Collection
 from typing import Literal
 from urllib.parse import quote
 
@@ -42,6 +43,9 @@ _LOG = "nbdfuse.log"
 _FUSE_DIR = "fuse"
 _FUSE_FILE = "image"
 _EXIT_TIMEOUT = 10.0
+# fusectl: one directory per FUSE connection, each with an ``abort`` file.
+_FUSECTL = "/sys/fs/fuse/connections"
+_MINOR_BITS = 20
 
 
 def available() -> bool:
@@ -117,16 +121,23 @@ def detach(
     *,
     export: str,
     lazy: bool = False,
+    related: Collection[str] = (),
 ) -> None:
     """Release what :func:`attach` set up once its EROFS mount is gone: the loop device
     (if it still shows ``image``), nbdfuse and its files.
 
+    When only other mount namespaces still hold the layer (copies of its mounts made by
+    ``unshare -m``, a container or a service with a private mount namespace), its FUSE
+    directory is detached here and the FUSE connection ended, so that nbdfuse exits:
+    reads through those copies fail from then on, and a warning names them. ``related``
+    are the filesystems (``major:minor``: the layer's EROFS) whose copies count too.
     ``lazy``: the FUSE file may still be held (by an EROFS superblock that a container's
     overlay keeps alive): detach the FUSE directory at once and stop nbdfuse by force.
     """
     if loop_device is not None and mounts.loop_backing_file(loop_device) == image:
+        # A loop device still open (by an EROFS mount elsewhere) is freed on its last close.
         mounts.loop_detach(loop_device)
-    _stop(state_dir, pid, export=export, lazy=lazy)
+    _stop(state_dir, pid, export=export, lazy=lazy, loop_device=loop_device, related=related)
     _remove_files(state_dir)
 
 
@@ -182,47 +193,108 @@ def _wait_ready(state_dir: str, pid: int, export: str) -> None:
         time.sleep(POLL)
 
 
-def _stop(state_dir: str, pid: int | None, *, export: str, lazy: bool = False) -> None:
+def _stop(
+    state_dir: str,
+    pid: int | None,
+    *,
+    export: str,
+    lazy: bool = False,
+    loop_device: str | None = None,
+    related: Collection[str] = (),
+) -> None:
     """Unmount nbdfuse's FUSE directory and wait for it to exit (kill it as a last resort)."""
     directory = fuse_dir(state_dir)
     entry = mounts.find_mount(directory)
-    if lazy and entry is not None:
-        _fusermount_unmount(directory, export, lazy=True)
-        entry = None
-    if entry is not None and entry.fstype.startswith("fuse"):
-        _fusermount_unmount(directory, export)
-        if pid is not None and _process.wait_exit(pid, directory, _EXIT_TIMEOUT):
+    if entry is not None and (lazy or entry.fstype.startswith("fuse")):
+        held = _unmount_fuse_dir(
+            directory, export, lazy=lazy, pid=pid, loop_device=loop_device, related=related
+        )
+        # Unmounted, the FUSE connection ends and nbdfuse exits. Detached while held, the
+        # connection lives as long as the mount does: end it, or failing that nbdfuse.
+        ending = not held or (entry.fstype.startswith("fuse") and _abort_connection(entry))
+        if pid is not None and ending and _process.wait_exit(pid, directory, _EXIT_TIMEOUT):
             return
     # Not mounted (it failed or never got ready) or it did not exit: stop it by force.
     if pid is None or not _process.running(pid, directory):
         return
+    # Its /dev/fuse closed, the kernel ends the connection: reads through a mount that
+    # is still held fail at once.
     _process.end(pid, directory, (signal.SIGTERM, signal.SIGKILL), _EXIT_TIMEOUT)
     # A killed nbdfuse may leave a dead FUSE mount behind ("transport endpoint is not
     # connected"), which still has to be unmounted.
     if mounts.find_mount(directory) is not None:
-        _fusermount_unmount(directory, export)
+        _unmount_fuse_dir(directory, export, loop_device=loop_device, related=related)
 
 
-def _fusermount_unmount(directory: str, export: str, *, lazy: bool = False) -> None:
-    # Right after the EROFS or loop device lets go of the file, the FUSE mount can still be
-    # busy for a moment.
-    deadline = time.monotonic() + _EXIT_TIMEOUT
-    while True:
-        result = subprocess.run(
-            ["fusermount3", "-u", *(["-z"] if lazy else []), directory],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode == 0 or mounts.find_mount(directory) is None:
-            return
-        if time.monotonic() > deadline:
+def _unmount_fuse_dir(
+    directory: str,
+    export: str,
+    *,
+    lazy: bool = False,
+    pid: int | None = None,
+    loop_device: str | None = None,
+    related: Collection[str] = (),
+) -> bool:
+    """Unmount nbdfuse's FUSE directory; whether it was detached while still held.
+
+    Something in this mount namespace with the FUSE file open (other than nbdfuse
+    ``pid`` and the attachment's ``loop_device``) makes it fail, naming them. Held only
+    from outside (copies of the layer's mounts elsewhere), it is detached with a warning.
+    Held by nothing found anywhere, it is tried again for a while first: right after the
+    EROFS or loop device lets go of the file, the FUSE mount can still be busy for a
+    moment.
+    """
+    if lazy:
+        try:
+            mounts.umount(directory, lazy=True)
+        except mounts.MountError as e:
             raise AttachError(
-                f"cannot unmount nbdfuse's directory {directory}: {result.stderr.strip()}",
-                export=export,
-            )
-        time.sleep(0.1)
+                f"cannot detach nbdfuse's directory {directory}: {e.strerror}", export=export
+            ) from e
+        return True
+    try:
+        detached = mounts.unmount(
+            directory,
+            ignore_pids=() if pid is None else (pid,),
+            ignore_loops=() if loop_device is None else (loop_device,),
+            related=related,
+            settle=_EXIT_TIMEOUT,
+        )
+    except mounts.MountBusyError as e:
+        raise AttachError(
+            f"{e.message}: stop those processes or unmount what uses it", export=export
+        ) from e
+    except mounts.MountError as e:
+        raise AttachError(
+            f"cannot unmount nbdfuse's directory {directory}: {e.strerror}", export=export
+        ) from e
+    if detached is None:
+        return False
+    log.warning(
+        "layer %s is %s; detached it here and stopped its nbdfuse: reads through those "
+        "copies fail from now on",
+        export,
+        detached.describe(),
+    )
+    return True
+
+
+def _abort_connection(entry: mounts.MountEntry) -> bool:
+    """End the FUSE connection of the mount ``entry`` through fusectl: every request
+    fails from now on and nbdfuse's read of /dev/fuse ends, so it exits. Whether it
+    could (fusectl is not mounted everywhere)."""
+    major, _, minor = entry.device.partition(":")
+    if not (major.isdigit() and minor.isdigit()):
+        return False
+    # fusectl names a connection by the kernel's dev_t of its superblock.
+    number = (int(major) << _MINOR_BITS) | int(minor)
+    try:
+        with open(os.path.join(_FUSECTL, str(number), "abort"), "w", encoding="ascii") as f:
+            f.write("1")
+    except OSError:
+        return False
+    log.info("aborted FUSE connection %d of %s", number, entry.mountpoint)
+    return True
 
 
 def _log_tail(state_dir: str) -> str:
