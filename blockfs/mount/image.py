@@ -17,7 +17,6 @@ it, so that ``umount`` undoes exactly that.
 from __future__ import annotations
 
 import contextlib
-import errno
 import gzip
 import logging
 import os
@@ -46,6 +45,7 @@ from blockfs.host import mounts
 from blockfs.host.attach import (
     AUTO,
     AttachChoice,
+    AttachError,
     Attachment,
     attach_and_mount,
     choose_mode,
@@ -456,18 +456,37 @@ def _load(mountpoint: str, root: str) -> ImageMount:
 
 
 def umount_image(mountpoint: str, *, root: str) -> None:
-    """Undo :func:`mount_image`: the overlay, every layer mount, the server, the run dir."""
+    """Undo :func:`mount_image`: the overlay, every layer mount, the server, the run dir.
+
+    Copies of the mounts in other mount namespaces do not stop it (the mounts are
+    detached here, with a warning naming those namespaces); what in this namespace still
+    uses the image (processes inside it, mounts on it) makes it fail, naming them, and
+    running it again once they are gone finishes the job.
+    """
     mounted = _load(mountpoint, root)
     run_dir = Path(mounted.run_dir)
-    if mounts.find_mount(os.path.realpath(mounted.mountpoint)) is not None:
-        try:
-            mounts.umount(mounted.mountpoint)
-        except mounts.MountError as e:
-            hint = ": stop what uses it first" if e.errno == errno.EBUSY else ""
-            raise ImageMountError(f"cannot unmount {mounted.mountpoint}: {e}{hint}") from e
+    again = f"then run `blockfs image umount {mounted.mountpoint}` again"
+    try:
+        detached = mounts.unmount(os.path.realpath(mounted.mountpoint))
+    except mounts.MountBusyError as e:
+        raise ImageMountError(
+            f"{e.message}: stop those processes or unmount what uses it, {again}"
+        ) from e
+    except mounts.MountError as e:
+        raise ImageMountError(f"cannot unmount {mounted.mountpoint}: {e.strerror}") from e
+    if detached is not None:
+        log.warning(
+            "the image mounted on %s is %s; detached it here: reads through those copies "
+            "fail from now on",
+            mounted.mountpoint,
+            detached.describe(),
+        )
     for layer in reversed(mounted.layers):
         if layer.attachment is not None:
-            unmount_and_detach(layer.attachment)
+            try:
+                unmount_and_detach(layer.attachment)
+            except AttachError as e:
+                raise ImageMountError(f"{e}; {again}") from e
     NBDServer(run_dir, server_config(root, run_dir, prefetch=False)).stop()
     shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -21,6 +21,7 @@ from blockfs.estargz import BlobReader, CountingSource
 from blockfs.host.attach import (
     AUTO,
     AttachChoice,
+    AttachError,
     Attachment,
     attach_and_mount,
     choose_mode,
@@ -172,10 +173,20 @@ def layer_stats(mountpoint: str, *, root: str) -> dict[str, Any]:
 
 
 def umount_layer(mountpoint: str, *, root: str) -> None:
-    """Undo ``mount_layer``: unmount, detach, stop the server, remove the run directory."""
+    """Undo ``mount_layer``: unmount, detach, stop the server, remove the run directory.
+
+    Copies of the mount in other mount namespaces do not stop it (the layer is detached
+    here, with a warning naming those namespaces); what in this namespace still uses it
+    (processes inside it, mounts on it) makes it fail, naming them.
+    """
     mounted = _load(mountpoint, root)
     run_dir = Path(mounted.run_dir)
-    unmount_and_detach(mounted.attachment)
+    try:
+        unmount_and_detach(mounted.attachment)
+    except AttachError as e:
+        raise LayerMountError(
+            f"{e}; then run `blockfs layer umount {mounted.mountpoint}` again"
+        ) from e
     NBDServer(run_dir, server_config(root, run_dir, prefetch=False)).stop()
     shutil.rmtree(run_dir, ignore_errors=True)
 
