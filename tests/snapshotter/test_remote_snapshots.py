@@ -187,6 +187,10 @@ class Stack:
     def fallback_records(self) -> list[dict[str, object]]:
         return [r for r in self.snapshotter.log_records() if r.get("msg") == FALLBACK_MSG]
 
+    def fallback_reasons(self) -> str:
+        """Each fallback's record in full, one per line (an assertion's repr cuts them)."""
+        return "\n".join(json.dumps(r) for r in self.fallback_records())
+
 
 @pytest.fixture
 def stack() -> Iterator[Stack]:
@@ -226,7 +230,7 @@ def test_pull_then_run_is_lazy_and_shares_layers(stack: Stack, images: Images) -
     lazy, sibling = images.lazy, images.sibling
     images.proxy.reset()
     out = stack.pull(lazy)
-    assert out.count(": lazy (") == 2, (out, stack.fallback_records())
+    assert out.count(": lazy (") == 2, f"{out}\nfallbacks:\n{stack.fallback_reasons()}"
     assert stack.run(lazy, "hello-1", "/bin/busybox", "echo", "hello") == "hello\n"
     # Counted at the registry: manifest, config, each layer's footer and TOC, busybox.
     fetched = images.proxy.total_bytes
