@@ -203,6 +203,12 @@ def serve_layer(
 ) -> int:
     """Serve ``blob`` (a file or ``REF@sha256:…``) as an NBD export on ``socket`` in the
     foreground (for debugging)."""
+    socket_dir = Path(socket).absolute().parent
+    if not socket_dir.is_dir():
+        raise LayerMountError(
+            f"cannot serve on {socket}: directory {socket_dir} does not exist; create it or "
+            "pass a --socket in an existing directory"
+        )
     key = hashlib.sha256(os.path.abspath(socket).encode()).hexdigest()[:20]
     run_dir = Path(root).absolute() / "serve" / key
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -336,11 +336,6 @@ def test_a_docker_directory_nobody_may_search_is_a_warning_too(workspace):
     assert "permission denied" in warning
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nbdkit reports a missing socket directory itself; the check belongs in "
-    "NBDServer.run or serve_layer (blockfs/mount/layer.py), which this change does not own",
-)
 def test_serve_on_a_socket_in_a_missing_directory(workspace):
     if os.geteuid() != 0:
         pytest.skip("needs root")
