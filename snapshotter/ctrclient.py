@@ -26,11 +26,12 @@ from snapshotter._gen.containerd.services.images.v1 import images_pb2, images_pb
 from snapshotter._gen.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
 from snapshotter._gen.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 from snapshotter._gen.containerd.types import descriptor_pb2, mount_pb2
+from snapshotter.defaults import CONTAINERD_ADDRESS
 
 NAMESPACE_METADATA = "containerd-namespace"
 LEASE_METADATA = "containerd-lease"
 GC_EXPIRE_LABEL = "containerd.io/gc.expire"
-DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
+DEFAULT_ADDRESS = CONTAINERD_ADDRESS
 # containerd accepts messages up to 16 MiB; content is written in smaller pieces.
 WRITE_PIECE = 1 << 20
 

@@ -29,6 +29,7 @@ from blockfs.oci import Descriptor, ImageConfig, Manifest, Platform, Reference
 from blockfs.registry import RegistryClient
 from snapshotter._gen.containerd.types import mount_pb2
 from snapshotter.ctrclient import ContainerdClient
+from snapshotter.defaults import SNAPSHOTTER_NAME
 from snapshotter.remote import (
     BLOCKFS_IMAGE_LAYERS_LABEL,
     BLOCKFS_IMAGE_REF_LABEL,
@@ -40,7 +41,7 @@ from snapshotter.remote import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SNAPSHOTTER = "blockfs"
+DEFAULT_SNAPSHOTTER = SNAPSHOTTER_NAME
 # Labels containerd passes on to a snapshotter; layer annotations with this prefix become
 # Prepare labels, as containerd's unpacker does it.
 SNAPSHOT_LABEL_PREFIX = "containerd.io/snapshot/"

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockfs.cli import registry_args
-from blockfs.image import BlobSources, docker_config_path
 from blockfs.oci import Platform, Reference
-from snapshotter.ctrclient import DEFAULT_ADDRESS, ContainerdClient
-from snapshotter.pull import DEFAULT_SNAPSHOTTER, PulledLayer, pull_image
+from snapshotter.defaults import CONTAINERD_ADDRESS as DEFAULT_ADDRESS
+from snapshotter.defaults import SNAPSHOTTER_NAME as DEFAULT_SNAPSHOTTER
+
+if TYPE_CHECKING:
+    from snapshotter.pull import PulledLayer
 
 
 def add_pull_command(cmds: Any) -> None:
@@ -48,6 +50,12 @@ def add_pull_command(cmds: Any) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    # gRPC and the registry client load only when the command runs: every other `blockfs`
+    # command builds its parser with this one in it.
+    from blockfs.image import BlobSources, docker_config_path
+    from snapshotter.ctrclient import ContainerdClient
+    from snapshotter.pull import pull_image
+
     ref = Reference.parse(args.ref)
 
     def report(layer: PulledLayer) -> None:

@@ -1,0 +1,6 @@
+"""Defaults that commands need before they talk to containerd, importable without gRPC."""
+
+# containerd's own default socket.
+CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"
+# The proxy plugin name in containerd's configuration (tools/containerd/config.toml).
+SNAPSHOTTER_NAME = "blockfs"
