@@ -215,7 +215,7 @@ def profile_workload(
     with tempfile.TemporaryDirectory(prefix="blockfs-optimize-", dir=options.tmpdir) as tmp:
         work = Path(tmp)
         staging = LayoutLocation(ImageLayout.create(work / "staging"), _STAGING_TAG)
-        staged = convert_image(
+        convert_image(
             src, staging, attrs.evolve(options, prioritized=(), layer_priorities=None), progress
         )
         (work / "trace").mkdir()
