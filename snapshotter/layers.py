@@ -25,6 +25,7 @@ release or cleanup never sees a layer in between.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -77,7 +78,7 @@ ATTACH_DIR = "attach"
 CONTROL_SOCKET = "control.sock"
 # How many layers' TOCs may be fetched ahead and held in memory at once.
 MAX_AHEAD = 16
-AHEAD_WORKERS = 2
+AHEAD_WORKERS = 4
 # How often the daemon checks that the NBD server still runs (LayerManager.revive_server).
 SERVER_CHECK_INTERVAL = 1.0
 
@@ -138,6 +139,9 @@ class LayerManager:
         self._mode: AttachMode | None = None
         self._ahead: dict[str, Future[_Resolved]] = {}
         self._ahead_pool = ThreadPoolExecutor(AHEAD_WORKERS, thread_name_prefix="toc-ahead")
+        # Attaching ahead takes a layer's lock, so it has threads of its own: a Prepare
+        # that holds the lock may wait for a TOC read of the other pool, never for these.
+        self._attach_pool = ThreadPoolExecutor(AHEAD_WORKERS, thread_name_prefix="attach-ahead")
         self.server_restarts = 0  # by revive_server, since this manager started
 
     # -- paths ---------------------------------------------------------------------------
@@ -188,6 +192,8 @@ class LayerManager:
     def close(self) -> None:
         """Stop background work; stop the NBD server too if no layer is attached."""
         self._ahead_pool.shutdown(wait=False, cancel_futures=True)
+        # An attach under way finishes (the next start reconciles a layer nobody uses).
+        self._attach_pool.shutdown(wait=True, cancel_futures=True)
         self._sources.close()
         attached = self.attached()
         if not attached and self.server.is_running():
@@ -369,10 +375,14 @@ class LayerManager:
     # -- resolving ahead -----------------------------------------------------------------
 
     def resolve_ahead(self, layer: RemoteLayer) -> None:
-        """Fetch the footers and TOCs of the image's later layers in the background.
+        """Prepare the image's later layers in the background, all at once.
 
-        They are kept in memory until their own Prepare arrives, which then only checks
-        the TOC digest; nothing is written to disk ahead.
+        containerd prepares an image's layers one after another, each on its parent. So
+        that a pull costs about one layer's setup rather than the sum, each later layer's
+        footer and TOC are read, and it is indexed, attached and mounted, while the
+        earlier Prepares run. Its own Prepare then only checks the TOC digest against
+        the image's annotation (a layer whose TOC differs is not used; one no snapshot
+        ever uses is released by the next reconcile).
         """
         with self._lock:
             for digest in layer.image_layers:
@@ -383,7 +393,32 @@ class LayerManager:
                     oldest = next(iter(self._ahead))
                     self._ahead.pop(oldest).cancel()
                 spec = sibling_source(layer, digest)
-                self._ahead[name] = self._ahead_pool.submit(self._read_toc, name, spec, None)
+                future = self._ahead_pool.submit(self._read_toc, name, spec, None)
+                future.add_done_callback(functools.partial(self._then_attach, name))
+                self._ahead[name] = future
+
+    def _then_attach(self, name: str, toc: Future[_Resolved]) -> None:
+        if toc.cancelled() or toc.exception() is not None:
+            return  # its own Prepare reads the TOC again and says why it fails
+        with contextlib.suppress(RuntimeError):  # shut down meanwhile
+            self._attach_pool.submit(self._attach_ahead, name, toc.result())
+
+    def _attach_ahead(self, name: str, resolved: _Resolved) -> None:
+        """Index, attach and mount layer ``name`` from its TOC read ahead, unless done."""
+        with self.holding(name):
+            att = self._attachment(name)
+            if att is not None and self._healthy(att):
+                return
+            try:
+                if not (self.layer_dir(name) / LAYER_JSON).exists():
+                    self._write_index(name, resolved)
+                self._attach(name)
+            except (LayerUnavailable, OSError) as e:
+                # Its own Prepare tries again and falls back with the reason.
+                log.info("cannot prepare a layer ahead", extra={"layer": name, "error": str(e)})
+                self._teardown(name, self._attachment(name))
+                return
+            log.info("layer prepared ahead", extra={"layer": name})
 
     def _read_toc(self, name: str, spec: SourceSpec, toc_digest: str | None) -> _Resolved:
         source = CountingSource(self._sources.open(spec))
@@ -419,12 +454,14 @@ class LayerManager:
                 # make it again, unless it is in use.
                 if not self._teardown(name, self._attachment(name)):
                     raise
-        resolved = self._resolve(name, layer)
+        self._write_index(name, self._resolve(name, layer))
+
+    def _write_index(self, name: str, resolved: _Resolved) -> None:
         self.layers_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             index_layer(
                 resolved.reader,
-                layer_dir,
+                self.layer_dir(name),
                 name=name,
                 source=resolved.source,
                 bytes_fetched=resolved.bytes_fetched,
@@ -435,7 +472,7 @@ class LayerManager:
             "indexed layer",
             extra={
                 "layer": name,
-                "toc_digest": layer.toc_digest,
+                "toc_digest": resolved.reader.toc_digest,
                 "bytes_fetched": resolved.bytes_fetched,
                 "blob_size": resolved.source.get("size"),
             },
