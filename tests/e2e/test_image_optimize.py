@@ -296,3 +296,19 @@ def test_with_prefetch_a_cold_start_fetches_each_prioritised_region_in_one_reque
         left = leftovers(tmp_path)
         force_cleanup(tmp_path)
         assert left == [], f"left behind: {left}"
+
+
+def test_containerd_pulls_and_runs_the_optimized_image_with_overlayfs(optimized):
+    """A full pull by containerd's own overlayfs snapshotter: every layer downloaded,
+    checked against its diff_id and unpacked; the container sees the files."""
+    from tests.helpers.containerd import start_containerd
+
+    with start_containerd() as ctd:
+        ctd.ctr("images", "pull", "--plain-http", "--snapshotter", "overlayfs", optimized.ref)
+        run = ctd.ctr(
+            "run", "--rm", "--snapshotter", "overlayfs", optimized.ref, "optimized-check",
+            "/bin/busybox", "sh", "-c", f"cat /{X} /{Y} /{Z} /a/replaced; ls /a | wc -l",
+        )  # fmt: skip
+        expected = b"".join(content(name) for name in (X, Y, Z))
+        expected += b"the top layer's copy\n" * 50
+        assert run.stdout.encode() == expected + f"{PER_LAYER + 1}\n".encode()
