@@ -294,7 +294,7 @@ def unmount_and_detach(att: Attachment, *, lazy: bool = False) -> None:
                 mounts.umount(att.mountpoint, lazy=True)
                 detached = None
             else:
-                detached = mounts.unmount(att.mountpoint)
+                detached = mounts.unmount(att.mountpoint, sole=True)
         except mounts.MountBusyError as e:
             raise AttachError(
                 f"the layer is in use by {'; '.join(e.users)}: stop those processes "

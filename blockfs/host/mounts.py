@@ -302,6 +302,7 @@ class Detached:
 def unmount(
     target: str,
     *,
+    sole: bool = False,
     ignore_pids: Collection[int] = (),
     ignore_loops: Collection[str] = (),
     related: Collection[str] = (),
@@ -315,10 +316,12 @@ def unmount(
     something outside this namespace and was detached (``MNT_DETACH``). Raises
     MountBusyError naming them when something in this namespace uses it: a process
     (working or root directory, open or mapped file at or below ``target``; the pids in
-    ``ignore_pids`` excepted), another mount of the same filesystem, an overlay stacked on
-    a directory in it, a mount below it, or a loop device backed by a file in it (the
-    devices in ``ignore_loops`` excepted). overlayfs holds private clones of its layers,
-    so umount2 alone would let such an overlay go unnoticed.
+    ``ignore_pids`` excepted), an overlay stacked on a directory in it, a mount below it,
+    a loop device backed by a file in it (the devices in ``ignore_loops`` excepted), and
+    with ``sole`` (the filesystem is this mount's alone: an EROFS layer, an image's
+    overlay, a FUSE mount) another mount of the same filesystem. overlayfs holds private
+    clones of its layers, so umount2 alone would let such an overlay go unnoticed, and a
+    bind mount elsewhere keeps the filesystem alive.
 
     ``related`` are further filesystems (``major:minor``) whose copies elsewhere explain
     why ``target`` is busy (an EROFS mounted from a file in it). When it is busy and no
@@ -328,7 +331,7 @@ def unmount(
     entry = find_mount(target)
     if entry is None:
         return None
-    users = mount_users(entry, ignore_loops=ignore_loops)
+    users = mount_users(entry, sole=sole, ignore_loops=ignore_loops)
     if users:
         raise MountBusyError(entry.mountpoint, users)
     devices = {entry.device, *related}
@@ -344,7 +347,7 @@ def unmount(
         if copies is None or time.monotonic() >= deadline:
             # The first time and the last: who makes it busy?
             users = [use.describe() for use in processes_using(entry.mountpoint, ignore_pids)]
-            users += mount_users(entry, ignore_loops=ignore_loops)
+            users += mount_users(entry, sole=sole, ignore_loops=ignore_loops)
             if users:
                 raise MountBusyError(entry.mountpoint, users)
             copies = copies_elsewhere(devices)
@@ -355,16 +358,19 @@ def unmount(
     return Detached(entry.mountpoint, tuple(copies))
 
 
-def mount_users(entry: MountEntry, *, ignore_loops: Collection[str] = ()) -> list[str]:
+def mount_users(
+    entry: MountEntry, *, sole: bool = False, ignore_loops: Collection[str] = ()
+) -> list[str]:
     """What in this mount namespace uses the filesystem mounted as ``entry``, apart from
-    processes: other mounts of it, overlays on directories in it, mounts below it, and
-    loop devices backed by files in it (except ``ignore_loops``)."""
+    processes: overlays on directories in it, mounts below it, loop devices backed by
+    files in it (except ``ignore_loops``), and with ``sole`` (nothing but ``entry`` should
+    mount the filesystem) other mounts of it."""
     top = entry.mountpoint
     users: list[str] = []
     for other in read_mountinfo():
         if other.mount_id == entry.mount_id:
             continue
-        if other.device == entry.device:
+        if sole and other.device == entry.device:
             users.append(f"the same filesystem is also mounted on {other.mountpoint}")
         elif _below(other.mountpoint, top) and other.mountpoint != top:
             users.append(f"{other.fstype} is mounted on {other.mountpoint} below it")

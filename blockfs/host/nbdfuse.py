@@ -255,6 +255,7 @@ def _unmount_fuse_dir(
     try:
         detached = mounts.unmount(
             directory,
+            sole=True,
             ignore_pids=() if pid is None else (pid,),
             ignore_loops=() if loop_device is None else (loop_device,),
             related=related,

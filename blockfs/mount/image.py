@@ -466,8 +466,12 @@ def umount_image(mountpoint: str, *, root: str) -> None:
     mounted = _load(mountpoint, root)
     run_dir = Path(mounted.run_dir)
     again = f"then run `blockfs image umount {mounted.mountpoint}` again"
+    top = mounts.find_mount(os.path.realpath(mounted.mountpoint))
     try:
-        detached = mounts.unmount(os.path.realpath(mounted.mountpoint))
+        # An overlay is the image's own; a bind mount (of a single layer) shares its
+        # filesystem with the layer's mount, which comes next.
+        sole = top is not None and top.fstype == "overlay"
+        detached = mounts.unmount(os.path.realpath(mounted.mountpoint), sole=sole)
     except mounts.MountBusyError as e:
         raise ImageMountError(
             f"{e.message}: stop those processes or unmount what uses it, {again}"

@@ -49,6 +49,16 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"oci:{base / 'esgz'}:v1"
 
 
+@pytest.fixture(scope="module")
+def one_layer_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A one-layer image, plain (extracted when mounted) and in eStargz (lazy): read-only,
+    either is mounted as a bind mount of its layer's directory."""
+    base = tmp_path_factory.mktemp("one-layer")
+    make_layout(base / "plain", [base_layer])
+    blockfs("image", "convert", f"oci:{base / 'plain'}:v1", f"oci:{base / 'esgz'}:v1")
+    return {"lazy": f"oci:{base / 'esgz'}:v1", "extracted": f"oci:{base / 'plain'}:v1"}
+
+
 def mount_image(image: str, at: Path) -> tuple[Path, Path]:
     """`blockfs image mount` of ``image`` at ``at``/mnt with state in ``at``/root."""
     mnt, root = at / "mnt", at / "root"
@@ -155,3 +165,19 @@ def test_a_process_here_inside_the_image_makes_umount_fail_naming_it(
         holder.wait()
     blockfs("image", "umount", "--root", str(root), str(mnt))
     assert ours_mounted_here(workdir) == []
+
+
+@pytest.mark.parametrize("kind", ["lazy", "extracted"])
+def test_a_one_layer_image_bound_from_its_layer_unmounts_with_a_copy_elsewhere(
+    one_layer_images: dict[str, str], workdir: Path, kind: str
+) -> None:
+    # The bind mount shares its filesystem with the layer's EROFS mount (lazy) or with
+    # the filesystem the run directory is on (extracted): neither is a user of it.
+    mnt, root = mount_image(one_layer_images[kind], workdir)
+    assert mounts.find_mount(str(mnt)).fstype != "overlay"  # type: ignore[union-attr]
+    with namespace_sleeper() as sleeper:
+        assert str(mnt) in mountpoints_of(sleeper, workdir)
+        done = blockfs("image", "umount", "--root", str(root), str(mnt), check=False)
+        assert done.returncode == 0, done.stderr
+        assert ours_mounted_here(workdir) == []
+        assert leftovers(workdir) == []
