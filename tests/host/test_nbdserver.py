@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,3 +56,45 @@ def test_stop_after_nbdkit_died_waits_for_the_shell_it_leaves(server: NBDServer)
         server.stop()
 
         assert leftovers(server.run_dir) == []
+
+
+def _restarted(server: NBDServer, old: int) -> int:
+    deadline = time.monotonic() + 60
+    while True:
+        pid = server.pid()
+        if pid is not None and pid != old and server.socket.exists():
+            return pid
+        assert time.monotonic() < deadline, f"nbdkit was not started again:\n{server.log_tail()}"
+        time.sleep(0.05)
+
+
+def test_with_restart_the_shell_starts_a_dead_nbdkit_again(tmp_path: Path) -> None:
+    (tmp_path / "layers").mkdir()
+    config = ServerConfig(root=tmp_path / "layers", cache_dir=tmp_path / "cache")
+    server = NBDServer(tmp_path / "run", config, restart=True)
+    try:
+        pid = server.start()
+        supervisor = server.supervisor_pid()
+        for _ in range(2):
+            os.kill(pid, signal.SIGKILL)
+            pid = _restarted(server, pid)
+            # The same shell, and a server that answers on the same socket.
+            assert server.supervisor_pid() == supervisor and _parent(pid) == supervisor
+            listing = subprocess.run(
+                ["nbdinfo", "--list", f"nbd+unix:///?socket={server.socket}"],
+                capture_output=True, check=False,
+            )  # fmt: skip
+            assert listing.returncode == 0, listing.stderr
+        assert server.log_tail().count("starting it again") == 2
+
+        # Killed again at once, it waits before the next start: stop ends that wait too.
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "starting it again in 2 s" not in server.log_tail():
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.05)
+        server.stop()
+        assert leftovers(server.run_dir) == []
+        assert not server.is_running() and server.supervisor_pid() is None
+    finally:
+        force_cleanup(tmp_path)
