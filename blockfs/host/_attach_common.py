@@ -56,7 +56,9 @@ class BackendMount:
     """What a backend attached and mounted: its part of an attachment's record.
 
     ``device`` is ``/dev/nbdN`` or the nbdfuse file; ``mount_source`` is what is mounted
-    (the device, the file, or the loop device in front of the file).
+    (the device, the file, or the loop device in front of the file). ``relay_socket`` is
+    where nbdfuse's relay listens (None: attached through the kernel, or by an earlier
+    version whose nbdfuse connected to the server directly).
     """
 
     device: str
@@ -67,6 +69,7 @@ class BackendMount:
     connections: int = 1
     nbdfuse_pid: int | None = None
     loop_device: str | None = None
+    relay_socket: str | None = None
 
 
 class ErofsMountError(AttachError):

@@ -8,7 +8,9 @@ Two backends get a block device (or a file) out of the NBD server:
   restarts (:func:`reconnect`).
 - ``AttachMode.NBDFUSE`` (:mod:`blockfs.host.nbdfuse`): where nbd.ko is missing,
   ``nbdfuse`` exposes the export as one file, which is mounted directly (file-backed
-  EROFS, Linux ≥ 6.12) or through a read-only loop device.
+  EROFS, Linux ≥ 6.12) or through a read-only loop device. nbdfuse reaches the server
+  through a relay of its own that reconnects when the server restarts, so there is
+  nothing for :func:`reconnect` to do.
 
 Every attachment is described by an :class:`Attachment` that is also written to
 ``state_dir/attachment.json``, so that a restarted daemon can find and undo it.
@@ -28,6 +30,7 @@ import attrs
 from blockfs.host import kernel_nbd, mounts, nbdfuse
 from blockfs.host._attach_common import AttachError, BackendMount, MountMethod
 from blockfs.host.kernel_nbd import DEFAULT_DEAD_CONN_TIMEOUT, DEFAULT_REQUEST_TIMEOUT
+from blockfs.host.nbdserver import NBDRelay
 
 __all__ = [
     "ATTACHMENT_FILE",
@@ -42,6 +45,7 @@ __all__ = [
     "Auto",
     "MountMethod",
     "attach_and_mount",
+    "backend_alive",
     "choose_mode",
     "is_mounted",
     "parse_choice",
@@ -160,6 +164,13 @@ class Attachment(BackendMount):
         """What the kernel remembers about the device's backend, checked on reconnect."""
         return kernel_nbd.backend_identifier(self.export)
 
+    @property
+    def relay(self) -> NBDRelay | None:
+        """nbdfuse's relay to the server (None: kernel mode, or attached without one)."""
+        if self.relay_socket is None:
+            return None
+        return NBDRelay(self.state_dir, self.socket, self.export)
+
 
 def read_attachment(state_dir: str) -> Attachment | None:
     """The attachment recorded in ``state_dir``, or None if there is none."""
@@ -189,6 +200,7 @@ def attach_and_mount(
     connections: int = 4,
     request_timeout: int = DEFAULT_REQUEST_TIMEOUT,
     mount_method: nbdfuse.FileMountMethod | None = None,
+    relay: bool = True,
 ) -> Attachment:
     """Attach ``export`` served on the unix socket ``socket`` and mount it on ``mountpoint``.
 
@@ -196,7 +208,9 @@ def attach_and_mount(
     directory for this attachment. ``mode`` AUTO picks one for this host (a mode given is
     used as it is, without checking that this host has it). In nbdfuse mode,
     ``mount_method`` forces the file-backed mount or the loop device (default: file-backed
-    when the kernel supports it). On failure everything done so far is undone.
+    when the kernel supports it), and ``relay`` False connects nbdfuse to the server
+    directly instead of through a relay that survives the server (for measurements). On
+    failure everything done so far is undone.
     """
     if mode is AUTO:
         mode = choose_mode(AUTO)
@@ -240,6 +254,7 @@ def attach_and_mount(
                 connections=connections,
                 mount_method=mount_method,
                 undo=undo,
+                relay=relay,
             )
         att = Attachment(
             mode=mode,
@@ -273,10 +288,11 @@ def unmount_and_detach(att: Attachment, *, lazy: bool = False) -> None:
     this mount namespace that still uses the layer (a process, an overlay stacked on it,
     another mount of it) makes it fail, naming them, before anything is undone.
 
-    ``lazy`` is for an nbdfuse attachment whose server is gone: whatever still holds the
-    layer (a running container's overlay) keeps its broken view, while the mounts are
-    detached at once (and freed when let go) and nbdfuse is stopped, so that the layer
-    can be attached afresh on the same mountpoint.
+    ``lazy`` is for an nbdfuse attachment that cannot serve any more (its nbdfuse or relay
+    died, or it has no relay and its server died): whatever still holds the layer (a
+    running container's overlay) keeps its broken view, while the mounts are detached at
+    once (and freed when let go) and nbdfuse is stopped, so that the layer can be
+    attached afresh on the same mountpoint.
     """
     entry = mounts.find_mount(att.mountpoint)
     related: tuple[str, ...] = ()
@@ -327,10 +343,19 @@ def unmount_and_detach(att: Attachment, *, lazy: bool = False) -> None:
             export=att.export,
             lazy=lazy,
             related=related,
+            relay=att.relay,
         )
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(att.state_dir, ATTACHMENT_FILE))
     log.info("unmounted %s and detached export %s", att.mountpoint, att.export)
+
+
+def backend_alive(att: Attachment) -> bool:
+    """Whether the processes ``att`` needs still run: nbdfuse and its relay (nbdfuse mode;
+    the kernel needs none). A dead one cannot be replaced under the mounted file."""
+    if att.mode is AttachMode.KERNEL_NBD:
+        return True
+    return nbdfuse.alive(att.state_dir, att.nbdfuse_pid, att.relay)
 
 
 def reconnect(att: Attachment, socket: str) -> Attachment:
@@ -338,11 +363,24 @@ def reconnect(att: Attachment, socket: str) -> Attachment:
 
     The EROFS mount stays in place; I/O waiting for the dead connections resumes. Returns
     the attachment with the (possibly new) socket path, also recorded in ``state_dir``.
+
+    An nbdfuse attachment's relay reconnects by itself: this only checks that it can, i.e.
+    that the relay and nbdfuse run and the server is back on the socket the relay
+    forwards to, and returns ``att`` unchanged. AttachError if not (or if it has no
+    relay): then it has to be unmounted and attached again.
     """
     if att.mode is not AttachMode.KERNEL_NBD:
+        if att.relay_socket is None:
+            problem = "nbdfuse connects to the server itself, without a relay"
+        elif socket != att.socket:
+            problem = f"its relay forwards to {att.socket}, not {socket}"
+        elif not backend_alive(att):
+            problem = "its nbdfuse or relay is no longer running"
+        else:
+            log.info("export %s reconnects through its relay on %s", att.export, att.relay_socket)
+            return att
         raise AttachError(
-            "an nbdfuse attachment cannot be reconnected (nbdfuse has no reconnect): "
-            "unmount and attach it again",
+            f"the nbdfuse attachment cannot be reconnected: {problem}; unmount and attach it again",
             export=att.export,
             mountpoint=att.mountpoint,
         )

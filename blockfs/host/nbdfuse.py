@@ -2,14 +2,17 @@
 
 ``nbdfuse`` exposes the export as one file in a FUSE directory of the attachment's state
 directory; the file is mounted as EROFS directly (file-backed EROFS, Linux ≥ 6.12) or
-through a read-only loop device. nbdfuse cannot reconnect: when its server goes away the
-layer has to be attached afresh.
+through a read-only loop device. nbdfuse cannot reconnect, so it is not connected to the
+NBD server itself but to a relay of its own (:class:`~blockfs.host.nbdserver.NBDRelay`,
+nbdkit's nbd plugin behind its retry filter), which outlives the server and reconnects
+to it when it comes back: a read in the meantime waits, then gets its bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -32,6 +35,7 @@ from blockfs.host._attach_common import (
     push_undo,
     server_unreachable,
 )
+from blockfs.host.nbdserver import NBDRelay, NBDServerError
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +76,15 @@ def attach(
     connections: int,
     mount_method: FileMountMethod | None,
     undo: contextlib.ExitStack,
+    relay: bool = True,
 ) -> BackendMount:
     """Start nbdfuse for ``export`` and mount its file on ``mountpoint``.
 
     ``mount_method`` None mounts the file itself where the kernel can, else through a loop
-    device. ``undo`` gets every step's reversal.
+    device. With ``relay`` (the default) nbdfuse reaches the server at ``socket`` through
+    a relay of its own that survives the server; without, it connects to the server
+    directly and fails for good when the server dies (kept for measuring the relay).
+    ``undo`` gets every step's reversal.
     """
     nbdfuse = require()
     _require_tool("fusermount3", "install fuse3")
@@ -90,15 +98,28 @@ def attach(
 
     os.makedirs(fuse_dir(state_dir), mode=0o700, exist_ok=True)
     push_undo(undo, _remove_files, state_dir)
+    peer = socket
+    relay_socket = None
+    if relay:
+        forwarder = NBDRelay(state_dir, socket, export)
+        push_undo(undo, forwarder.stop)
+        try:
+            forwarder.start()
+        except NBDServerError as e:
+            raise AttachError(f"cannot start the NBD relay: {e}", export=export) from e
+        peer = relay_socket = str(forwarder.socket)
     image = os.path.join(fuse_dir(state_dir), _FUSE_FILE)
-    pid = _spawn(nbdfuse, socket, export, image, state_dir, connections)
+    pid = _spawn(nbdfuse, peer, export, image, state_dir, connections)
     push_undo(undo, _stop, state_dir, pid, export=export)
     _wait_ready(state_dir, pid, export)
 
+    made = functools.partial(
+        BackendMount, connections=connections, nbdfuse_pid=pid, relay_socket=relay_socket
+    )
     if mount_method != "loop":
         try:
             mount_erofs(image, mountpoint, export=export, undo=undo)
-            return BackendMount(image, image, "file-backed", connections, pid)
+            return made(image, image, "file-backed")
         except ErofsMountError as e:
             # ENOTBLK: this kernel's EROFS only mounts block devices (no file-backed mounts).
             if e.errno != errno.ENOTBLK or mount_method == "file-backed":
@@ -110,7 +131,15 @@ def attach(
         raise AttachError(f"cannot set up a loop device: {e.strerror}", export=export) from e
     push_undo(undo, mounts.loop_detach, loop_device)
     mount_erofs(loop_device, mountpoint, export=export, undo=undo)
-    return BackendMount(image, loop_device, "loop", connections, pid, loop_device)
+    return made(image, loop_device, "loop", loop_device=loop_device)
+
+
+def alive(state_dir: str, pid: int | None, relay: NBDRelay | None) -> bool:
+    """Whether the processes of an attachment still run: nbdfuse and, if it has one, its
+    relay. Neither can be replaced under a mounted file."""
+    if pid is None or not _process.running(pid, fuse_dir(state_dir)):
+        return False
+    return relay is None or relay.is_running()
 
 
 def detach(
@@ -122,9 +151,10 @@ def detach(
     export: str,
     lazy: bool = False,
     related: Collection[str] = (),
+    relay: NBDRelay | None = None,
 ) -> None:
     """Release what :func:`attach` set up once its EROFS mount is gone: the loop device
-    (if it still shows ``image``), nbdfuse and its files.
+    (if it still shows ``image``), nbdfuse, its ``relay`` and their files.
 
     When only other mount namespaces still hold the layer (copies of its mounts made by
     ``unshare -m``, a container or a service with a private mount namespace), its FUSE
@@ -138,6 +168,8 @@ def detach(
         # A loop device still open (by an EROFS mount elsewhere) is freed on its last close.
         mounts.loop_detach(loop_device)
     _stop(state_dir, pid, export=export, lazy=lazy, loop_device=loop_device, related=related)
+    if relay is not None:
+        relay.stop()
     _remove_files(state_dir)
 
 
@@ -315,7 +347,7 @@ def _require_tool(name: str, hint: str) -> str:
 
 
 def _remove_files(state_dir: str) -> None:
-    for name in (_PIDFILE, _LOG):
+    for name in (_PIDFILE, _LOG, NBDRelay.LOGFILE):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(state_dir, name))
     with contextlib.suppress(FileNotFoundError):

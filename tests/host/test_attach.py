@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from attach_testkit import (
@@ -146,6 +147,12 @@ def test_nbdfuse_attach_mounts_the_tree_read_only_and_detach_leaves_nothing(
         assert att.loop_device is None
     assert att.nbdfuse_pid is not None
     assert (state_dir / "nbdfuse.pid").read_text().strip() == str(att.nbdfuse_pid)
+    # nbdfuse reaches the server through its relay.
+    relay = att.relay
+    assert relay is not None and att.relay_socket == str(relay.socket)
+    assert relay.is_running() and relay.supervisor_pid() is not None
+    nbdfuse_argv = Path(f"/proc/{att.nbdfuse_pid}/cmdline").read_text()
+    assert f"socket={quote(str(relay.socket), safe='/')}" in nbdfuse_argv
     assert read_attachment(str(state_dir)) == att
     assert leftovers(state_dir)  # nbdfuse and its FUSE mount are in use
 
@@ -379,7 +386,7 @@ def test_a_record_written_by_an_earlier_version_still_loads(tmp_path: Path) -> N
         4,
     )
     assert att.backend_identifier == "blockfs:sha256-0123"
-    assert att.to_json() == record
+    assert att.to_json() == record | {"relay_socket": None}
 
 
 def test_a_record_never_holds_the_auto_choice(tmp_path: Path) -> None:
@@ -396,8 +403,11 @@ def test_unreadable_attachment_record_raises_attach_error(tmp_path: Path) -> Non
         read_attachment(str(tmp_path))
 
 
-def test_reconnect_of_an_nbdfuse_attachment_explains_it_must_be_remounted(
+def test_reconnect_of_an_nbdfuse_attachment_without_a_relay_explains_it_must_be_remounted(
     tmp_path: Path,
 ) -> None:
-    with pytest.raises(AttachError, match=r"cannot be reconnected.*unmount and attach it again"):
+    # As an earlier version recorded it: nbdfuse connected to the server itself.
+    with pytest.raises(
+        AttachError, match=r"cannot be reconnected: .*without a relay; unmount and attach it again"
+    ):
         reconnect(_sample_attachment(tmp_path), "/run/blockfs/nbd.sock")
