@@ -12,10 +12,11 @@ Layout under the daemon's root::
 images (or namespaces) is indexed, attached and mounted once; the snapshot store says
 which snapshots use it, and the last one's removal releases it.
 
-The NBD server, every nbdfuse process and every mount outlive the daemon. A restarted
-daemon adopts them (:meth:`LayerManager.start`): the server by its pid file, each
-mount by its attachment record. Nothing at start touches a registry: layers that are
-indexed but not mounted (after a reboot) are attached again when a snapshot needs them.
+The NBD server, every nbdfuse process (with the relay it reaches the server through) and
+every mount outlive the daemon. A restarted daemon adopts them
+(:meth:`LayerManager.start`): the server by its pid file, each mount by its attachment
+record. Nothing at start touches a registry: layers that are indexed but not mounted
+(after a reboot) are attached again when a snapshot needs them.
 
 Callers serialise work on one layer with :meth:`LayerManager.holding`, and hold it from
 acquiring a layer until the snapshot that uses it is recorded, so that a concurrent
@@ -46,6 +47,7 @@ from blockfs.host.attach import (
     Attachment,
     AttachMode,
     attach_and_mount,
+    backend_alive,
     choose_mode,
     is_mounted,
     parse_choice,
@@ -237,30 +239,30 @@ class LayerManager:
         log.info("adopted layer mount", extra={"layer": name, "mountpoint": att.mountpoint})
 
     def _reconnect(self, name: str, att: Attachment) -> bool:
-        """Connect ``att``'s device to the (restarted) server again; whether it worked.
+        """Connect ``att`` to the (restarted) server again; whether it worked.
 
-        Only the kernel NBD driver can take new connections for a mounted device: reads
-        that waited on the dead ones resume. nbdfuse cannot, so its layer is attached
-        again instead (:meth:`_attach_again`).
+        The kernel NBD driver takes new connections for the mounted device, and nbdfuse's
+        relay reconnects by itself: reads that waited on the dead server resume. An
+        nbdfuse layer without a working relay (attached by an earlier version, or its
+        relay died) is attached again instead (:meth:`_attach_again`).
         """
-        if att.mode is not AttachMode.KERNEL_NBD:
-            return self._attach_again(name, att)
         try:
             reconnect(att, str(self.server.socket))
         except AttachError as e:
+            if att.mode is AttachMode.NBDFUSE:
+                return self._attach_again(name, att, str(e))
             log.error("cannot reconnect layer", extra={"layer": name, "error": str(e)})
             return False
         log.info("reconnected layer", extra={"layer": name, "device": att.device})
         return True
 
-    def _attach_again(self, name: str, att: Attachment) -> bool:
-        """Attach an nbdfuse layer whose server died afresh; whether it worked.
+    def _attach_again(self, name: str, att: Attachment, reason: str) -> bool:
+        """Attach an nbdfuse layer that cannot reconnect afresh; whether it worked.
 
-        nbdfuse cannot take a new connection. The old mounts are detached lazily and its
-        nbdfuse stopped, and the layer is attached again on the same mountpoint, so new
-        containers get a working layer at once. A container that was running on it
-        keeps the old, broken view until it is restarted: its reads of data not yet in
-        the page cache fail.
+        The old mounts are detached lazily and its nbdfuse stopped, and the layer is
+        attached again on the same mountpoint, so new containers get a working layer at
+        once. A container that was running on it keeps the old, broken view until it is
+        restarted: its reads of data not yet in the page cache fail.
         """
         try:
             unmount_and_detach(att, lazy=True)
@@ -269,19 +271,19 @@ class LayerManager:
             log.error("cannot attach layer again", extra={"layer": name, "error": str(e)})
             return False
         log.warning(
-            "attached layer again after the NBD server restarted (nbdfuse cannot reconnect): "
-            "containers that were running on it fail reads of uncached data until restarted",
-            extra={"layer": name},
+            "attached layer again after the NBD server restarted: containers that were "
+            "running on it fail reads of uncached data until restarted",
+            extra={"layer": name, "reason": reason},
         )
         return True
 
     def revive_server(self) -> bool:
         """Restart the NBD server if it died while layers are attached; whether it did.
 
-        Layers attached through the kernel get fresh connections on the same device and
-        their waiting reads resume; nbdfuse layers are attached afresh. The daemon calls
-        this every :data:`SERVER_CHECK_INTERVAL` seconds. A server that is not running
-        while no layer is attached is left alone: the next attach starts it.
+        Layers attached through the kernel get fresh connections on the same device, and
+        nbdfuse layers' relays reconnect by themselves: their waiting reads resume. The
+        daemon calls this every :data:`SERVER_CHECK_INTERVAL` seconds. A server that is
+        not running while no layer is attached is left alone: the next attach starts it.
         """
         if self.server.is_running():
             return False
@@ -546,10 +548,12 @@ class LayerManager:
 
     @staticmethod
     def _healthy(att: Attachment) -> bool:
-        """Mounted, and (nbdfuse) its file still answers: nbdfuse is alive."""
+        """Mounted, and (nbdfuse) nbdfuse and its relay run and its file still answers."""
         if not is_mounted(att.mountpoint):
             return False
         if att.mode is AttachMode.NBDFUSE:
+            if not backend_alive(att):
+                return False
             try:
                 os.stat(att.device)
             except OSError:

@@ -3,6 +3,9 @@ one mount per layer, release, and adoption by a manager that replaces a dead one
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import os
 import shutil
 import signal
@@ -10,13 +13,20 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from remote_testkit import Layer, estargz_layer, gzip_layer
 
-from blockfs.host.attach import AUTO, AttachChoice, AttachError, AttachMode, read_attachment
+from blockfs.host.attach import (
+    AUTO,
+    AttachChoice,
+    AttachError,
+    AttachMode,
+    attach_and_mount,
+    read_attachment,
+)
 from blockfs.image import file_source_spec
 from snapshotter.daemon import watch_nbd_server
 from snapshotter.layers import LayerManager, LayerUnavailable
@@ -124,6 +134,33 @@ def test_a_gzip_layer_without_toc_cannot_be_served(root: Path) -> None:
     layers.close()
 
 
+def test_a_new_manager_restarts_a_server_that_died_with_the_old_one_and_keeps_the_mounts(
+    root: Path,
+) -> None:
+    # kill -9 of the daemon and of nbdkit together: the next daemon starts a server, and
+    # the mounts' relays reconnect to it; nothing is attached again.
+    files = {f"data/f{i}": os.urandom(128 << 10) for i in range(2)}
+    layer = blob_layer(root, estargz_layer(layer_tar(files)))
+    dead = LayerManager(root, attach=AttachMode.NBDFUSE)
+    name = layer_name(layer.digest)
+    with dead.holding(name):
+        mountpoint = dead.acquire(layer)
+    assert (mountpoint / "data" / "f0").read_bytes() == files["data/f0"]
+    attachment = read_attachment(str(dead.layer_dir(name) / "attach"))
+    server = dead.server.pid()
+    assert server is not None
+    os.kill(server, signal.SIGKILL)
+    _wait_gone(server)
+    layers = LayerManager(root, attach=AttachMode.NBDFUSE)
+    layers.start(lambda n: n == name)
+    assert layers.server.is_running()
+    assert read_attachment(str(layers.layer_dir(name) / "attach")) == attachment
+    assert (mountpoint / "data" / "f1").read_bytes() == files["data/f1"]
+    with layers.holding(name):
+        assert layers.release(name)
+    layers.close()
+
+
 def test_a_new_manager_adopts_the_server_and_mounts_of_a_dead_one(
     root: Path, motd_layer: RemoteLayer
 ) -> None:
@@ -149,20 +186,20 @@ def test_a_new_manager_adopts_the_server_and_mounts_of_a_dead_one(
     assert not again.server.is_running()
 
 
-def test_a_layer_whose_nbdfuse_died_is_attached_again_when_needed(
-    root: Path, motd_layer: RemoteLayer
+@pytest.mark.parametrize("process", ["nbdfuse", "relay"])
+def test_a_layer_whose_nbdfuse_or_relay_died_is_attached_again_when_needed(
+    root: Path, motd_layer: RemoteLayer, process: str
 ) -> None:
     dead = LayerManager(root, attach=AttachMode.NBDFUSE)
     name = layer_name(motd_layer.digest)
     with dead.holding(name):
         mountpoint = dead.acquire(motd_layer)
     before = read_attachment(str(dead.layer_dir(name) / "attach"))
-    assert before is not None and before.nbdfuse_pid is not None
-    os.kill(before.nbdfuse_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{before.nbdfuse_pid}"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert before is not None and before.nbdfuse_pid is not None and before.relay is not None
+    pid = before.nbdfuse_pid if process == "nbdfuse" else before.relay.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    _wait_gone(pid)
     layers = LayerManager(root, attach=AttachMode.NBDFUSE)
     layers.start(lambda n: True)
     assert layers.attached() == []  # the stale mount was undone
@@ -189,32 +226,42 @@ def _state(pid: int) -> str:
         return "gone"
 
 
+def _watch_until(layers: LayerManager, done: Callable[[], bool], what: str) -> None:
+    """Run the daemon's watchdog (checking every 0.1 s) until ``done()``."""
+    stop = threading.Event()
+    watchdog = threading.Thread(target=watch_nbd_server, args=(layers, stop, 0.1))
+    watchdog.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not done():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        watchdog.join()
+
+
 def test_the_watchdog_restarts_a_dead_nbd_server_under_attached_layers(
     root: Path, motd_layer: RemoteLayer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # nbd.ko is missing here, so the layer is attached with nbdfuse, which cannot take a
-    # new connection: this proves the restart; the VM test proves the kernel reconnect.
+    # nbd.ko is missing here, so the layer is attached with nbdfuse, through its relay:
+    # this proves the restart and the relay's reconnect; the VM test proves the kernel's.
     layers = LayerManager(root, attach=AttachMode.NBDFUSE)
     assert not layers.revive_server()  # nothing attached: nothing to restart
     assert not layers.server.is_running()
     name = layer_name(motd_layer.digest)
     with layers.holding(name):
         layers.acquire(motd_layer)
+    before = read_attachment(str(layers.layer_dir(name) / "attach"))
     first = layers.server.pid()
     assert first is not None and not layers.revive_server()  # running: left alone
-    stop = threading.Event()
-    watchdog = threading.Thread(target=watch_nbd_server, args=(layers, stop, 0.1))
-    watchdog.start()
-    try:
-        os.kill(first, signal.SIGKILL)
-        _wait_gone(first)
-        deadline = time.monotonic() + 30
-        while "attached layer again" not in caplog.text:
-            assert time.monotonic() < deadline, "the watchdog did not restart the server"
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        watchdog.join()
+    os.kill(first, signal.SIGKILL)
+    _wait_gone(first)
+    caplog.set_level(logging.INFO, logger="snapshotter.layers")
+    _watch_until(
+        layers, lambda: layers.server_restarts == 1, "the watchdog did not restart the server"
+    )
+    assert "reconnected layer" in caplog.text
     second = layers.server.pid()
     assert second is not None and second != first
     assert layers.server_restarts == 1
@@ -225,8 +272,9 @@ def test_the_watchdog_restarts_a_dead_nbd_server_under_attached_layers(
     finally:
         metrics.close()
     assert metric_value(text, "blockfs_nbd_server_restarts_total") == 1
-    # nbdfuse cannot reconnect; nothing held the layer, so it was attached afresh.
-    assert "attached layer again after the NBD server restarted" in caplog.text
+    # The layer kept its mount, nbdfuse and relay: nothing was attached again.
+    assert "attached layer again" not in caplog.text
+    assert read_attachment(str(layers.layer_dir(name) / "attach")) == before
     drop_caches()
     assert (layers.mountpoint(name) / "etc" / "motd").read_bytes() == MOTD
     # The restarted server serves new attachments.
@@ -281,14 +329,9 @@ def test_the_watchdog_backs_off_while_the_server_cannot_start_and_restarts_it_la
     layers.close()
 
 
-def test_an_nbdfuse_layer_is_attached_afresh_while_a_container_still_holds_the_old_one(
-    root: Path, motd_layer: RemoteLayer, caplog: pytest.LogCaptureFixture
-) -> None:
-    layers = LayerManager(root, attach=AttachMode.NBDFUSE)
-    name = layer_name(motd_layer.digest)
-    with layers.holding(name):
-        lower = layers.acquire(motd_layer)
-    # A running container: an overlay with the layer as its lower directory.
+@contextlib.contextmanager
+def container_overlay(root: Path, lower: Path) -> Iterator[Path]:
+    """What a running container holds: an overlay with ``lower`` as its lower directory."""
     merged, upper, work = (root.parent / d for d in ("merged", "upper", "work"))
     for d in (merged, upper, work):
         d.mkdir()
@@ -297,35 +340,94 @@ def test_an_nbdfuse_layer_is_attached_afresh_while_a_container_still_holds_the_o
          f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
         check=True,
     )  # fmt: skip
-    old_nbdfuse = read_attachment(str(layers.layer_dir(name) / "attach"))
-    assert old_nbdfuse is not None and old_nbdfuse.nbdfuse_pid is not None
-    stop = threading.Event()
-    watchdog = threading.Thread(target=watch_nbd_server, args=(layers, stop, 0.1))
-    watchdog.start()
     try:
+        yield merged
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)  # the container stops
+
+
+def test_a_container_holding_an_nbdfuse_layer_reads_it_on_after_the_server_restarted(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = {f"data/f{i}": os.urandom(128 << 10) for i in range(4)}
+    layer = blob_layer(root, estargz_layer(layer_tar(files)))
+    layers = LayerManager(root, attach=AttachMode.NBDFUSE)
+    name = layer_name(layer.digest)
+    with layers.holding(name):
+        lower = layers.acquire(layer)
+    before = read_attachment(str(layers.layer_dir(name) / "attach"))
+    with container_overlay(root, lower) as merged:
+        assert (merged / "data" / "f0").read_bytes() == files["data/f0"]
         server = layers.server.pid()
         assert server is not None
         os.kill(server, signal.SIGKILL)
         _wait_gone(server)
-        deadline = time.monotonic() + 30
-        while "attached layer again" not in caplog.text:
-            assert time.monotonic() < deadline, "the layer was not attached again"
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        watchdog.join()
-    drop_caches()
-    # New containers get a working layer on the same mountpoint, from a new nbdfuse...
+        # The container reads files it never read while the server is down.
+        results: dict[str, bytes | OSError] = {}
+
+        def read() -> None:
+            for i in range(1, 4):
+                try:
+                    results[f"data/f{i}"] = (merged / "data" / f"f{i}").read_bytes()
+                except OSError as e:
+                    results[f"data/f{i}"] = e
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        _watch_until(layers, lambda: layers.server_restarts == 1, "no restart")
+        reader.join(60)
+        assert not reader.is_alive(), "the container's reads did not resume"
+        assert results == {f"data/f{i}": files[f"data/f{i}"] for i in range(1, 4)}
+        # New containers use the same mount, nbdfuse and relay.
+        with layers.holding(name):
+            assert layers.ensure_mounted(name) == lower
+        assert read_attachment(str(layers.layer_dir(name) / "attach")) == before
+        assert "attached layer again" not in caplog.text
     with layers.holding(name):
-        assert layers.ensure_mounted(name) == lower
-    assert (lower / "etc" / "motd").read_bytes() == MOTD
-    new = read_attachment(str(layers.layer_dir(name) / "attach"))
-    assert new is not None and new.nbdfuse_pid not in (None, old_nbdfuse.nbdfuse_pid)
-    _wait_gone(old_nbdfuse.nbdfuse_pid)
-    # ...while the running one keeps the old view, whose uncached reads fail.
-    with pytest.raises(OSError):
-        (merged / "etc" / "motd").read_bytes()
-    subprocess.run(["umount", str(merged)], check=True)  # the container stops
+        assert layers.release(name)
+    layers.close()
+
+
+def test_an_nbdfuse_layer_without_a_relay_is_attached_afresh_while_a_container_holds_it(
+    root: Path,
+    motd_layer: RemoteLayer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As an earlier version attached it: nbdfuse connected to the server itself.
+    monkeypatch.setattr(
+        "snapshotter.layers.attach_and_mount", functools.partial(attach_and_mount, relay=False)
+    )
+    layers = LayerManager(root, attach=AttachMode.NBDFUSE)
+    name = layer_name(motd_layer.digest)
+    with layers.holding(name):
+        lower = layers.acquire(motd_layer)
+    monkeypatch.undo()  # this version attaches it again, with a relay
+    old_nbdfuse = read_attachment(str(layers.layer_dir(name) / "attach"))
+    assert old_nbdfuse is not None and old_nbdfuse.nbdfuse_pid is not None
+    assert old_nbdfuse.relay is None
+    with container_overlay(root, lower) as merged:
+        server = layers.server.pid()
+        assert server is not None
+        os.kill(server, signal.SIGKILL)
+        _wait_gone(server)
+        _watch_until(
+            layers,
+            lambda: "attached layer again" in caplog.text,
+            "the layer was not attached again",
+        )
+        drop_caches()
+        # New containers get a working layer on the same mountpoint, from a new nbdfuse...
+        with layers.holding(name):
+            assert layers.ensure_mounted(name) == lower
+        assert (lower / "etc" / "motd").read_bytes() == MOTD
+        new = read_attachment(str(layers.layer_dir(name) / "attach"))
+        assert new is not None and new.nbdfuse_pid not in (None, old_nbdfuse.nbdfuse_pid)
+        assert new.relay is not None
+        _wait_gone(old_nbdfuse.nbdfuse_pid)
+        # ...while the running one keeps the old view, whose uncached reads fail.
+        with pytest.raises(OSError):
+            (merged / "etc" / "motd").read_bytes()
     with layers.holding(name):
         assert layers.release(name)
     layers.close()
