@@ -184,6 +184,7 @@ def optimize_image(
     run: ProfileRun | None = None
     if record_in is not None:
         profile = Profile.load(record_in)
+        _check_profile_fits(profile, src, options, str(record_in))
     else:
         run = profile_workload(
             src, options, overrides=overrides, period=period, attach=attach,
@@ -194,6 +195,29 @@ def optimize_image(
             profile.save(record_out)
     converted = rewrite_with_profile(src, dst, profile, options, progress)
     return OptimizeResult(converted, profile, run)
+
+
+def _check_profile_fits(
+    profile: Profile, src: ImageLocation, options: ConvertOptions, where: str
+) -> None:
+    """Refuse a profile that names none of ``src``'s layers; warn of profiled layers that
+    ``src`` does not have (a profile applies to the image it was recorded from)."""
+    image = resolve_image(src, options.platform)
+    diff_ids = set(ImageConfig.from_bytes(src.read_blob(image.manifest.config)).diff_ids)
+    profiled = [layer for layer in profile.layers if layer.files]
+    missing = [layer for layer in profiled if layer.diff_id not in diff_ids]
+    if profiled and len(missing) == len(profiled):
+        raise OptimizeError(
+            f"the profile {where} names no layer of {src.name} (no diff_id matches): it "
+            "applies to the image it was recorded from; record one for this image"
+        )
+    for layer in missing:
+        log.warning(
+            "the profile's layer %s (%d files) is not a layer of %s: not used",
+            layer.diff_id,
+            len(layer.files),
+            src.name,
+        )
 
 
 def profile_workload(

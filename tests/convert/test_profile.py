@@ -41,6 +41,7 @@ from blockfs.image import (
 )
 from blockfs.oci import ImageConfig, ImageLayout, Manifest
 from blockfs.oci import annotations as ann
+from tests.helpers.cli import blockfs
 from tests.helpers.images import gunzipped_digest, make_layout
 from tests.helpers.testdata import TESTDATA
 
@@ -259,3 +260,23 @@ def test_an_estargz_source_is_rewritten_too(source, tmp_path):
     blobs, _, _ = layers_of(tmp_path / "out", "v1")
     assert blob_order(blobs[1])[:2] == ["b/g7", PREFETCH_LANDMARK]
     assert blob_order(blobs[0])[0] == NO_PREFETCH_LANDMARK
+
+
+def test_record_in_refuses_a_profile_of_another_image_and_warns_of_foreign_layers(source, tmp_path):
+    _, _, config = layers_of(source, "v1")
+    foreign = LayerProfile("sha256:" + "f" * 64, ["a/f01"])
+    Profile([foreign]).save(tmp_path / "other.json")
+    out = blockfs(
+        "image", "optimize", f"oci:{source}:v1", f"oci:{tmp_path / 'o1'}:v1",
+        "--record-in", str(tmp_path / "other.json"), check=False,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert "names no layer of" in out.stderr and "no diff_id matches" in out.stderr
+    Profile([foreign, LayerProfile(config.diff_ids[1], ["b/g2"])]).save(tmp_path / "mixed.json")
+    out = blockfs(
+        "image", "optimize", f"oci:{source}:v1", f"oci:{tmp_path / 'o2'}:v1",
+        "--record-in", str(tmp_path / "mixed.json"),
+    )  # fmt: skip
+    assert f"blockfs: warning: the profile's layer {foreign.diff_id} (1 files)" in out.stderr
+    assert "layer 2: " in out.stdout and "(1 file(s) first)\n  b/g2\n" in out.stdout
+    assert "(nothing run)" in out.stdout
