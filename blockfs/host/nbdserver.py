@@ -73,18 +73,20 @@ _MAX_SOCKET_PATH = 107
 RUNTIME_DIR = Path("/run/blockfs")
 
 
-def socket_path(run_dir: str | os.PathLike[str], name: str) -> Path:
+def socket_path(run_dir: str | os.PathLike[str], name: str, *, create: bool = True) -> Path:
     """Where the unix socket ``name`` of ``run_dir`` lives.
 
     Inside ``run_dir`` when the path fits in a socket address; otherwise in a private
-    directory under /run/blockfs named after ``run_dir``, so it is still found again.
+    directory under /run/blockfs named after ``run_dir`` (made here with ``create``), so
+    it is still found again.
     """
     path = Path(run_dir).absolute() / name
     if len(os.fsencode(path)) <= _MAX_SOCKET_PATH:
         return path
     key = hashlib.sha256(os.fsencode(Path(run_dir).absolute())).hexdigest()[:16]
     short = RUNTIME_DIR / key
-    short.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if create:
+        short.mkdir(mode=0o700, parents=True, exist_ok=True)
     return short / name
 
 
@@ -180,6 +182,8 @@ class DetachedNBDKit:
         if (pid := self.pid()) is not None:
             return pid
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.socket.parent.parent == RUNTIME_DIR:
+            self.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         # The log names the layers and registries this node uses. It and the pid files are
@@ -364,7 +368,9 @@ class NBDRelay(DetachedNBDKit):
     STOP_TIMEOUT = 2.0
 
     def __init__(self, state_dir: str | os.PathLike[str], backend: str, export: str) -> None:
-        super().__init__(state_dir, socket_path(state_dir, "relay.sock"))
+        # A directory under /run/blockfs for it (long state_dir) is made by start() alone,
+        # not by each look at an attachment's relay.
+        super().__init__(state_dir, socket_path(state_dir, "relay.sock", create=False))
         self.backend = backend
         self.export = export
 
