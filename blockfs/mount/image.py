@@ -200,7 +200,8 @@ def mount_image(
     served = server_config(root, run_dir, prefetch=prefetch)
     if trace is not None:
         served = attrs.evolve(served, trace=Path(trace).absolute())
-    server = NBDServer(run_dir, served)
+    # No daemon watches a standalone mount's server: its shell starts it again if it dies.
+    server = NBDServer(run_dir, served, restart=True)
     with contextlib.ExitStack() as undo:
         undo.callback(shutil.rmtree, run_dir, ignore_errors=True)
         with BlobSources() as sources:

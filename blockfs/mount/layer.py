@@ -128,7 +128,8 @@ def mount_layer(
         run_dir = fresh_run_dir(root, mountpoint)
     except FileExistsError as e:
         raise LayerMountError(str(e)) from None
-    server = NBDServer(run_dir, server_config(root, run_dir, prefetch=prefetch))
+    # No daemon watches a standalone mount's server: its shell starts it again if it dies.
+    server = NBDServer(run_dir, server_config(root, run_dir, prefetch=prefetch), restart=True)
     try:
         export, name = _index(
             blob, toc_digest, run_dir / "layers", plain_http=plain_http, hosts_dir=hosts_dir
