@@ -296,6 +296,7 @@ def unmount_and_detach(att: Attachment, *, lazy: bool = False) -> None:
     """
     entry = mounts.find_mount(att.mountpoint)
     related: tuple[str, ...] = ()
+    detached = None
     if entry is not None:
         if entry.source != att.mount_source:
             raise AttachError(
@@ -308,7 +309,6 @@ def unmount_and_detach(att: Attachment, *, lazy: bool = False) -> None:
         try:
             if lazy:
                 mounts.umount(att.mountpoint, lazy=True)
-                detached = None
             else:
                 detached = mounts.unmount(att.mountpoint, sole=True)
         except mounts.MountBusyError as e:
@@ -333,6 +333,17 @@ def unmount_and_detach(att: Attachment, *, lazy: bool = False) -> None:
                 detached.describe(),
             )
     if att.mode is AttachMode.KERNEL_NBD:
+        if related and detached is None:
+            # Unmounted here outright, the layer may still be mounted through private
+            # copies elsewhere, which the disconnect leaves reading errors: say so.
+            held = mounts.Detached(att.mountpoint, tuple(mounts.copies_elsewhere(related)))
+            if held.copies:
+                log.warning(
+                    "layer %s is %s; disconnected %s: reads through those copies fail from now on",
+                    att.export,
+                    held.describe(),
+                    att.device,
+                )
         kernel_nbd.detach(att.device, att.export)
     else:
         nbdfuse.detach(
