@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import IO, Final, Protocol, cast
 
 import zstandard
@@ -18,7 +18,15 @@ import zstandard
 from blockfs.estargz._errors import DecompressionError, TOCError, TOCTooLargeError
 from blockfs.estargz._model import TOC_TAR_NAME, Compression
 
-__all__ = ["Decompressor", "Readable", "decompress_spans", "read_gzip_toc", "read_zstd_toc"]
+__all__ = [
+    "Decompressor",
+    "Readable",
+    "decompress_spans",
+    "iter_gzip_toc",
+    "iter_zstd_toc",
+    "read_gzip_toc",
+    "read_zstd_toc",
+]
 
 # Most decompressed bytes produced by one step of a read (bytes the caller wants: zstd
 # is twice as fast in 4 MiB steps as in 1 MiB ones) and of a skip (bytes thrown away, so
@@ -31,6 +39,8 @@ _INPUT_STEP: Final = 1 << 16
 _ZSTD_MAX_WINDOW: Final = 1 << 27
 # zlib wbits for a gzip wrapper (16 + 15-bit window).
 _GZIP_WBITS: Final = 31
+# Decompressed TOC bytes are handed on in pieces of this size.
+TOC_PIECE: Final = 1 << 20
 
 # ustar header, 512 bytes: 0 name, 100 mode, 108 uid, 116 gid, 124 size, 136 mtime,
 # 148 chksum, 156 typeflag, 157 linkname, 257 magic, 263 version, 265 uname, 297 gname,
@@ -192,10 +202,24 @@ def _octal(field: bytes) -> int | None:
 def read_gzip_toc(
     data: bytes, *, layer: str | None = None, offset: int | None = None, max_bytes: int
 ) -> bytes:
-    """The TOC JSON from a gzip TOC member: a tar stream whose first entry is the TOC.
+    """The TOC JSON from a gzip TOC member, whole (:func:`iter_gzip_toc` in one piece)."""
+    return b"".join(iter_gzip_toc(data, layer=layer, offset=offset, max_bytes=max_bytes))
+
+
+def iter_gzip_toc(
+    data: bytes,
+    *,
+    layer: str | None = None,
+    offset: int | None = None,
+    max_bytes: int,
+    piece: int = TOC_PIECE,
+) -> Iterator[bytes]:
+    """The TOC JSON from a gzip TOC member (a tar stream whose first entry is the TOC), in
+    pieces of up to ``piece`` bytes, each decompressed only when asked for.
 
     ``data`` is the compressed member, ``offset`` where it starts in the blob. A TOC whose
-    tar header declares more than ``max_bytes`` is refused before it is decompressed.
+    tar header declares more than ``max_bytes`` is refused before it is decompressed; a
+    consumer that stops early stops the decompression there.
     """
     d = Decompressor(io.BytesIO(data), "gzip", layer=layer, entry=TOC_TAR_NAME, offset=offset)
     header = d.read_exact(TAR_BLOCK)
@@ -227,7 +251,10 @@ def read_gzip_toc(
             entry=TOC_TAR_NAME,
             offset=offset,
         )
-    return d.read_exact(size)
+    while size:
+        out = d.read_exact(min(size, piece))
+        size -= len(out)
+        yield out
 
 
 def read_zstd_toc(
@@ -238,7 +265,23 @@ def read_zstd_toc(
     offset: int | None = None,
     max_bytes: int,
 ) -> bytes:
-    """The TOC JSON from a zstd TOC frame that the footer says is ``uncompressed_size`` long.
+    """The TOC JSON from a zstd TOC frame, whole (:func:`iter_zstd_toc` in one piece)."""
+    return b"".join(
+        iter_zstd_toc(data, uncompressed_size, layer=layer, offset=offset, max_bytes=max_bytes)
+    )
+
+
+def iter_zstd_toc(
+    data: bytes,
+    uncompressed_size: int,
+    *,
+    layer: str | None = None,
+    offset: int | None = None,
+    max_bytes: int,
+    piece: int = TOC_PIECE,
+) -> Iterator[bytes]:
+    """The TOC JSON from a zstd TOC frame that the footer says is ``uncompressed_size``
+    long, in pieces of up to ``piece`` bytes, each decompressed only when asked for.
 
     Refuses a declared size over ``max_bytes`` before decompressing anything, and a frame
     that decompresses to more or fewer bytes than declared.
@@ -250,11 +293,14 @@ def read_zstd_toc(
             offset=offset,
         )
     d = Decompressor(io.BytesIO(data), "zstd", layer=layer, entry=TOC_TAR_NAME, offset=offset)
-    toc = d.read_exact(uncompressed_size)
+    size = uncompressed_size
+    while size:
+        out = d.read_exact(min(size, piece))
+        size -= len(out)
+        yield out
     if not d.at_end():
         raise TOCError(
             f"the TOC frame holds more than the {uncompressed_size} bytes its footer declares",
             layer=layer,
             offset=offset,
         )
-    return toc

@@ -17,8 +17,8 @@ import attrs
 from blockfs.estargz._compression import (
     Readable,
     decompress_spans,
-    read_gzip_toc,
-    read_zstd_toc,
+    iter_gzip_toc,
+    iter_zstd_toc,
 )
 from blockfs.estargz._errors import (
     ChunkVerificationError,
@@ -146,11 +146,31 @@ class BlobReader:
         self.toc_digest = toc_digest
         self.allow_unverified = allow_unverified
         # Every piece of file data, ordered by compressed offset, for finding the pieces
-        # that share a member run.
-        pieces = [(e, c) for e in toc.entries for c in e.chunks]
-        pieces.sort(key=lambda p: p[1].offset)
-        self._pieces = pieces
-        self._piece_offsets = [c.offset for _, c in pieces]
+        # that share a member run: made when first needed (reading a layer's metadata
+        # never needs it).
+        self._pieces_cache: list[tuple[Entry, Chunk]] | None = None
+        self._piece_offsets_cache: list[int] | None = None
+
+    @property
+    def _pieces(self) -> list[tuple[Entry, Chunk]]:
+        if self._pieces_cache is None:
+            toc = self.toc
+            table = toc.table
+            pieces: list[tuple[Entry, Chunk]] = []
+            for row in table.live_rows():
+                lo, hi = table.chunk_range(row)
+                if lo < hi:
+                    e = toc.row_entry(row)
+                    pieces.extend((e, c) for c in e.chunks)
+            pieces.sort(key=lambda p: p[1].offset)
+            self._pieces_cache = pieces
+        return self._pieces_cache
+
+    @property
+    def _piece_offsets(self) -> list[int]:
+        if self._piece_offsets_cache is None:
+            self._piece_offsets_cache = [c.offset for _, c in self._pieces]
+        return self._piece_offsets_cache
 
     @classmethod
     def open(
@@ -195,8 +215,11 @@ class BlobReader:
             compressed = tail[toc_start - tail_start :]
         del tail
         compressed = compressed[:toc_size]
+        # The TOC is decompressed, hashed and parsed piece by piece: neither its JSON text
+        # nor the decoded JSON is ever held whole.
+        pieces: Iterator[bytes]
         if footer.kind == "zstd":
-            toc_json = read_zstd_toc(
+            pieces = iter_zstd_toc(
                 compressed,
                 footer.toc_uncompressed_size,
                 layer=name,
@@ -204,18 +227,37 @@ class BlobReader:
                 max_bytes=limits.max_toc_bytes,
             )
         else:
-            toc_json = read_gzip_toc(
+            pieces = iter_gzip_toc(
                 compressed, layer=name, offset=toc_start, max_bytes=limits.max_toc_bytes
             )
-        del compressed
-        return cls.from_toc_json(
-            source,
-            toc_json,
-            footer=footer,
-            toc_digest=toc_digest,
-            limits=limits,
-            allow_unverified=allow_unverified,
-        )
+        hashed = _HashedPieces(pieces)
+        try:
+            toc = parse_toc(
+                hashed,
+                layer=name,
+                payload_end=footer.payload_end(),
+                limits=limits,
+                # Legacy stargz predates chunkDigest.
+                require_chunk_digests=footer.kind != "stargz",
+            )
+        except FormatError:
+            # A TOC that is not what the digest says is reported as that, whatever else
+            # is wrong with it: hash the rest (not parsing it) to tell.
+            if toc_digest is not None and hashed.drain() and hashed.digest() != toc_digest:
+                raise TOCDigestMismatch(
+                    f"TOC digest is {hashed.digest()}, expected {toc_digest}",
+                    layer=name,
+                    offset=footer.toc_offset,
+                ) from None
+            raise
+        digest = hashed.digest()
+        if toc_digest is not None and digest != toc_digest:
+            raise TOCDigestMismatch(
+                f"TOC digest is {digest}, expected {toc_digest}",
+                layer=name,
+                offset=footer.toc_offset,
+            )
+        return cls(source, footer, toc, digest, allow_unverified=allow_unverified)
 
     @classmethod
     def from_toc_json(
@@ -470,6 +512,38 @@ class BlobReader:
         if landmark is None or not landmark.chunks:
             return None
         return (0, landmark.chunks[0].offset)
+
+
+class _HashedPieces:
+    """The pieces of a TOC's JSON, hashed as they go by."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._pieces = pieces
+        self._sha = hashlib.sha256()
+        self._failed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for piece in self._pieces:
+                self._sha.update(piece)
+                yield piece
+        except FormatError:
+            self._failed = True
+            raise
+
+    def drain(self) -> bool:
+        """Hash the pieces nobody read; False if they cannot all be read."""
+        if self._failed:
+            return False
+        try:
+            for piece in self._pieces:
+                self._sha.update(piece)
+        except FormatError:
+            return False
+        return True
+
+    def digest(self) -> str:
+        return "sha256:" + self._sha.hexdigest()
 
 
 def verify_piece(

@@ -9,19 +9,34 @@ layer, the entry and (where known) the offset; nothing else escapes.
 from __future__ import annotations
 
 import binascii
+import codecs
 import contextlib
 import datetime
 import gc
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from types import MappingProxyType
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, NoReturn, cast
 
 import attrs
 
 from blockfs.estargz._errors import EntryError, TOCError, TOCTooLargeError
-from blockfs.estargz._model import TOC, Chunk, Entry, EntryType
+from blockfs.estargz._model import (
+    DEAD,
+    DIR,
+    HARDLINK,
+    IMPLICIT,
+    NO_DIGEST,
+    NO_MODTIME,
+    TOC,
+    TYPE_CODES,
+    Entry,
+    EntryType,
+    TOCTable,
+    decode_name,
+    encode_name,
+)
 
 __all__ = ["DEFAULT_LIMITS", "Limits", "clean_name", "make_toc", "parse_toc"]
 
@@ -54,6 +69,10 @@ class Limits:
     max_link_bytes: int = 4095
     #: Most bytes of xattr names and values on one entry (the Linux XATTR_LIST_MAX).
     max_xattr_bytes: int = 65536
+    #: Longest JSON text of one TOC entry (or other value), in characters. A real entry
+    #: takes well under 200 KiB even with a 4 KiB name and 64 KiB of xattrs; the parser
+    #: holds no more than this of an entry before refusing it.
+    max_entry_json: int = _MiB
 
 
 DEFAULT_LIMITS: Final = Limits()
@@ -79,9 +98,7 @@ _RFC3339 = re.compile(
     re.ASCII,
 )
 _EPOCH_ORDINAL: Final = datetime.date(1970, 1, 1).toordinal()
-_NO_XATTRS: Final[Mapping[str, bytes]] = MappingProxyType({})
-
-_IMPLICIT_DIR_MODE: Final = 0o755
+_TYPE_CODE: Final = TYPE_CODES
 # Hostile values are quoted in messages only up to this many characters.
 _SHOW_MAX: Final = 200
 
@@ -122,7 +139,8 @@ def make_toc(entries: Sequence[Entry], *, version: int = 1, layer: str | None = 
     replaces it, as in the reference reader (a directory keeps its children); the
     replaced entry leaves ``entries`` too. Refuses names that are not clean, a name
     listed both as a directory and as a non-directory, entries under a non-directory and
-    hardlinks that are dangling, circular or name a directory.
+    hardlinks that are dangling, circular or name a directory. The TOC hands back the
+    very Entry objects it was given.
     """
     for e in entries:
         if clean_name(e.name) != e.name:
@@ -133,137 +151,142 @@ def make_toc(entries: Sequence[Entry], *, version: int = 1, layer: str | None = 
                 layer=layer,
                 entry=e.name,
             )
-    return _build_tree(tuple(entries), version=version, layer=layer)
+        try:
+            encode_name(e.name)
+            encode_name(e.link_name)
+        except UnicodeEncodeError:
+            raise EntryError("name is not valid Unicode", layer=layer, entry=e.name) from None
+    table = TOCTable()
+    for e in entries:
+        table.add_entry(e)
+    _build_tree(table, layer)
+    return TOC(table, version=version)
 
 
-def _entry_offset(e: Entry) -> int | None:
-    return e.chunks[0].offset if e.chunks else None
+def _build_tree(t: TOCTable, layer: str | None, *, max_names: int | None = None) -> None:
+    """Give the explicit rows of ``t`` their nodes, with implicit parents; resolve hardlinks.
 
+    The rules of :func:`make_toc`. Rows are visited in blob order, so the first error in
+    blob order is the one raised. ``max_names`` bounds the stored names, implicit
+    directories' included (a deep path implies a name for each of its ancestors).
+    """
+    names, name_off, types, flags = t.names, t.name_off, t.types, t.flags
+    node_row, node_links, resolved = t.node_row, t.node_links, t.resolved
+    find, new_node = t.find, t.new_node
+    t.reserve_nodes(t.explicit + t.explicit // 16 + 16)
 
-def _build_tree(entries: tuple[Entry, ...], *, version: int, layer: str | None) -> TOC:
-    """The tree part of :func:`make_toc`, for entries whose names are known to be clean."""
-    nodes: dict[str, Entry] = {"": Entry("", "dir", _IMPLICIT_DIR_MODE, xattrs=_NO_XATTRS)}
-    children: dict[str, list[str]] = {"": []}
-    # Directories that exist only as parents so far; their own entry may still come.
-    implicit: set[str] = {""}
-    # Name of each data-holding entry -> names referring to it; for a directory its "."
-    # and its name in the parent, plus one ".." per child directory.
-    link_counts: dict[str, int] = {"": 2}
-    hardlinks: dict[str, Entry] = {}
-    # Positions in ``entries`` of the entry holding each name, and of those replaced.
-    position: dict[str, int] = {}
-    replaced: set[int] = set()
+    def fail(message: str, row: int) -> NoReturn:
+        raise EntryError(message, layer=layer, entry=t.name(row), offset=t.first_offset(row))
 
-    def fail(message: str, e: Entry) -> NoReturn:
-        raise EntryError(message, layer=layer, entry=e.name, offset=_entry_offset(e))
+    def add_parents(row: int, path: bytes) -> int:
+        """Create the implicit directory ``path`` (the parent of ``row``) and its missing
+        ancestors; its node."""
+        missing: list[bytes] = []
+        p = path
+        while (node := find(p)) < 0:
+            missing.append(p)
+            p = p[: max(p.rfind(b"/"), 0)]
+        if types[node_row[node]] != DIR:
+            fail(f"ancestor {_show(decode_name(p))} is not a directory", row)
+        for d in reversed(missing):
+            parent = node
+            node = new_node(t.add_implicit_dir(d), parent, d)
+            node_links[node] = 2
+            node_links[parent] += 1
+        if max_names is not None and len(t.names) > max_names:
+            raise TOCTooLargeError(
+                f"the names of the TOC's entries and of their implied parent directories "
+                f"exceed {max_names} bytes",
+                layer=layer,
+                entry=t.name(row),
+            )
+        return node
 
-    for index, e in enumerate(entries):
-        name = e.name
-        is_dir = e.type == "dir"
-        old = nodes.get(name)
-        if old is not None:
-            if (old.type == "dir") != is_dir:
-                if name in implicit:
-                    fail("a directory that has entries under it is listed as a non-directory", e)
-                fail("a name is listed both as a directory and as a non-directory", e)
+    # Hardlink nodes -> their row, in order of first appearance as a hardlink.
+    hardlinks: dict[int, int] = {}
+    # The parent of the previous row, which is most often the next row's too.
+    last_parent_key = b"\0"
+    last_parent = -1
+    for row in range(1, t.explicit + 1):
+        key = bytes(names[name_off[row] : name_off[row + 1]])
+        typ = types[row]
+        is_dir = typ == DIR
+        node = find(key)
+        if node >= 0:
+            old = node_row[node]
+            if (types[old] == DIR) != is_dir:
+                if flags[old] & IMPLICIT:
+                    fail("a directory that has entries under it is listed as a non-directory", row)
+                fail("a name is listed both as a directory and as a non-directory", row)
             # A directory needed as a parent before its own entry came, or a duplicate:
             # the later entry takes the name, in the earlier one's place among its
             # siblings (a directory keeps its children).
-            implicit.discard(name)
-            if name in position:
-                replaced.add(position[name])
-            position[name] = index
-            nodes[name] = e
-            if e.type == "hardlink":
-                link_counts.pop(name, None)
-                hardlinks[name] = e
+            if not flags[old] & IMPLICIT:
+                flags[old] |= DEAD
+                t.dead += 1
+            node_row[node] = row
+            if typ == HARDLINK:
+                hardlinks[node] = row
             else:
-                hardlinks.pop(name, None)
+                hardlinks.pop(node, None)
                 if not is_dir:
-                    link_counts[name] = 1
+                    node_links[node] = 1
             continue
-        position[name] = index
-        parent, _, base = name.rpartition("/")
-        pnode = nodes.get(parent)
-        if pnode is None:
-            _add_parents(e, parent, nodes, children, implicit, link_counts, layer)
-        elif pnode.type != "dir":
-            fail(f"parent {_show(parent)} is not a directory", e)
-        nodes[name] = e
-        children[parent].append(base)
-        if is_dir:
-            children[name] = []
-            link_counts[name] = 2
-            link_counts[parent] += 1
-        elif e.type == "hardlink":
-            hardlinks[name] = e
+        slash = key.rfind(b"/")
+        parent_key = key[:slash] if slash >= 0 else b""
+        if parent_key == last_parent_key:
+            parent = last_parent
         else:
-            link_counts[name] = 1
+            parent = find(parent_key)
+            if parent < 0:
+                parent = add_parents(row, parent_key)
+            elif types[node_row[parent]] != DIR:
+                fail(f"parent {_show(decode_name(parent_key))} is not a directory", row)
+            last_parent_key, last_parent = parent_key, parent
+        node = new_node(row, parent, key)
+        if is_dir:
+            node_links[node] = 2
+            node_links[parent] += 1
+        elif typ == HARDLINK:
+            hardlinks[node] = row
+        else:
+            node_links[node] = 1
 
-    for e in hardlinks.values():
-        target = nodes.get(e.link_name)
+    def data(node: int) -> int:
+        # What the tree holds at ``node`` so far: hardlinks resolved one by one.
+        return -1 if node < 0 else resolved.get(node, node_row[node])
+
+    for node, row in hardlinks.items():
+        target = data(find(t.link_bytes(row)))
         hops = 0
-        while target is not None and target.type == "hardlink":
+        while target >= 0 and types[target] == HARDLINK:
             hops += 1
-            if hops > _MAX_LINK_HOPS or target is e:
-                fail("hardlink chain is circular or too long", e)
-            target = nodes.get(target.link_name)
-        if target is None:
-            fail(f"hardlink to missing entry {_show(e.link_name)}", e)
-        if target.type == "dir":
-            fail(f"hardlink to directory {_show(e.link_name)}", e)
-        nodes[e.name] = target
-        link_counts[target.name] += 1
-
-    return TOC(
-        version=version,
-        entries=tuple(e for i, e in enumerate(entries) if i not in replaced)
-        if replaced
-        else entries,
-        nodes=nodes,
-        children={k: tuple(v) for k, v in children.items()},
-        link_counts=link_counts,
-    )
-
-
-def _add_parents(
-    e: Entry,
-    path: str,
-    nodes: dict[str, Entry],
-    children: dict[str, list[str]],
-    implicit: set[str],
-    link_counts: dict[str, int],
-    layer: str | None,
-) -> None:
-    """Create the implicit directory ``path`` (the parent of ``e``) and its missing ancestors."""
-    missing: list[str] = []
-    p = path
-    while (node := nodes.get(p)) is None:
-        missing.append(p)
-        p = p.rpartition("/")[0]
-    if node.type != "dir":
-        raise EntryError(
-            f"ancestor {_show(p)} is not a directory",
-            layer=layer,
-            entry=e.name,
-            offset=_entry_offset(e),
-        )
-    for d in reversed(missing):
-        parent, _, base = d.rpartition("/")
-        nodes[d] = Entry(d, "dir", _IMPLICIT_DIR_MODE, xattrs=_NO_XATTRS)
-        children[d] = []
-        children[parent].append(base)
-        implicit.add(d)
-        link_counts[d] = 2
-        link_counts[parent] += 1
+            if hops > _MAX_LINK_HOPS or target == row:
+                fail("hardlink chain is circular or too long", row)
+            target = data(find(t.link_bytes(target)))
+        if target < 0:
+            fail(f"hardlink to missing entry {_show(t.link(row))}", row)
+        if types[target] == DIR:
+            fail(f"hardlink to directory {_show(t.link(row))}", row)
+        resolved[node] = target
+        node_links[find(t.name_bytes(target))] += 1
+    # Only needed to append children.
+    t.node_last = array("i")
 
 
 # --------------------------------------------------------------------------------------
 # Parsing
 
+# Decompressed TOC bytes are parsed in pieces of this size.
+TOC_PIECE: Final = 1 << 20
+_WHITESPACE = re.compile(r"[ \t\n\r]*").match
+# A value parsed this close to the end of the text at hand is parsed again with more
+# text: a number cut by the end of a piece would parse as a shorter number.
+_LOOKAHEAD: Final = 8
+
 
 def parse_toc(
-    data: bytes,
+    data: bytes | Iterable[bytes],
     *,
     layer: str | None = None,
     payload_end: int,
@@ -272,45 +295,225 @@ def parse_toc(
 ) -> TOC:
     """Parse the uncompressed TOC JSON ``data`` into a validated, normalised :class:`TOC`.
 
-    ``payload_end`` is where the blob's data members end (:meth:`Footer.payload_end`);
-    every chunk must start before it. ``require_chunk_digests=False`` accepts legacy
-    stargz TOCs without ``chunkDigest``: such pieces get the file's ``digest`` when the
-    file has one piece, and an empty digest otherwise.
+    ``data`` is the JSON, or an iterable of its successive pieces (as they are
+    decompressed): it is parsed one entry at a time, so neither the JSON text nor its
+    decoded objects are held whole, and an entry longer than the limit is refused before
+    more of it is read. ``payload_end`` is where the blob's data members end
+    (:meth:`Footer.payload_end`); every chunk must start before it.
+    ``require_chunk_digests=False`` accepts legacy stargz TOCs without ``chunkDigest``:
+    such pieces get the file's ``digest`` when the file has one piece, and an empty
+    digest otherwise.
     """
-    if len(data) > limits.max_toc_bytes:
-        raise TOCTooLargeError(
-            f"TOC of {len(data)} bytes exceeds the limit of {limits.max_toc_bytes}", layer=layer
-        )
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise TOCError(f"TOC is not valid JSON: {_show(str(exc))}", layer=layer) from None
-    if type(doc) is not dict:
-        raise TOCError("TOC is not a JSON object", layer=layer)
-    version = doc.get("version")
-    if type(version) is not int or version != 1:
-        raise TOCError(f"unsupported TOC version {_show(version)}", layer=layer)
-    raw_entries = doc.get("entries", [])
-    del doc
-    if type(raw_entries) is not list:
-        raise TOCError("TOC entries are not a list", layer=layer)
-    if len(raw_entries) > limits.max_entries:
-        raise TOCTooLargeError(
-            f"TOC has {len(raw_entries)} entries, more than the limit of {limits.max_entries}",
-            layer=layer,
-        )
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if len(data) > limits.max_toc_bytes:
+            raise TOCTooLargeError(
+                f"TOC of {len(data)} bytes exceeds the limit of {limits.max_toc_bytes}",
+                layer=layer,
+            )
+        pieces: Iterable[bytes] = _pieces_of(data)
+    else:
+        pieces = data
+    text = _JSONText(iter(pieces), layer, limits)
     parser = _EntryParser(layer, payload_end, limits, require_chunk_digests)
     with _collector_paused():
-        return _build_tree(parser.run(raw_entries), version=version, layer=layer)
+        version = _parse_document(text, parser, layer)
+        _build_tree(parser.table, layer, max_names=2 * limits.max_toc_bytes)
+    return TOC(parser.table, version=version)
+
+
+def _pieces_of(data: bytes | bytearray | memoryview) -> Iterator[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(view), TOC_PIECE):
+        yield bytes(view[start : start + TOC_PIECE])
+
+
+def _parse_document(text: _JSONText, parser: _EntryParser, layer: str | None) -> int:
+    """Read the TOC object, feeding its entries to ``parser`` as they come; its version."""
+    c = text.skip_whitespace()
+    if c != "{":
+        text.value()  # a JSON error if it is not JSON at all
+        raise TOCError("TOC is not a JSON object", layer=layer)
+    text.pos += 1
+    version: object = None
+    seen_entries = False
+    c = text.skip_whitespace()
+    if c == "}":
+        text.pos += 1
+    else:
+        while True:
+            if c != '"':
+                raise text.error("Expecting property name enclosed in double quotes")
+            key = text.value()
+            if text.skip_whitespace() != ":":
+                raise text.error("Expecting ':' delimiter")
+            text.pos += 1
+            c = text.skip_whitespace()
+            if key == "entries":
+                if seen_entries:
+                    raise TOCError("TOC has more than one list of entries", layer=layer)
+                seen_entries = True
+                if c != "[":
+                    text.value()
+                    raise TOCError("TOC entries are not a list", layer=layer)
+                text.pos += 1
+                parser.run(text.items())
+            elif key == "version":
+                version = text.value()
+                if type(version) is not int or version != 1:
+                    raise TOCError(f"unsupported TOC version {_show(version)}", layer=layer)
+            else:
+                text.value()  # not used
+            c = text.skip_whitespace()
+            if c == ",":
+                text.pos += 1
+                c = text.skip_whitespace()
+                continue
+            if c == "}":
+                text.pos += 1
+                break
+            raise text.error("Expecting ',' delimiter")
+    if text.skip_whitespace():
+        raise text.error("Extra data")
+    if version is None:
+        raise TOCError("unsupported TOC version None", layer=layer)
+    if not seen_entries:
+        parser.run(iter(()))
+    return 1
+
+
+class _JSONText:
+    """The TOC's JSON text, decoded from its pieces only as far as the parse has got.
+
+    ``buf[pos:]`` is the text not parsed yet; text before ``pos`` is dropped whenever
+    more is read. A value (an entry, say) must fit in ``limits.max_entry_json``
+    characters: one that is still unfinished at that length is refused.
+    """
+
+    def __init__(self, pieces: Iterator[bytes], layer: str | None, limits: Limits) -> None:
+        self.pieces = pieces
+        self.layer = layer
+        self.max_bytes = limits.max_toc_bytes
+        self.max_value = limits.max_entry_json
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        # The C scanner behind json.loads, one value at a time.
+        self.scan: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(  # type: ignore[attr-defined]
+            json.JSONDecoder()
+        )
+        self.buf = ""
+        self.pos = 0
+        # Characters dropped before buf, and bytes read.
+        self.dropped = 0
+        self.nbytes = 0
+        self.eof = False
+        self.entry = 0
+
+    def error(self, message: str, pos: int | None = None) -> TOCError:
+        at = self.dropped + (self.pos if pos is None else pos)
+        return TOCError(f"TOC is not valid JSON: {message} at character {at}", layer=self.layer)
+
+    def more(self) -> bool:
+        """Append the next piece of text; False if the TOC has ended."""
+        if self.eof:
+            return False
+        text = ""
+        piece: bytes | None = None
+        try:
+            while not text:
+                piece = next(self.pieces, None)
+                if piece is None:
+                    self.eof = True
+                    text = self.decoder.decode(b"", final=True)
+                    break
+                self.nbytes += len(piece)
+                if self.nbytes > self.max_bytes:
+                    raise TOCTooLargeError(
+                        f"TOC of more than {self.max_bytes} bytes exceeds the limit",
+                        layer=self.layer,
+                    )
+                text = self.decoder.decode(piece)
+        except UnicodeDecodeError as exc:
+            at = self.nbytes - len(piece) + exc.start if piece is not None else self.nbytes
+            raise TOCError(
+                f"TOC is not valid JSON: not UTF-8 at byte {at}", layer=self.layer
+            ) from None
+        if self.pos:
+            self.dropped += self.pos
+            self.buf = self.buf[self.pos :] + text
+            self.pos = 0
+        else:
+            self.buf += text
+        return True
+
+    def skip_whitespace(self) -> str:
+        """Skip to the next character that is not whitespace; it, or "" at the end."""
+        while True:
+            self.pos = _WHITESPACE(self.buf, self.pos).end()  # type: ignore[union-attr]
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self.more():
+                return ""
+
+    def value(self) -> Any:
+        """The JSON value at ``pos``, reading more text until it is whole."""
+        while True:
+            buf, start = self.buf, self.pos
+            problem: tuple[str, int] | None = None
+            try:
+                value, end = self.scan(buf, start)
+            except StopIteration as exc:
+                problem = ("Expecting value", exc.value)
+            except json.JSONDecodeError as exc:
+                problem = (exc.msg, exc.pos)
+            except RecursionError:
+                raise self.error("values nested too deeply") from None
+            else:
+                if self.eof or len(buf) - end >= _LOOKAHEAD:
+                    self.pos = end
+                    return value
+            # Is the value cut off by the end of the text at hand, or just not valid?
+            if problem is not None:
+                message, at = problem
+                if self.eof or not (
+                    at >= len(buf) - _LOOKAHEAD or message.startswith("Unterminated string")
+                ):
+                    raise self.error(message, at)
+            if len(buf) - start > self.max_value:
+                what = f"entry {self.entry}" if self.entry else "value"
+                raise TOCTooLargeError(
+                    f"TOC {what} is longer than the limit of {self.max_value} characters of JSON",
+                    layer=self.layer,
+                    entry=f"#{self.entry - 1}" if self.entry else None,
+                )
+            self.more()
+
+    def items(self) -> Iterator[Any]:
+        """The values of the array whose "[" was just read, one at a time."""
+        c = self.skip_whitespace()
+        if c == "]":
+            self.pos += 1
+            return
+        while True:
+            self.entry += 1
+            yield self.value()
+            c = self.skip_whitespace()
+            if c == ",":
+                self.pos += 1
+                self.skip_whitespace()
+            elif c == "]":
+                self.pos += 1
+                self.entry = 0
+                return
+            else:
+                raise self.error("Expecting ',' delimiter")
 
 
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """Hold off the cyclic garbage collector while a large TOC is turned into entries.
 
-    The parse allocates several objects per entry and none of them form cycles, yet the
-    collector keeps walking the growing heap; that costs a quarter of the parse time of a
-    large TOC. Collection resumes afterwards (unless someone else had turned it off).
+    The parse allocates a dict per entry and drops it; the collector would otherwise walk
+    the heap again and again while it grows. Collection resumes afterwards (unless
+    someone else had turned it off).
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -321,24 +524,12 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-# Entry's fields in order: the parser builds each Entry positionally, which is markedly
-# faster than by keyword for millions of entries. Checked here so a change to Entry
-# cannot silently shift the fields.
-_ENTRY_FIELDS: Final = (
-    "name", "type", "mode", "uid", "gid", "user_name", "group_name", "size", "modtime",
-    "link_name", "dev_major", "dev_minor", "xattrs", "digest", "chunks",
-)  # fmt: skip
-if tuple(f.name for f in attrs.fields(Entry)) != _ENTRY_FIELDS:
-    raise ImportError("blockfs.estargz._toc is out of step with the fields of Entry")
-
-
 class _EntryParser:
-    """Turns the raw entry dicts into Entry values in one pass, then attaches the chunks.
+    """Turns the raw entry dicts, as they are parsed, into rows of a TOCTable.
 
     The common case (well-formed fields, plain "...Z" times) runs inline with no calls
     per field; anything unusual drops to a checking method that either accepts the value
-    or raises. Raw dicts are dropped from the list as they are consumed so that the
-    decoded JSON and the entries are not both held in full at the peak.
+    or raises. Nothing of an entry's dict is kept but its values, in the table's columns.
     """
 
     def __init__(
@@ -352,14 +543,21 @@ class _EntryParser:
         self.group_names: dict[int, str] = {}
         self.times: dict[str, int] = {}
         self.days: dict[str, int] = {}
+        self.table = TOCTable(
+            wide_chunks=max(limits.max_chunk_size, limits.max_inner_offset) >= 1 << 32,
+            # Offsets into the names and links (no more than the TOC's bytes) and chunk
+            # numbers (no more than its entries).
+            wide_offsets=max(limits.max_toc_bytes, limits.max_entries) >= 1 << 32,
+        )
 
     def fail(self, message: str, name: object, offset: int | None = None) -> NoReturn:
         entry = name[:_SHOW_MAX] if isinstance(name, str) else _show(name)
         raise EntryError(message, layer=self.layer, entry=entry, offset=offset)
 
-    def run(self, raw_entries: list[Any]) -> tuple[Entry, ...]:
+    def run(self, raw_entries: Iterator[Any]) -> None:
         limits = self.limits
         payload_end = self.payload_end
+        max_entries = limits.max_entries
         max_file = limits.max_file_size
         max_chunk = limits.max_chunk_size
         max_inner = limits.max_inner_offset
@@ -370,28 +568,43 @@ class _EntryParser:
         group_names = self.group_names
         times = self.times
         digest_ok = _DIGEST.fullmatch
-        # Per non-chunk entry, its Entry; for a file with data, a list of Entry's arguments
-        # until its chunks (whose ends depend on later entries) are known.
-        out: list[Any] = []
-        # Per piece: (offset, inner_offset, chunk_offset, size, digest, index in out).
-        pieces: list[tuple[int, int, int, int, str, int]] = []
-        # The file whose pieces are being collected (index < 0: none).
-        open_index = -1
+        t = self.table
+        owner = t.owner
+        add_digest = t.add_digest
+        row_xattrs, row_devs = t.xattrs, t.devs
+        names, links = t.names, t.links
+        name_off_append, link_off_append = t.name_off.append, t.link_off.append
+        types_append, flags_append = t.types.append, t.flags.append
+        modes_append, uids_append, gids_append = t.modes.append, t.uids.append, t.gids.append
+        users_append, groups_append = t.users.append, t.groups.append
+        sizes_append, mtimes_append = t.sizes.append, t.mtimes.append
+        digest_of_append, chunk_lo_append = t.digest_of.append, t.chunk_lo.append
+        c_offset, c_inner = t.c_offset, t.c_inner
+        c_offset_append, c_inner_append = c_offset.append, c_inner.append
+        c_file_offset_append, c_size_append = t.c_file_offset.append, t.c_size.append
+        c_digest_append = t.c_digest.append
+        row = t.rows - 1
+        # The file whose pieces are being collected (open_row < 0: none).
+        open_row = -1
         open_name = ""
         open_size = 0
         open_next = 0  # the file offset the next piece must start at
         open_digest = ""
+        open_digest_index = NO_DIGEST
         prev_offset = 0
         prev_inner_end = 0
 
         for i, raw in enumerate(raw_entries):
-            raw_entries[i] = None
+            if i >= max_entries:
+                raise TOCTooLargeError(
+                    f"TOC has more than the limit of {max_entries} entries", layer=self.layer
+                )
             if type(raw) is not dict:
                 fail(f"entry {i} is not a JSON object", f"#{i}")
             get = raw.get
             typ = get("type")
             if typ == "chunk":
-                if open_index < 0:
+                if open_row < 0:
                     fail("chunk entry without a preceding non-empty regular file", get("name"))
                 name = open_name
                 chunk_offset = get("chunkOffset", 0)
@@ -407,9 +620,9 @@ class _EntryParser:
                 if size == 0:
                     size = open_size - chunk_offset
             else:
-                if open_index >= 0 and open_next != open_size:
+                if open_row >= 0 and open_next != open_size:
                     fail(f"pieces cover {open_next} of the file's {open_size} bytes", open_name)
-                open_index = -1
+                open_row = -1
                 if type(typ) is not str or typ not in _TYPES:
                     fail(f"unknown entry type {_show(typ)}", get("name", f"#{i}"))
                 typ = cast("EntryType", typ)
@@ -458,7 +671,7 @@ class _EntryParser:
                     seconds = times.get(modtime) if type(modtime) is str else None
                     modtime = seconds if seconds is not None else self.modtime(modtime, name)
                 else:
-                    modtime = None
+                    modtime = NO_MODTIME
                 link = get("linkName") or ""
                 if link or typ == "symlink" or typ == "hardlink":
                     link = self.link(link, typ, name)
@@ -471,28 +684,44 @@ class _EntryParser:
                     if type(minor) is not int or not 0 <= minor <= _MAX_DEV_MINOR:
                         check_int(minor, "devMinor", name, _MAX_DEV_MINOR)
                 xattrs = get("xattrs")
-                xattrs = self.xattrs(xattrs, name) if xattrs else _NO_XATTRS
+                xattrs = self.xattrs(xattrs, name) if xattrs else None
                 digest = get("digest") or ""
                 if digest and (type(digest) is not str or not digest_ok(digest)):
                     fail(f"malformed digest {_show(digest)}", name)
                 if typ != "reg":
                     size = 0
+
+                row += 1
+                names += name.encode()
+                name_off_append(len(names))
+                types_append(_TYPE_CODE[typ])
+                flags_append(0)
+                modes_append(mode & 0o7777)
+                uids_append(uid)
+                gids_append(gid)
+                users_append(owner(user) if user else 0)
+                groups_append(owner(group) if group else 0)
+                sizes_append(size)
+                mtimes_append(modtime)
+                if link:
+                    links += link.encode()
+                link_off_append(len(links))
+                digest_index = add_digest(digest) if digest else NO_DIGEST
+                digest_of_append(digest_index)
+                chunk_lo_append(len(c_offset))
+                if xattrs:
+                    row_xattrs[row] = xattrs
+                if major or minor:
+                    row_devs[row] = (major, minor)
                 if size == 0:
-                    out.append(
-                        Entry(name, typ, mode & 0o7777, uid, gid, user, group, 0, modtime,
-                              link, major, minor, xattrs, digest)
-                    )  # fmt: skip
                     continue
                 # A non-empty regular file: its first piece follows.
-                out.append(
-                    [name, typ, mode & 0o7777, uid, gid, user, group, size, modtime,
-                     link, major, minor, xattrs, digest]
-                )  # fmt: skip
-                open_index = len(out) - 1
+                open_row = row
                 open_name = name
                 open_size = size
                 open_next = 0
                 open_digest = digest
+                open_digest_index = digest_index
                 chunk_offset = get("chunkOffset", 0)
                 if chunk_offset != 0:
                     fail("the first piece of a file must start at file offset 0", name)
@@ -534,45 +763,36 @@ class _EntryParser:
                 if self.require_chunk_digests:
                     fail("piece has no chunkDigest", name, offset)
                 # Legacy stargz: a file in one piece is still covered by its digest.
-                digest = open_digest if chunk_offset == 0 and size == open_size else ""
+                digest_index = (
+                    open_digest_index if chunk_offset == 0 and size == open_size else NO_DIGEST
+                )
             elif digest == open_digest:
-                digest = open_digest  # one string object for both
+                digest_index = open_digest_index  # one stored digest for both
             elif type(digest) is not str or not digest_ok(digest):
                 fail(f"malformed chunkDigest {_show(digest)}", name, offset)
-            pieces.append((offset, inner, chunk_offset, size, digest, open_index))
+            else:
+                digest_index = add_digest(digest)
+            c_offset_append(offset)
+            c_inner_append(inner)
+            c_file_offset_append(chunk_offset)
+            c_size_append(size)
+            c_digest_append(digest_index)
             open_next = chunk_offset + size
 
-        if open_index >= 0 and open_next != open_size:
+        if open_row >= 0 and open_next != open_size:
             fail(f"pieces cover {open_next} of the file's {open_size} bytes", open_name)
+        t.explicit = row
 
         # Where each piece's compressed run ends: the next member start after it (section 5
         # of the reference), capped at the end of the payload.
-        ends = [0] * len(pieces)
+        count = len(c_offset)
+        ends = array("Q", bytes(8 * count))
         last = payload_end
-        for k in range(len(pieces) - 1, -1, -1):
+        for k in range(count - 1, -1, -1):
             ends[k] = last
-            if pieces[k][1] == 0:
-                last = pieces[k][0]
-
-        chunks: list[Chunk] = []
-        current = -1
-        for k, (offset, inner, chunk_offset, size, digest, index) in enumerate(pieces):
-            if index != current:
-                if chunks:
-                    self.finish(out, current, chunks)
-                chunks = []
-                current = index
-            chunks.append(Chunk(offset, ends[k], inner, chunk_offset, size, digest))
-        if chunks:
-            self.finish(out, current, chunks)
-        return tuple(out)
-
-    @staticmethod
-    def finish(out: list[Any], index: int, chunks: list[Chunk]) -> None:
-        """Turn the arguments held at ``out[index]`` into the file's Entry, with its chunks."""
-        args: list[Any] = out[index]
-        args.append(tuple(chunks))
-        out[index] = Entry(*args)
+            if c_inner[k] == 0:
+                last = c_offset[k]
+        t.c_end = ends
 
     # The slow paths: each returns an accepted value or raises.
 
