@@ -137,6 +137,7 @@ class LayerManager:
         )
         self._sources = BlobSources()
         self._lock = threading.Lock()
+        self._server_lock = threading.Lock()
         self._layer_locks: dict[str, threading.Lock] = {}
         self._mode: AttachMode | None = None
         self._ahead: dict[str, Future[_Resolved]] = {}
@@ -145,6 +146,7 @@ class LayerManager:
         # that holds the lock may wait for a TOC read of the other pool, never for these.
         self._attach_pool = ThreadPoolExecutor(AHEAD_WORKERS, thread_name_prefix="attach-ahead")
         self.server_restarts = 0  # by revive_server, since this manager started
+        self._warm_up: threading.Thread | None = None
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -191,8 +193,28 @@ class LayerManager:
             with self.holding(name):
                 self._reconcile(name, in_use(name), server_running=pid is not None)
 
+    def _start_server_soon(self) -> None:
+        """Start the NBD server in the background unless it runs, so that the first lazy
+        layer of a pull reads its TOC while nbdkit and its Python start."""
+        with self._lock:
+            if self._warm_up is not None and self._warm_up.is_alive():
+                return
+            if self.server.pid() is not None:
+                return
+
+            def start() -> None:
+                try:
+                    self._ensure_server()
+                except NBDServerError as e:
+                    log.warning("cannot start the NBD server ahead", extra={"error": str(e)})
+
+            self._warm_up = threading.Thread(target=start, name="nbd-server-start", daemon=True)
+            self._warm_up.start()
+
     def close(self) -> None:
         """Stop background work; stop the NBD server too if no layer is attached."""
+        if self._warm_up is not None:
+            self._warm_up.join()
         self._ahead_pool.shutdown(wait=False, cancel_futures=True)
         # An attach under way finishes (the next start reconciles a layer nobody uses).
         self._attach_pool.shutdown(wait=True, cancel_futures=True)
@@ -386,6 +408,7 @@ class LayerManager:
         the image's annotation (a layer whose TOC differs is not used; one no snapshot
         ever uses is released by the next reconcile).
         """
+        self._start_server_soon()
         with self._lock:
             for digest in layer.image_layers:
                 name = layer_name(digest)
@@ -533,7 +556,8 @@ class LayerManager:
             return self._mode
 
     def _ensure_server(self) -> None:
-        with self._lock:
+        # A lock of its own: starting nbdkit takes a while, and nothing else needs to wait.
+        with self._server_lock:
             if self.server.pid() is None:
                 (self.root / CACHE_DIR).mkdir(parents=True, exist_ok=True, mode=0o700)
                 pid = self.server.start()

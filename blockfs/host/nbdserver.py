@@ -227,7 +227,7 @@ class DetachedNBDKit:
                 raise NBDServerError(
                     f"nbdkit exited while starting; its log {self.logfile} says:\n{self.log_tail()}"
                 )
-            time.sleep(0.05)
+            time.sleep(0.01)
         _process.end(child, str(self.socket), (signal.SIGKILL,), timeout)
         self.stop()
         raise NBDServerError(f"nbdkit did not start within {timeout} s; see {self.logfile}")
