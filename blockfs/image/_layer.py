@@ -25,8 +25,10 @@ from blockfs.image._extents import ExtentMap
 
 # Compressed bytes fetched together by one step of the background fetch.
 PREFETCH_BATCH = 4 << 20
-# Threads of a layer that fetch the rest of files in the background.
+# Threads of a layer that fetch the rest of files in the background, and the compressed
+# bytes each of their requests asks for.
 BACKGROUND_FETCHERS = 4
+BACKGROUND_STEP = 1 << 20
 # Times a member is fetched, in all, before bytes that fail verification fail the read: a
 # 206 body damaged on the way must not become a permanent I/O error, but bytes that are
 # wrong at the source are not fetched for ever.
@@ -363,8 +365,30 @@ class LayerImage:
             self._fetch_claimed_failed(owned, ImageReadError(f"layer {self.name}: closed"))
 
     def _fetch_quietly(self, owned: dict[int, Future[dict[str, bytes]]]) -> None:
-        with contextlib.suppress(BlockfsError):
-            self._fetch_claimed(owned)
+        """Fetch the claimed members in blob order, in steps of about
+        :data:`BACKGROUND_STEP` compressed bytes, one after another: a read waiting for an
+        early part of a large file gets it after the first step, not after the whole file.
+        """
+        steps: list[dict[int, Future[dict[str, bytes]]]] = [{}]
+        size = 0
+        for off in sorted(owned):
+            if size >= BACKGROUND_STEP:
+                steps.append({})
+                size = 0
+            steps[-1][off] = owned[off]
+            first = self.extents.chunk(self.extents.chunks_in_member(off)[0])
+            size += first.end - first.offset
+        for i, step in enumerate(steps):
+            try:
+                self._fetch_claimed(step)
+            except BlockfsError:
+                continue  # its futures carry the error; the next step goes on
+            except BaseException as exc:
+                for rest in steps[i + 1 :]:
+                    self._fetch_claimed_failed(
+                        rest, ImageReadError(f"layer {self.name}: background fetch: {exc}")
+                    )
+                raise
 
     def _fetch_claimed_failed(
         self, owned: dict[int, Future[dict[str, bytes]]], error: BlockfsError

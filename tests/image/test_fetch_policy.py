@@ -7,7 +7,9 @@ import time
 
 from test_layer_image import file_span, open_image
 
+from blockfs.estargz import CountingSource
 from blockfs.image import FetchPolicy
+from blockfs.image._layer import BACKGROUND_STEP
 from tests.helpers.testdata import TESTDATA
 
 POLICY = FetchPolicy()
@@ -86,3 +88,30 @@ def test_the_exact_policy_fetches_only_what_a_read_lacks(tmp_path):
     time.sleep(0.2)
     assert image.stats.members_fetched == 1
     assert source.requests == 1
+
+
+def test_the_rest_of_a_large_file_comes_in_steps_in_blob_order(tmp_path, layer_files):
+    class Recording(CountingSource):
+        def __init__(self, inner):
+            super().__init__(inner)
+            self.ranges = []
+
+        def read_range(self, offset, length):
+            self.ranges.append((offset, length))
+            return super().read_range(offset, length)
+
+    image, toc, emap, source = open_image(TESTDATA / "gzip-64k.esgz", tmp_path, policy=POLICY)
+    recording = Recording(source.inner)
+    image.reader.source = recording
+    name = "usr/lib/libbig.so"
+    chunks = toc.lookup(name).chunks
+    start, _ = file_span(emap, toc, name)
+    image.pread(start, 4096)
+    wait_for(lambda: all(c.digest in image.cache for c in chunks))
+    _, *background = recording.ranges
+    span = chunks[-1].end - chunks[0].offset
+    # Steps of about BACKGROUND_STEP (a member more at most), one after another in order.
+    assert len(background) >= (span - POLICY.unit) // (BACKGROUND_STEP + 70_000)
+    assert all(n <= BACKGROUND_STEP + 70_000 for _, n in background)
+    assert [o for o, _ in background] == sorted(o for o, _ in background)
+    image.close()
