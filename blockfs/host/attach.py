@@ -294,6 +294,8 @@ def unmount_and_detach(att: Attachment, *, lazy: bool = False) -> None:
     once (and freed when let go) and nbdfuse is stopped, so that the layer can be
     attached afresh on the same mountpoint.
     """
+    if att.mode is AttachMode.NBDFUSE:
+        nbdfuse.settle(att.device)  # reads that wake its connections hold the file open
     entry = mounts.find_mount(att.mountpoint)
     related: tuple[str, ...] = ()
     detached = None
@@ -375,10 +377,12 @@ def reconnect(att: Attachment, socket: str) -> Attachment:
     The EROFS mount stays in place; I/O waiting for the dead connections resumes. Returns
     the attachment with the (possibly new) socket path, also recorded in ``state_dir``.
 
-    An nbdfuse attachment's relay reconnects by itself: this only checks that it can, i.e.
+    An nbdfuse attachment's relay reconnects by itself: this checks that it can, i.e.
     that the relay and nbdfuse run and the server is back on the socket the relay
-    forwards to, and returns ``att`` unchanged. AttachError if not (or if it has no
-    relay): then it has to be unmounted and attached again.
+    forwards to, sends a read down each of nbdfuse's connections so that they all
+    reconnect now rather than one by one as reads come (:func:`nbdfuse.nudge`, in the
+    background), and returns ``att`` unchanged. AttachError if it cannot (or if it has
+    no relay): then it has to be unmounted and attached again.
     """
     if att.mode is not AttachMode.KERNEL_NBD:
         if att.relay_socket is None:
@@ -388,6 +392,7 @@ def reconnect(att: Attachment, socket: str) -> Attachment:
         elif not backend_alive(att):
             problem = "its nbdfuse or relay is no longer running"
         else:
+            nbdfuse.nudge(att.device, att.connections)
             log.info("export %s reconnects through its relay on %s", att.export, att.relay_socket)
             return att
         raise AttachError(

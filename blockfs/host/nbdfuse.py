@@ -14,10 +14,12 @@ import contextlib
 import errno
 import functools
 import logging
+import mmap
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Collection
 from typing import Literal
@@ -47,6 +49,10 @@ _LOG = "nbdfuse.log"
 _FUSE_DIR = "fuse"
 _FUSE_FILE = "image"
 _EXIT_TIMEOUT = 10.0
+_BLOCK = 4096
+# The reads of nudge() under way, by nbdfuse file.
+_nudges: dict[str, threading.Thread] = {}
+_nudges_lock = threading.Lock()
 # fusectl: one directory per FUSE connection, each with an ``abort`` file.
 _FUSECTL = "/sys/fs/fuse/connections"
 _MINOR_BITS = 20
@@ -140,6 +146,59 @@ def alive(state_dir: str, pid: int | None, relay: NBDRelay | None) -> bool:
     if pid is None or not _process.running(pid, fuse_dir(state_dir)):
         return False
     return relay is None or relay.is_running()
+
+
+def nudge(image: str, connections: int) -> None:
+    """Send a small direct read down each of nbdfuse's connections at once, in the
+    background (:func:`settle` waits for them).
+
+    When the server restarts, a relay connection finds out that its own connection to the
+    server died only when a request comes, and then waits a second (the retry filter's
+    delay, its least) before it reconnects. nbdfuse hands requests to its connections in
+    turn, so reads that meet them one after another (a container starting) would pay that
+    second once per connection. These reads, twice as many as the connections and all in
+    flight together, make every connection reconnect now, together.
+    """
+    size = _BLOCK * 2 * connections
+
+    def read(offset: int) -> None:
+        buf = mmap.mmap(-1, _BLOCK)  # page-aligned, as O_DIRECT wants
+        try:
+            fd = os.open(image, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+            try:
+                os.preadv(fd, [buf], offset)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.debug("a read to wake nbdfuse's connections failed: %s", e)
+        finally:
+            buf.close()
+
+    def wake() -> None:
+        readers = [
+            threading.Thread(target=read, args=(offset,), daemon=True)
+            for offset in range(0, size, _BLOCK)
+        ]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
+
+    with _nudges_lock:
+        if (earlier := _nudges.get(image)) is not None and earlier.is_alive():
+            return
+        waker = threading.Thread(target=wake, name="nbdfuse-nudge", daemon=True)
+        _nudges[image] = waker
+        waker.start()
+
+
+def settle(image: str, timeout: float = READY_TIMEOUT) -> None:
+    """Wait (up to ``timeout`` seconds) for the reads of a :func:`nudge` of ``image``:
+    they hold the file open, which would keep it from being unmounted."""
+    with _nudges_lock:
+        waker = _nudges.pop(image, None)
+    if waker is not None:
+        waker.join(timeout)
 
 
 def detach(
