@@ -8,6 +8,7 @@ eStargz layers lazily (remote snapshots) and leaves the others to containerd (fa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -69,6 +70,7 @@ class Images:
     sibling: PushedImage  # eStargz: the same busybox layer, then its own /etc/motd
     plain: PushedImage  # gzip only
     mixed: PushedImage  # gzip busybox, eStargz /etc/motd
+    data: dict[str, bytes]  # the files of lazy's second layer, by path
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +118,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
                         [gzip_layer(busybox), estargz_layer(motd)],
                         ["/bin/busybox", "cat", "/etc/motd"],
                     ),
+                    data={path: body for path, body in data.items() if body is not None},
                 )
         finally:
             proxy.close()
@@ -336,6 +339,82 @@ def test_containers_survive_kill_9_of_the_daemon(stack: Stack, images: Images) -
             break
         time.sleep(0.3)
     assert run.stdout == "hello\n", run.stderr
+    remove_image(stack, lazy)
+    assert_clean(stack)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _exec(stack: Stack, container: str, exec_id: str, script: str) -> str:
+    """``script`` run by busybox sh in the running ``container``; its output."""
+    done = stack.containerd.ctr(
+        "tasks", "exec", "--exec-id", exec_id, container, "/bin/busybox", "sh", "-c", script,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{script}: {done.stderr}"
+    return done.stdout
+
+
+def _remove_container(stack: Stack, name: str) -> None:
+    stack.containerd.ctr("tasks", "kill", "--signal", "SIGKILL", name, check=False)
+    deadline = time.monotonic() + 60
+    while stack.containerd.ctr("tasks", "delete", name, check=False).returncode != 0:
+        if name not in stack.ctr("tasks", "ls") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    stack.containerd.ctr("containers", "delete", name, check=False)
+
+
+def test_a_running_container_reads_on_and_new_ones_start_when_nbdkit_is_killed(
+    stack: Stack, images: Images
+) -> None:
+    lazy = images.lazy
+    stack.pull(lazy)
+    # A running container holding a file of the lazy data layer open, having read none
+    # of its files.
+    stack.ctr(
+        "run", "-d", "--snapshotter", "blockfs", str(lazy.ref), "holder",
+        "/bin/busybox", "sh", "-c", "exec 3</data/big; exec /bin/busybox sleep 600",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while "RUNNING" not in stack.ctr("tasks", "ls"):
+            assert time.monotonic() < deadline, stack.ctr("tasks", "ls")
+            time.sleep(0.1)
+        server = int((stack.root / "run" / "nbdkit.pid").read_text())
+        killed = time.monotonic()
+        os.kill(server, signal.SIGKILL)
+
+        # A new container from the same image starts and reads a file nobody read.
+        run = stack.containerd.ctr(
+            "run", "--rm", "--snapshotter", "blockfs", str(lazy.ref), "after",
+            "/bin/busybox", "sha256sum", "/data/files/f07", check=False,
+        )  # fmt: skip
+        elapsed = time.monotonic() - killed
+        print(f"new container's output {elapsed:.2f} s after kill -9 of nbdkit")
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split()[0] == _sha256(images.data["data/files/f07"])
+        assert elapsed < 60  # about 2 to 3 s: the watchdog's restart, then the relay's
+
+        # The running container reads data it never read, through the same mounts.
+        for i, name in enumerate(("data/files/f03", "data/files/f12")):
+            out = _exec(stack, "holder", f"read-{i}", f"/bin/busybox sha256sum /{name}")
+            assert out.split()[0] == _sha256(images.data[name])
+        mib = 1 << 20
+        out = _exec(
+            stack, "holder", "read-big",
+            "/bin/busybox dd if=/data/big bs=1048576 skip=20 count=4 2>/dev/null"
+            " | /bin/busybox sha256sum",
+        )  # fmt: skip
+        assert out.split()[0] == _sha256(images.data["data/big"][20 * mib : 24 * mib])
+    finally:
+        _remove_container(stack, "holder")
+    log = [r["msg"] for r in stack.snapshotter.log_records()]
+    assert "the NBD server exited while layers are attached; restarting it" in log
+    assert log.count("reconnected layer") == 2  # both layers, through their relays
+    assert not any(m.startswith("attached layer again") for m in log)
     remove_image(stack, lazy)
     assert_clean(stack)
 
