@@ -2,20 +2,24 @@
 
 It is what the block image needs at read time, in compact arrays rather than one Python
 object per chunk, so that serving many large layers from one process stays cheap. It is
-written once when a layer is indexed and loaded by the NBD server.
+written once when a layer is indexed and loaded by the NBD server, which maps the file
+instead of reading it: the arrays are views of the page cache, so a served layer costs
+the server no memory of its own however many files and chunks it has.
 """
 
 from __future__ import annotations
 
 import bisect
+import mmap
 import os
 import struct
 import sys
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from blockfs.erofs._layout import Extents
 from blockfs.errors import BlockfsError
 from blockfs.estargz import TOC, Chunk
 
@@ -58,6 +62,11 @@ def _u64(values: Iterable[int] = ()) -> array[int]:
     return array("Q", values)
 
 
+# What the map's arrays are: arrays when built, views of the mapped file when loaded.
+_U64s = Sequence[int]
+_Bytes = bytes | memoryview
+
+
 class ExtentMap:
     """Which chunks hold the bytes of each file extent in the data region."""
 
@@ -67,17 +76,17 @@ class ExtentMap:
         block_size: int,
         meta_blocks: int,
         total_blocks: int,
-        ext_start: array[int],
-        ext_size: array[int],
-        ext_first_chunk: array[int],
-        chunk_offset: array[int],
-        chunk_end: array[int],
-        chunk_inner: array[int],
-        chunk_file_offset: array[int],
-        chunk_size: array[int],
-        chunk_digests: bytes,
-        name_offsets: array[int],
-        names: bytes,
+        ext_start: _U64s,
+        ext_size: _U64s,
+        ext_first_chunk: _U64s,
+        chunk_offset: _U64s,
+        chunk_end: _U64s,
+        chunk_inner: _U64s,
+        chunk_file_offset: _U64s,
+        chunk_size: _U64s,
+        chunk_digests: _Bytes,
+        name_offsets: _U64s,
+        names: _Bytes,
     ) -> None:
         self.block_size = block_size
         self.meta_blocks = meta_blocks
@@ -113,11 +122,14 @@ class ExtentMap:
     @classmethod
     def build(cls, index: _Index, toc: TOC) -> ExtentMap:
         """Map each extent of an EROFS ``index`` to the chunks of its file in ``toc``."""
+        extents = index.extents
+        if isinstance(extents, Extents) and extents.table is toc.table:
+            return cls._build_from_rows(index, extents, toc)
         ext_start, ext_size, ext_first = _u64(), _u64(), _u64([0])
         c_off, c_end, c_inner, c_foff, c_size = _u64(), _u64(), _u64(), _u64(), _u64()
         digests = bytearray()
         name_offsets, names = _u64([0]), bytearray()
-        for ext in index.extents:
+        for ext in extents:
             names += ext.entry_name.encode("utf-8", "surrogateescape")
             name_offsets.append(len(names))
             entry = toc.lookup(ext.entry_name)
@@ -151,55 +163,105 @@ class ExtentMap:
             names=bytes(names),
         )
 
+    @classmethod
+    def _build_from_rows(cls, index: _Index, extents: Extents, toc: TOC) -> ExtentMap:
+        """:meth:`build` from the TOC's columns: no Entry or Chunk objects on the way."""
+        t = toc.table
+        rows = extents.rows
+        ext_first = _u64([0])
+        c_off, c_end, c_inner, c_foff, c_size = _u64(), _u64(), _u64(), _u64(), _u64()
+        digests = bytearray()
+        name_offsets, names = _u64([0]), bytearray()
+        last_offset = -1
+        for row in rows:
+            names += t.name_bytes(row)
+            name_offsets.append(len(names))
+            lo, hi = t.chunk_range(row)
+            if lo < hi:
+                if t.c_offset[lo] < last_offset:
+                    raise ExtentMapError(f"extents of {t.name(row)!r} are not in blob order")
+                last_offset = t.c_offset[hi - 1]
+                _extend(c_off, t.c_offset, lo, hi)
+                _extend(c_end, t.c_end, lo, hi)
+                _extend(c_inner, t.c_inner, lo, hi)
+                _extend(c_foff, t.c_file_offset, lo, hi)
+                _extend(c_size, t.c_size, lo, hi)
+                for j in range(lo, hi):
+                    raw = t.chunk_digest_bytes(j)
+                    if raw is None:
+                        raise ExtentMapError(f"chunk has no sha256 digest: {t.chunk_digest(j)!r}")
+                    digests += raw
+            ext_first.append(len(c_off))
+        return cls(
+            block_size=index.block_size,
+            meta_blocks=index.meta_blocks,
+            total_blocks=index.total_blocks,
+            ext_start=_u64(extents.starts),
+            ext_size=_u64(extents.sizes),
+            ext_first_chunk=ext_first,
+            chunk_offset=c_off,
+            chunk_end=c_end,
+            chunk_inner=c_inner,
+            chunk_file_offset=c_foff,
+            chunk_size=c_size,
+            chunk_digests=bytes(digests),
+            name_offsets=name_offsets,
+            names=bytes(names),
+        )
+
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the map to ``path`` atomically."""
+        """Write the map to ``path`` atomically (piece by piece: nothing is joined)."""
         n, m = self.extent_count, self.chunk_count
-        parts = [
-            _HEADER.pack(
-                _MAGIC, _VERSION, self.block_size, self.meta_blocks, self.total_blocks, n, m
-            )
-        ]
-        for arr in (
-            self._ext_start,
-            self._ext_size,
-            self._ext_first_chunk,
-            self._name_offsets,
-            self._c_offset,
-            self._c_end,
-            self._c_inner,
-            self._c_file_offset,
-            self._c_size,
-        ):
-            parts.append(_le_bytes(arr))
-        parts.append(self._c_digests)
-        parts.append(self._names)
         tmp = Path(f"{os.fspath(path)}.tmp")
-        tmp.write_bytes(b"".join(parts))
+        with open(tmp, "wb") as f:
+            f.write(
+                _HEADER.pack(
+                    _MAGIC, _VERSION, self.block_size, self.meta_blocks, self.total_blocks, n, m
+                )
+            )
+            for arr in (
+                self._ext_start,
+                self._ext_size,
+                self._ext_first_chunk,
+                self._name_offsets,
+                self._c_offset,
+                self._c_end,
+                self._c_inner,
+                self._c_file_offset,
+                self._c_size,
+            ):
+                f.write(_le_bytes(arr))
+            f.write(self._c_digests)
+            f.write(self._names)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ExtentMap:
-        """Read a map written by :meth:`save`, checking its shape."""
-        data = Path(path).read_bytes()
-        if len(data) < _HEADER.size:
-            raise ExtentMapError(f"{path}: truncated extents file")
+        """Map a file written by :meth:`save`, checking its shape.
+
+        The file is mapped read-only, not read: its arrays are used in place (on a
+        little-endian machine), so the map costs page cache, shared and reclaimable,
+        rather than memory of the process. Index files are replaced by rename, never
+        rewritten in place, so a mapped file does not change under its readers.
+        """
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _HEADER.size:
+                raise ExtentMapError(f"{path}: truncated extents file")
+            data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
         magic, version, bsize, meta, total, n, m = _HEADER.unpack_from(data)
         if magic != _MAGIC or version != _VERSION:
             raise ExtentMapError(f"{path}: not a blockfs extents file of version {_VERSION}")
         fixed = _HEADER.size + 8 * (4 * n + 2 + 5 * m) + 32 * m
-        if len(data) < fixed:
+        if size < fixed:
             raise ExtentMapError(f"{path}: truncated extents file")
         pos = _HEADER.size
-        arrays = []
+        arrays: list[_U64s] = []
         for count in (n, n, n + 1, n + 1, m, m, m, m, m):
-            arr = array("Q")
-            arr.frombytes(data[pos : pos + 8 * count])
-            if sys.byteorder != "little":
-                arr.byteswap()
-            arrays.append(arr)
+            arrays.append(_u64_view(data[pos : pos + 8 * count]))
             pos += 8 * count
-        if len(data) != fixed + arrays[3][-1]:
-            raise ExtentMapError(f"{path}: size {len(data)} does not match its header")
+        if size != fixed + arrays[3][-1]:
+            raise ExtentMapError(f"{path}: size {size} does not match its header")
         return cls(
             block_size=bsize,
             meta_blocks=meta,
@@ -249,7 +311,7 @@ class ExtentMap:
     def extent_name(self, i: int) -> str:
         """Name of the file whose data extent ``i`` holds."""
         lo, hi = self._name_offsets[i], self._name_offsets[i + 1]
-        return self._names[lo:hi].decode("utf-8", "surrogateescape")
+        return bytes(self._names[lo:hi]).decode("utf-8", "surrogateescape")
 
     def file_of_chunk(self, j: int) -> str:
         """Name of the file that chunk ``j`` belongs to."""
@@ -271,15 +333,35 @@ class ExtentMap:
         return list(range(lo, hi))
 
 
+def _extend(dst: array[int], src: Sequence[int], lo: int, hi: int) -> None:
+    part = src[lo:hi]
+    if not isinstance(part, array) or part.typecode != "Q":
+        part = list(part)
+    dst.extend(part)
+
+
 def _digest_bytes(digest: str) -> bytes:
     if not digest.startswith("sha256:") or len(digest) != 71:
         raise ExtentMapError(f"chunk has no sha256 digest: {digest!r}")
     return bytes.fromhex(digest[7:])
 
 
-def _le_bytes(arr: array[int]) -> bytes:
+def _le_bytes(arr: _U64s) -> bytes | memoryview:
+    if isinstance(arr, memoryview):
+        return arr.cast("B")
+    copy = arr if isinstance(arr, array) and arr.typecode == "Q" else array("Q", arr)
     if sys.byteorder == "little":
-        return arr.tobytes()
-    copy = array("Q", arr)
+        return copy.tobytes()
+    copy = array("Q", copy)
     copy.byteswap()
     return copy.tobytes()
+
+
+def _u64_view(data: memoryview) -> _U64s:
+    """Little-endian u64s in ``data``: a view of them, or (big-endian machine) a copy."""
+    if sys.byteorder == "little":
+        return data.cast("Q")
+    arr = array("Q")
+    arr.frombytes(data)
+    arr.byteswap()
+    return arr
