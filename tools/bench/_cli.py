@@ -1,4 +1,4 @@
-"""The command line of the benchmarks: ``python -m tools.bench {estargz,image,reads,wan} [options]``."""
+"""The command line of the benchmarks: ``python -m tools.bench {estargz,image,reads,relay,wan} [options]``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,13 @@ readahead) through LayerImage.pread: fetching every member a read lacks with coa
 requests, against the baseline of one request per member, in the same run, with a
 modelled round-trip time per request (0 and 10 ms by default; the bytes, decompression
 and verification are real). Prints Markdown for docs/benchmarks.md on stdout."""
+
+RELAY_HELP = """\
+Measure what the relay between nbdfuse and the NBD server costs (issue 13): reads of a
+large file through a mounted layer, attached with nbdfuse through the relay and without
+it, in the same run on the same server and layer: cold (empty chunk cache: fetch,
+decompress, verify) and warm (chunks in the server's memory) sequential MB/s, and warm
+random 4 KiB reads in one thread and in several. Needs root. Prints Markdown on stdout."""
 
 WAN_HELP = """\
 Measure cold container starts through containerd over a WAN-like link (issue 10): a
@@ -96,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small files in the layer (default: %(default)s)")  # fmt: skip
     r.add_argument("--rtt", type=float, action="append", metavar="MS",
                    help="round-trip time per request, repeatable (default: 0 and 10)")  # fmt: skip
+    rl = sub.add_parser(
+        "relay",
+        help="reads through a mounted layer with and without nbdfuse's relay",
+        description=RELAY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rl.add_argument("--file-size", type=int, default=128, metavar="MiB",
+                    help="size of the file read through the mount (default: %(default)s)")  # fmt: skip
     w = sub.add_parser(
         "wan",
         help="cold container starts over a shaped link: full pull, blockfs, prioritized",
@@ -116,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--check-mb", type=float, default=50.0, metavar="MB",
                    help="size of the blob of the link's self-check, 10^6 bytes "
                    "(default: %(default)g)")  # fmt: skip
-    for p in (e, i, r, w):
+    for p in (e, i, r, rl, w):
         p.add_argument("--quick", action="store_true",
                        help="tiny inputs and one repetition: checks that the bench runs, "
                        "its figures mean nothing")  # fmt: skip
@@ -185,6 +200,12 @@ def _run(args: argparse.Namespace, workdir: Path, command: str) -> Report:
             delay=args.delay_ms / 1000,
             check_bytes=4_000_000 if args.quick else int(args.check_mb * 1e6),
             enforce_check=not args.quick,
+        ).run(command)
+    if args.bench == "relay":
+        from tools.bench._relay import RelayBench
+
+        return RelayBench(
+            workdir, quick=args.quick, repeat=args.repeat, file_size=args.file_size * (1 << 20)
         ).run(command)
     if args.bench == "reads":
         from tools.bench._reads import ReadsBench
