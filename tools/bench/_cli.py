@@ -1,4 +1,4 @@
-"""The command line of the benchmarks: ``python -m tools.bench {estargz,image,reads,relay,wan} [options]``."""
+"""The command line of the benchmarks: ``python -m tools.bench {estargz,image,memory,reads,relay,wan} [options]``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,15 @@ readahead) through LayerImage.pread: fetching every member a read lacks with coa
 requests, against the baseline of one request per member, in the same run, with a
 modelled round-trip time per request (0 and 10 ms by default; the bytes, decompression
 and verification are real). Prints Markdown for docs/benchmarks.md on stdout."""
+
+MEMORY_HELP = """\
+Measure the memory of large layers (issue 13): peak RSS of `blockfs layer inspect` and of
+`blockfs layer mount` (the CLI, the blockfs server's nbdkit after a walk of the whole
+mounted tree, and nbdfuse and its relay where they attach the layer) for a layer of
+--entries TOC entries (a TOC-only eStargz blob made on the fly: many small and empty
+files, symlinks, hardlinks, multi-chunk files, directories of 10 to 60 entries), against
+the targets (inspect <= 400 MB; mount, CLI plus server, <= 500 MB), and the server's
+peak for a 1,000-entry layer beside it. The mount needs root. Prints Markdown on stdout."""
 
 RELAY_HELP = """\
 Measure what the relay between nbdfuse and the NBD server costs (issue 13): reads of a
@@ -103,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small files in the layer (default: %(default)s)")  # fmt: skip
     r.add_argument("--rtt", type=float, action="append", metavar="MS",
                    help="round-trip time per request, repeatable (default: 0 and 10)")  # fmt: skip
+    mem = sub.add_parser(
+        "memory",
+        help="peak RSS of layer inspect and layer mount for a layer of a million entries",
+        description=MEMORY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mem.add_argument("--entries", type=int, default=1_000_000, metavar="N",
+                     help="TOC entries of the layer (default: %(default)s)")  # fmt: skip
+    mem.add_argument("--no-mount", dest="mount", action="store_false",
+                     help="measure layer inspect only (the mount needs root)")  # fmt: skip
     rl = sub.add_parser(
         "relay",
         help="reads through a mounted layer with and without nbdfuse's relay",
@@ -131,11 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--check-mb", type=float, default=50.0, metavar="MB",
                    help="size of the blob of the link's self-check, 10^6 bytes "
                    "(default: %(default)g)")  # fmt: skip
-    for p in (e, i, r, rl, w):
+    for p in (e, i, mem, r, rl, w):
         p.add_argument("--quick", action="store_true",
                        help="tiny inputs and one repetition: checks that the bench runs, "
                        "its figures mean nothing")  # fmt: skip
-        if p is not w:
+        if p is not w and p is not mem:
             p.add_argument("--repeat", type=int, default=3, metavar="N",
                            help="runs per figure; the best is reported (default: %(default)s)")  # fmt: skip
         p.add_argument("--record", type=Path, metavar="FILE",
@@ -201,6 +220,12 @@ def _run(args: argparse.Namespace, workdir: Path, command: str) -> Report:
             check_bytes=4_000_000 if args.quick else int(args.check_mb * 1e6),
             enforce_check=not args.quick,
         ).run(command)
+    if args.bench == "memory":
+        from tools.bench._memory import MemoryBench
+
+        return MemoryBench(workdir, entries=args.entries, quick=args.quick, mount=args.mount).run(
+            command
+        )
     if args.bench == "relay":
         from tools.bench._relay import RelayBench
 
