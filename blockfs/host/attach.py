@@ -29,8 +29,8 @@ import attrs
 
 from blockfs.host import kernel_nbd, mounts, nbdfuse
 from blockfs.host._attach_common import AttachError, BackendMount, MountMethod
+from blockfs.host._nbdkit import NBDRelay
 from blockfs.host.kernel_nbd import DEFAULT_DEAD_CONN_TIMEOUT, DEFAULT_REQUEST_TIMEOUT
-from blockfs.host.nbdserver import NBDRelay
 
 __all__ = [
     "ATTACHMENT_FILE",

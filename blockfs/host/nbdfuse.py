@@ -3,7 +3,7 @@
 ``nbdfuse`` exposes the export as one file in a FUSE directory of the attachment's state
 directory; the file is mounted as EROFS directly (file-backed EROFS, Linux ≥ 6.12) or
 through a read-only loop device. nbdfuse cannot reconnect, so it is not connected to the
-NBD server itself but to a relay of its own (:class:`~blockfs.host.nbdserver.NBDRelay`,
+NBD server itself but to a relay of its own (:class:`~blockfs.host._nbdkit.NBDRelay`,
 nbdkit's nbd plugin behind its retry filter), which outlives the server and reconnects
 to it when it comes back: a read in the meantime waits, then gets its bytes.
 """
@@ -37,7 +37,7 @@ from blockfs.host._attach_common import (
     push_undo,
     server_unreachable,
 )
-from blockfs.host.nbdserver import NBDRelay, NBDServerError
+from blockfs.host._nbdkit import NBDRelay, NBDServerError
 
 log = logging.getLogger(__name__)
 

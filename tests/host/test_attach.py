@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -41,6 +43,8 @@ from blockfs.host.attach import (
     reconnect,
     unmount_and_detach,
 )
+
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def needs_root(test: Callable[..., None]) -> Callable[..., None]:
@@ -411,3 +415,26 @@ def test_reconnect_of_an_nbdfuse_attachment_without_a_relay_explains_it_must_be_
         AttachError, match=r"cannot be reconnected: .*without a relay; unmount and attach it again"
     ):
         reconnect(_sample_attachment(tmp_path), "/run/blockfs/nbd.sock")
+
+
+def test_the_attach_code_imports_nothing_but_the_standard_library_and_attrs() -> None:
+    # The VM test's guest runs it with nothing else (tools/vmtest/_initramfs.py): the
+    # nbdfuse relay must not pull in the NBD server's code (blockfs.image and its packages).
+    script = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "import blockfs.host.attach\n"
+        "for name in sorted(set(sys.modules) - before):\n"
+        "    print(name, getattr(sys.modules[name], '__file__', None) or '')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=PROJECT
+    )
+    loaded = [line.split(" ", 1) for line in done.stdout.splitlines()]
+    assert not [name for name, _ in loaded if name.startswith("blockfs.image")]
+    third_party = [
+        name
+        for name, path in loaded
+        if "-packages" in path and name.split(".")[0] not in ("attr", "attrs")
+    ]
+    assert third_party == []
