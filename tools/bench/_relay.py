@@ -78,7 +78,16 @@ class RelayBench:
         short = Path(tempfile.mkdtemp(prefix="bfsr-"))
         try:
             layers = self.layer(short / "layers")
-            figures = {label: self.measure(short, layers, relay) for label, relay in PATHS.items()}
+            # The paths take turns, run after run, so that both see the same machine load.
+            runs: dict[str, list[dict[str, float]]] = {label: [] for label in PATHS}
+            for i in range(self.repeats):
+                for label, relay in PATHS.items():
+                    progress(f"{label}: cold and warm reads ({i + 1}/{self.repeats})")
+                    runs[label].append(self.measure(short, layers, relay))
+            figures = {
+                label: {key: min(run[key] for run in done) for key in done[0]}
+                for label, done in runs.items()
+            }
         finally:
             shutil.rmtree(short, ignore_errors=True)
         self.tabulate(report, figures)
@@ -130,22 +139,17 @@ class RelayBench:
             server.stop()
 
     def measure(self, short: Path, layers: Path, relay: bool) -> dict[str, float]:
-        """Best seconds of each read pattern, for nbdfuse with or without the relay."""
-        name = "relay" if relay else "no relay"
-        cold: list[float] = []
-        warm: list[float] = []
-        rand: list[float] = []
-        par: list[float] = []
+        """Seconds of each read pattern, for nbdfuse with or without the relay."""
         offsets = random.Random(7).sample(range(self.size // BLOCK), self.sample)
-        for i in range(self.repeats):
-            progress(f"{name}: cold and warm reads ({i + 1}/{self.repeats})")
-            with self.mounted(short, layers, relay=relay) as path:
-                cold.append(self.sequential(path))
-                self.sequential(path)  # every chunk in the server's memory now
-                warm.append(self.sequential(path))
-                rand.append(self.scattered(path, offsets, threads=1))
-                par.append(self.scattered(path, offsets, threads=self.threads))
-        return {"cold": min(cold), "warm": min(warm), "random": min(rand), "parallel": min(par)}
+        with self.mounted(short, layers, relay=relay) as path:
+            cold = self.sequential(path)
+            self.sequential(path)  # every chunk in the server's memory now
+            return {
+                "cold": cold,
+                "warm": self.sequential(path),
+                "random": self.scattered(path, offsets, threads=1),
+                "parallel": self.scattered(path, offsets, threads=self.threads),
+            }
 
     @property
     def sample(self) -> int:
@@ -215,7 +219,8 @@ class RelayBench:
             "`posix_fadvise(DONTNEED)` before each: the whole file read in 1 MiB reads (cold: "
             "every chunk fetched, decompressed and verified), read again once, then timed "
             f"warm; {n} random 4 KiB reads with `POSIX_FADV_RANDOM`, in one thread and in "
-            f"{self.threads}. Best of {self.repeats} runs. The last row is throughput with "
+            f"{self.threads}. The two paths take turns, {self.repeats} runs each; the best "
+            "of each figure. The last row is throughput with "
             "the relay as a share of throughput without it (for µs per read: time with it "
             "as a share of time without)."
         )
