@@ -17,6 +17,7 @@ import pytest
 from blockfs.estargz import BuildOptions, build_file
 from blockfs.mount._rundir import run_dir_of
 from tests.helpers.cli import blockfs
+from tests.helpers.images import make_layout
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")]
 
@@ -82,3 +83,30 @@ def test_a_layer_mount_reads_on_after_its_server_is_killed(workdir: Path) -> Non
     assert not os.path.ismount(mnt)
     assert list((root / "mounts").iterdir()) == []
     # the workdir fixture checks that no mount, loop device or process refers to it
+
+
+def test_an_image_mount_reads_on_after_its_server_is_killed(workdir: Path) -> None:
+    def tree(dest: Path) -> None:
+        for name, data in FILES.items():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes(data)
+
+    make_layout(workdir / "plain", [tree])
+    image = f"oci:{workdir / 'esgz'}:v1"
+    blockfs("image", "convert", f"oci:{workdir / 'plain'}:v1", image)
+    root, mnt = workdir / "root", workdir / "mnt"
+    mnt.mkdir()
+    blockfs("image", "mount", "--root", str(root), "--attach", "nbdfuse", image, str(mnt))
+    try:
+        assert (mnt / "data" / "f0").read_bytes() == FILES["data/f0"]
+        run_dir = run_dir_of(root, mnt)
+        first = _nbdkit_pid(run_dir)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        for name in ("data/f1", "data/f2"):
+            assert (mnt / name).read_bytes() == FILES[name]
+        assert _nbdkit_pid(run_dir) not in (None, first)
+    finally:
+        blockfs("image", "umount", "--root", str(root), str(mnt), check=False)
+    assert not os.path.ismount(mnt)
+    assert list((root / "mounts").iterdir()) == []
