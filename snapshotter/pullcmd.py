@@ -9,7 +9,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING, Any
 
-from blockfs.cli import registry_args
+from blockfs.cli import registry_args, registry_client
 from blockfs.oci import Platform, Reference
 from snapshotter.defaults import CONTAINERD_ADDRESS as DEFAULT_ADDRESS
 from snapshotter.defaults import SNAPSHOTTER_NAME as DEFAULT_SNAPSHOTTER
@@ -52,7 +52,7 @@ def add_pull_command(cmds: Any) -> None:
 def cmd_pull(args: argparse.Namespace) -> int:
     # gRPC and the registry client load only when the command runs: every other `blockfs`
     # command builds its parser with this one in it.
-    from blockfs.image import BlobSources, docker_config_path
+    from blockfs.image import BlobSources
     from snapshotter.ctrclient import ContainerdClient
     from snapshotter.pull import pull_image
 
@@ -66,11 +66,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         BlobSources() as sources,
         ContainerdClient(args.address, args.namespace) as ctr,
     ):
-        registry = sources.client(
-            plain_http=args.plain_http,
-            hosts_dir=args.hosts_dir,
-            docker_config=docker_config_path(),
-        )
+        registry = registry_client(sources, args)
         result = pull_image(
             ctr,
             registry,

@@ -12,10 +12,11 @@ from blockfs.cli._common import (
     describe_os_error,
     log_to_stderr,
     registry_args,
+    registry_client,
 )
 from blockfs.errors import BlockfsError
 
-__all__ = ["build_parser", "main", "registry_args"]
+__all__ = ["build_parser", "main", "registry_args", "registry_client"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,9 +8,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockfs.oci import InvalidDigest, validate_digest
+
+if TYPE_CHECKING:
+    from blockfs.image import BlobSources
+    from blockfs.registry import RegistryClient
 
 DEFAULT_ROOT = "/var/lib/blockfs"
 
@@ -26,6 +30,16 @@ def registry_args(p: argparse.ArgumentParser) -> None:
         help="containerd-style registry host configuration (DIR/HOST/hosts.toml): "
         "mirrors, TLS, headers",
     )  # fmt: skip
+
+
+def registry_client(sources: BlobSources, args: argparse.Namespace) -> RegistryClient:
+    """The registry client for the registry options of ``args`` (:func:`registry_args`)
+    and the docker config, shared through ``sources``."""
+    from blockfs.image import docker_config_path
+
+    return sources.client(
+        plain_http=args.plain_http, hosts_dir=args.hosts_dir, docker_config=docker_config_path()
+    )
 
 
 def state_args(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from blockfs.cli import _optimize
-from blockfs.cli._common import print_json, registry_args, state_args
+from blockfs.cli._common import print_json, registry_args, registry_client, state_args
 from blockfs.cli._layer import attach_argument
 from blockfs.oci import Platform
 
@@ -89,7 +89,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     # Imported here, as in every command: `blockfs image pull` and `--help` start faster.
     from blockfs.cli._progress import TextProgress
     from blockfs.convert import ConvertOptions, convert_image, open_location
-    from blockfs.image import BlobSources, docker_config_path
+    from blockfs.image import BlobSources
 
     options = ConvertOptions(
         compression="zstd" if args.zstd else "gzip",
@@ -101,11 +101,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     with BlobSources() as sources:
 
         def client() -> RegistryClient:
-            return sources.client(
-                plain_http=args.plain_http,
-                hosts_dir=args.hosts_dir,
-                docker_config=docker_config_path(),
-            )
+            return registry_client(sources, args)
 
         src = open_location(args.src, client)
         dst = open_location(args.dst, client, create=True)

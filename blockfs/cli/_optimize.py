@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from blockfs.cli._common import positive_size_arg, registry_args, size_arg
+from blockfs.cli._common import positive_size_arg, registry_args, registry_client, size_arg
 from blockfs.cli._layer import attach_argument
 from blockfs.oci import Platform
 
@@ -90,7 +90,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     # Imported here, as in every command: `--help` and other commands start faster.
     from blockfs.cli._progress import TextProgress
     from blockfs.convert import ConvertOptions, open_location
-    from blockfs.image import BlobSources, docker_config_path
+    from blockfs.image import BlobSources
     from blockfs.mount.optimize import Overrides, describe_outcome, optimize_image
 
     options = ConvertOptions(
@@ -110,11 +110,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     with BlobSources() as sources:
 
         def client() -> RegistryClient:
-            return sources.client(
-                plain_http=args.plain_http,
-                hosts_dir=args.hosts_dir,
-                docker_config=docker_config_path(),
-            )
+            return registry_client(sources, args)
 
         src = open_location(args.src, client)
         dst = open_location(args.dst, client, create=True)
