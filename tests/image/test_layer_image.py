@@ -21,8 +21,10 @@ from blockfs.image import (
 from tests.helpers.testdata import TESTDATA, VERIFIABLE_BLOBS, toc_digest_of
 
 
-def open_image(blob_path, tmp_path, *, toc_digest=None, cache_bytes=0, policy=None):
-    """A LayerImage of ``blob_path``; it fetches only what reads lack unless ``policy``."""
+def open_image(blob_path, tmp_path, *, toc_digest=None, cache_bytes=0, policy=None, source=None):
+    """A LayerImage of ``blob_path`` read through ``source`` (default: the file, counted);
+    it fetches only what reads lack unless ``policy``. Returns (image, toc, extent map,
+    source)."""
     reader = BlobReader.open(FileBlobSource(blob_path), toc_digest=toc_digest)
     layer_dir = tmp_path / "layer"
     record = index_layer(
@@ -32,7 +34,8 @@ def open_image(blob_path, tmp_path, *, toc_digest=None, cache_bytes=0, policy=No
         source={"type": "file", "path": str(blob_path)},
         bytes_fetched=0,
     )
-    source = CountingSource(FileBlobSource(blob_path))
+    if source is None:
+        source = CountingSource(FileBlobSource(blob_path))
     emap = ExtentMap.load(layer_dir / EXTENTS_FILE)
     cache = ChunkCache(tmp_path / "cache", max_bytes=1 << 30, memory_bytes=cache_bytes)
     image = LayerImage(

@@ -11,8 +11,8 @@ import threading
 from typing import Literal
 
 import pytest
+from test_layer_image import open_image as open_layer_image
 
-from blockfs.cache import ChunkCache
 from blockfs.estargz import (
     BlobReader,
     ChunkVerificationError,
@@ -23,14 +23,7 @@ from blockfs.estargz import (
     verify_piece,
 )
 from blockfs.image import (
-    EXTENTS_FILE,
-    INDEX_FILE,
     MAX_FETCH_ATTEMPTS,
-    BlobChunkReader,
-    ExtentMap,
-    FetchPolicy,
-    LayerImage,
-    index_layer,
 )
 from tests.helpers.testdata import TESTDATA
 
@@ -100,26 +93,10 @@ def flip_position(blob: str, name: str, kind: type[FormatError]) -> int:
 
 
 def open_image(tmp_path, blob, source):
-    reader = BlobReader.open(FileBlobSource(TESTDATA / blob))
-    layer_dir = tmp_path / "layer"
-    record = index_layer(
-        reader,
-        layer_dir,
-        name="l",
-        source={"type": "file", "path": str(TESTDATA / blob)},
-        bytes_fetched=0,
-    )
-    emap = ExtentMap.load(layer_dir / EXTENTS_FILE)
-    cache = ChunkCache(tmp_path / "cache", max_bytes=1 << 30)
-    image = LayerImage(
-        "l",
-        layer_dir / INDEX_FILE,
-        emap,
-        BlobChunkReader(source, record.compression),
-        cache,
-        policy=FetchPolicy.exact(),  # only the member under test is fetched
-    )
-    return image, reader.toc, emap, cache
+    """The image of ``blob`` read through ``source``, fetching only the member under test;
+    (image, toc, extent map, chunk cache)."""
+    image, toc, emap, _ = open_layer_image(TESTDATA / blob, tmp_path, source=source)
+    return image, toc, emap, image.cache
 
 
 def span_of(emap, toc, name):
