@@ -126,6 +126,7 @@ class Result:
     fetch_errors: int = 0
     seconds: float = 0.0
     leftovers: list[str] = attrs.field(factory=list)
+    error: str | None = None  # a mount that failed (faults are off while it mounts)
 
     @property
     def injected(self) -> int:
@@ -140,6 +141,7 @@ class Result:
             and self.missing == 0
             and self.unexpected == 0
             and not self.leftovers
+            and self.error is None
         )
 
 
@@ -291,28 +293,30 @@ def run_scenario(
         seed=seed,
     ) as proxy:
         ref = f"{proxy.host}/{REPOSITORY}:latest"
-        _run(
-            [*BLOCKFS, "image", "mount", "--plain-http", "--root", str(root), ref, str(mnt)],
-            "blockfs image mount",
-        )
+        mount = [*BLOCKFS, "image", "mount", "--plain-http", "--root", str(root), ref, str(mnt)]
+        umount = [*BLOCKFS, "image", "umount", "--root", str(root), str(mnt)]
         try:
-            proxy.arm()
-            read_and_compare(mnt, expected, result)
-            proxy.disarm()
-            stats = json.loads(
-                _run(
-                    [*BLOCKFS, "image", "stats", "--json", "--root", str(root), str(mnt)],
-                    "blockfs image stats",
+            _run(mount, "blockfs image mount")
+        except ChaosError as e:
+            result.error = str(e)
+            subprocess.run(umount, capture_output=True, stdin=subprocess.DEVNULL, check=False)
+        else:
+            try:
+                proxy.arm()
+                read_and_compare(mnt, expected, result)
+                proxy.disarm()
+                stats = json.loads(
+                    _run(
+                        [*BLOCKFS, "image", "stats", "--json", "--root", str(root), str(mnt)],
+                        "blockfs image stats",
+                    )
                 )
-            )
-            for layer in stats["layers"]:
-                for name in COUNTED_STATS:
-                    setattr(result, name, getattr(result, name) + int(layer.get(name, 0)))
-        finally:
-            proxy.disarm()
-            _run(
-                [*BLOCKFS, "image", "umount", "--root", str(root), str(mnt)], "blockfs image umount"
-            )
+                for layer in stats["layers"]:
+                    for name in COUNTED_STATS:
+                        setattr(result, name, getattr(result, name) + int(layer.get(name, 0)))
+            finally:
+                proxy.disarm()
+                _run(umount, "blockfs image umount")
         result.range_gets = proxy.range_gets
         result.faults = proxy.faults()
     result.seconds = time.monotonic() - started
@@ -356,6 +360,7 @@ def run(
                 f"{result.refetches} refetches, {result.fetch_errors} fetch errors, "
                 f"{result.seconds:.1f} s"
                 + (f", LEFT: {result.leftovers}" if result.leftovers else "")
+                + (f", MOUNT FAILED: {result.error}" if result.error else "")
             )
             results.append(result)
         return spec, results
@@ -379,7 +384,7 @@ The faults, each applied to a share of the blob range GETs (`GET .../blobs/...` 
 TOCs) goes through untouched:
 
 - **flip**: one to eight bits of the body flipped, same length and headers;
-- **stall**: the body held for a while (see below), then sent whole;
+- **stall**: the body held for a while (the run's *Image* line says how long), then sent whole;
 - **cut**: the headers promise the whole body, half of it comes, the connection closes;
 - **error**: 500 or 503 instead of the body.
 
@@ -390,6 +395,17 @@ counts from `blockfs image stats --json`: *verif. fail.* fetched members whose b
 not verify, *refetches* members fetched again after that, *fetch err.* members whose
 fetch failed otherwise (and were not retried by the layer). *Clean* means no mount and no
 process of the run was left after `blockfs image umount`.
+
+Reading the figures: a response may carry many members, and its one to eight flipped bits
+spoil the members they land in; only those fail verification and are fetched again (so
+there can be more failures than flips); *verif. fail.* minus
+*refetches* is the members that failed all three of their attempts. The NBD server then
+fails that read, and yet no file read sees EIO: on the nbdfuse path the relay's retry
+filter tries an error of the live server twice more, a second apart
+([design.md](design.md), the relay), and each try fetches the member anew. Stalls cost
+time only. A cut body or a 500/503 is a failed request, which the registry client
+retries itself; a fetch that still fails is a *fetch err.* (not fetched again by the
+layer), and the relay's retry filter covers those reads the same way.
 """
 
 
@@ -418,6 +434,9 @@ def markdown(
             f"| {r.injected}/{r.range_gets} | {r.verification_failures} | {r.refetches} "
             f"| {r.fetch_errors} | {r.seconds:.1f} | {'yes' if not r.leftovers else 'NO'} |"
         )
+    for r in results:
+        if r.error is not None:
+            lines += ["", f"- {r.scenario}: not run, the mount failed: `{r.error[:400]}`"]
     return "\n".join(lines) + "\n"
 
 
