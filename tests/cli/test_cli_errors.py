@@ -224,7 +224,11 @@ def workspace() -> Iterator[Path]:
     (ws / "afile").write_text("not a tar, not a blob\n")
     (ws / "state").mkdir(mode=0o700)
     (ws / "docker").mkdir()  # root's rows: an empty docker config directory
-    make_layout(ws / "good", [lambda tree: (tree / "hello").write_text("hello\n")])
+
+    def hello(tree: Path) -> None:
+        (tree / "hello").write_text("hello\n")
+
+    make_layout(ws / "good", [hello])
     for path in [ws / "good", *(ws / "good").rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)  # nobody converts it too
     for home in ("home", "home-docker"):
