@@ -113,8 +113,9 @@ class RelayBench:
         return layers_dir
 
     @contextlib.contextmanager
-    def mounted(self, short: Path, layers: Path, *, relay: bool) -> Iterator[Path]:
-        """A fresh server (empty chunk cache) and the layer mounted through it; the file."""
+    def mounted(self, short: Path, layers: Path, *, relay: bool) -> Iterator[tuple[Path, float]]:
+        """A fresh server (empty chunk cache) and the layer mounted through it; the file
+        and the seconds that attaching and mounting took."""
         shutil.rmtree(short / "cache", ignore_errors=True)
         server = NBDServer(
             short / "run",
@@ -126,13 +127,15 @@ class RelayBench:
         try:
             mnt = short / "mnt"
             mnt.mkdir(exist_ok=True)
+            start = time.perf_counter()
             att = attach_and_mount(
                 str(server.socket), EXPORT, str(mnt), state_dir=str(short / "attach"),
                 mode=AttachMode.NBDFUSE, relay=relay,
             )  # fmt: skip
+            attached = time.perf_counter() - start
             path = mnt / FILE
             path.stat()
-            yield path
+            yield path, attached
         finally:
             if att is not None:
                 unmount_and_detach(att)
@@ -141,10 +144,11 @@ class RelayBench:
     def measure(self, short: Path, layers: Path, relay: bool) -> dict[str, float]:
         """Seconds of each read pattern, for nbdfuse with or without the relay."""
         offsets = random.Random(7).sample(range(self.size // BLOCK), self.sample)
-        with self.mounted(short, layers, relay=relay) as path:
+        with self.mounted(short, layers, relay=relay) as (path, attached):
             cold = self.sequential(path)
             self.sequential(path)  # every chunk in the server's memory now
             return {
+                "attach": attached,
                 "cold": cold,
                 "warm": self.sequential(path),
                 "random": self.scattered(path, offsets, threads=1),
@@ -190,6 +194,7 @@ class RelayBench:
             f"Reads of one {self.size / MiB:.0f} MiB file (gzip, 4 MiB chunks) through a "
             "mounted layer: nbdfuse with and without the relay",
             "path",
+            "attach and mount, ms",
             "cold sequential MB/s",
             "warm sequential MB/s",
             "warm random 4 KiB, 1 thread: µs per read",
@@ -199,6 +204,7 @@ class RelayBench:
         for label, f in figures.items():
             table.add(
                 label,
+                f["attach"] * 1000,
                 self.size / MB / f["cold"],
                 self.size / MB / f["warm"],
                 f["random"] / n * 1e6,
@@ -207,6 +213,7 @@ class RelayBench:
         direct, relayed = (figures[label] for label in PATHS)
         table.add(
             "**relay / no relay**",
+            f"{relayed['attach'] / direct['attach']:.0%}",
             f"{direct['cold'] / relayed['cold']:.0%}",
             f"{direct['warm'] / relayed['warm']:.0%}",
             f"{relayed['random'] / direct['random']:.0%}",
@@ -215,17 +222,19 @@ class RelayBench:
         table.notes.append(
             "Each run: a fresh server (`NBDServer`, `--threads 16`, empty chunk cache, the blob "
             "a local file), the layer attached with `attach_and_mount(mode=NBDFUSE)` (nbdfuse "
-            "`-C 4`; EROFS mounted from nbdfuse's file), then, page caches dropped with "
+            "`-C 4`; EROFS mounted from nbdfuse's file; timed: with the relay, that includes "
+            "starting it), then, page caches dropped with "
             "`posix_fadvise(DONTNEED)` before each: the whole file read in 1 MiB reads (cold: "
             "every chunk fetched, decompressed and verified), read again once, then timed "
             f"warm; {n} random 4 KiB reads with `POSIX_FADV_RANDOM`, in one thread and in "
             f"{self.threads}. The two paths take turns, {self.repeats} runs each; the best "
             "of each figure. The last row is throughput with "
-            "the relay as a share of throughput without it (for µs per read: time with it "
-            "as a share of time without)."
+            "the relay as a share of throughput without it (for times, ms and µs: time with "
+            "it as a share of time without)."
         )
         for label, key in zip(("direct", "relay"), PATHS, strict=True):
             f = figures[key]
+            report.figures[f"relay.{label}.attach_ms"] = f["attach"] * 1000
             report.figures[f"relay.{label}.cold_mbps"] = self.size / MB / f["cold"]
             report.figures[f"relay.{label}.warm_mbps"] = self.size / MB / f["warm"]
             report.figures[f"relay.{label}.random_us"] = f["random"] / n * 1e6
