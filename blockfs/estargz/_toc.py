@@ -478,9 +478,10 @@ class _JSONText:
                 ):
                     raise self.error(message, at)
             if len(buf) - start > self.max_value:
-                what = f"entry {self.entry}" if self.entry else "value"
+                what = "an entry" if self.entry else "a value"
                 raise TOCTooLargeError(
-                    f"TOC {what} is longer than the limit of {self.max_value} characters of JSON",
+                    f"TOC has {what} longer than the limit of {self.max_value} characters of "
+                    "JSON (Limits.max_entry_json)",
                     layer=self.layer,
                     entry=f"#{self.entry - 1}" if self.entry else None,
                 )
