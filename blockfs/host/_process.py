@@ -12,19 +12,31 @@ import time
 _POLL = 0.01
 
 
+# PF_KTHREAD in the flags of /proc/PID/stat: a kernel thread, whose command line is empty.
+_PF_KTHREAD = 0x00200000
+
+
 def running(pid: int, marker: str) -> bool:
     """Whether ``pid`` is a live process whose command line holds ``marker``.
 
-    A zombie has exited: whoever its parent is will reap it.
+    A zombie has exited: whoever its parent is will reap it. A command line that reads
+    empty is not taken for another process: execve installs the new program's memory
+    before its arguments (and exit frees it before the zombie), so a process we just
+    started reads empty for a moment while it execs, and is still ours.
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
+            fields = f.read().rsplit(b")", 1)[1].split()
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
-    except (OSError, IndexError):
+        state, flags = fields[0], int(fields[6])
+    except (OSError, IndexError, ValueError):
         return False
-    return state not in (b"Z", b"X") and os.fsencode(marker) in cmdline
+    if state in (b"Z", b"X"):
+        return False
+    if not cmdline:
+        return not flags & _PF_KTHREAD
+    return os.fsencode(marker) in cmdline
 
 
 def wait_exit(pid: int, marker: str, timeout: float) -> bool:

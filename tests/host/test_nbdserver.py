@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from attach_testkit import force_cleanup, leftovers
 
+from blockfs.host import _process
 from blockfs.host.nbdserver import NBDServer
 from blockfs.image import ServerConfig
 
@@ -98,3 +99,40 @@ def test_with_restart_the_shell_starts_a_dead_nbdkit_again(tmp_path: Path) -> No
         assert not server.is_running() and server.supervisor_pid() is None
     finally:
         force_cleanup(tmp_path)
+
+
+def test_a_process_that_is_execing_still_counts_as_running() -> None:
+    # execve installs the new program's memory before its arguments: for a moment the
+    # command line reads empty. A start that polled then took nbdkit (or nbdfuse) for
+    # dead, killed it and reported "exited while starting" with an empty log.
+    for _ in range(50):
+        proc = subprocess.Popen(["/bin/sh", "-c", "exec /bin/sleep 31.4159"])
+        try:
+            while True:
+                assert _process.running(proc.pid, "31.4159")
+                if Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(b"/bin/sleep"):
+                    break
+        finally:
+            proc.kill()
+            proc.wait()
+        assert not _process.running(proc.pid, "31.4159")
+
+
+def test_a_kernel_thread_is_not_taken_for_a_process_of_ours() -> None:
+    kthreads = [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and p.joinpath("cmdline").exists()
+        and _is_kthread(p)
+    ]  # fmt: skip
+    if not kthreads:
+        pytest.skip("no kernel thread is visible here")
+    assert not _process.running(kthreads[0], "")
+
+
+def _is_kthread(proc: Path) -> bool:
+    try:
+        flags = int((proc / "stat").read_bytes().rsplit(b")", 1)[1].split()[6])
+    except (OSError, IndexError, ValueError):
+        return False
+    return bool(flags & 0x00200000)
