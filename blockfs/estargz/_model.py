@@ -637,22 +637,35 @@ class TOC:
 
     __slots__ = ("_cache", "children", "entries", "link_counts", "nodes", "table", "version")
 
+    version: int
+    table: TOCTable
+    _cache: weakref.WeakValueDictionary[int, Entry]
+    entries: Sequence[Entry]
+    nodes: Mapping[str, Entry]
+    children: Mapping[str, tuple[str, ...]]
+    link_counts: Mapping[str, int]
+
     def __init__(self, table: TOCTable, *, version: int = 1) -> None:
-        self.version = version
-        self.table = table
+        init = object.__setattr__
+        init(self, "version", version)
+        init(self, "table", table)
         # Entries handed out by lookup, so that two lookups of one entry give one object.
-        self._cache: weakref.WeakValueDictionary[int, Entry] = weakref.WeakValueDictionary()
-        self.entries: Sequence[Entry] = _Entries(table)
-        self.nodes: Mapping[str, Entry] = _Nodes(self)
-        self.children: Mapping[str, tuple[str, ...]] = _Children(table)
-        self.link_counts: Mapping[str, int] = _LinkCounts(table)
+        init(self, "_cache", weakref.WeakValueDictionary())
+        init(self, "entries", _Entries(table))
+        init(self, "nodes", _Nodes(self))
+        init(self, "children", _Children(table))
+        init(self, "link_counts", _LinkCounts(table))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"TOC is immutable: cannot set {name!r}")
 
     def row_entry(self, row: int) -> Entry:
         """The entry of ``table`` row ``row``: while it is alive, the same object as
         lookups of its path give."""
-        cached = self._cache.get(row)
+        cache = self._cache
+        cached = cache.get(row)
         if cached is None:
-            cached = self._cache[row] = self.table.entry(row)
+            cached = cache[row] = self.table.entry(row)
         return cached
 
     def lookup(self, path: str) -> Entry:
