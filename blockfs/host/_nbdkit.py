@@ -138,6 +138,19 @@ class DetachedNBDKit:
         """The nbdkit command line."""
         raise NotImplementedError
 
+    def serving(self) -> list[str]:
+        """The start of every command line: nbdkit in the foreground, read-only, on the
+        socket, with the pid file; the plugin and its parameters follow."""
+        return [
+            "nbdkit",
+            "--foreground",
+            "--readonly",
+            "--unix",
+            str(self.socket),
+            "--pidfile",
+            str(self.pidfile),
+        ]
+
     def environment(self) -> dict[str, str]:
         return dict(os.environ)
 
@@ -290,13 +303,7 @@ class NBDRelay(DetachedNBDKit):
     def command(self) -> list[str]:
         """The nbdkit command line."""
         return [
-            "nbdkit",
-            "--foreground",
-            "--readonly",
-            "--unix",
-            str(self.socket),
-            "--pidfile",
-            str(self.pidfile),
+            *self.serving(),
             "--filter=retry",
             "nbd",
             f"socket={self.backend}",

@@ -79,13 +79,7 @@ class NBDServer(DetachedNBDKit):
     def command(self) -> list[str]:
         """The nbdkit command line."""
         return [
-            "nbdkit",
-            "--foreground",
-            "--readonly",
-            "--unix",
-            str(self.socket),
-            "--pidfile",
-            str(self.pidfile),
+            *self.serving(),
             "--threads",
             str(self.threads),
             "python",
