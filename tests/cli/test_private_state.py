@@ -7,6 +7,7 @@ server's log and pid file 0600, and state left wider by an older version is tigh
 
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,6 +110,11 @@ def test_the_nbd_server_tightens_a_log_an_older_version_left_readable(workdir, w
         assert mode(log) == 0o600
         assert log.read_text().startswith("an older server's log\n")  # appended to, kept
         assert mode(server.pidfile) == 0o600
+        # The plugin makes the cache once nbdkit has started serving (after_fork), which
+        # may come just after the socket and pid file that start() waits for.
+        deadline = time.monotonic() + 30
+        while not (workdir / "cache" / "chunks").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert mode(workdir / "cache") == 0o700
         assert mode(workdir / "cache" / "chunks") == 0o700
     finally:
