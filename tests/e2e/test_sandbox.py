@@ -102,7 +102,7 @@ ip link | grep -q '^1: lo' || exit 15
 [ "$(wc -l < /proc/self/mountinfo)" = 3 ] || exit 16      # /, /proc, /dev: no host tree
 [ "$(ls /dev | tr '\n' ' ')" = "fd full null random shm stderr stdin stdout tty urandom zero " ] || exit 17
 echo hi > /dev/null || exit 18
-[ "$(pwd)" = /work/here ] || exit 19
+[ "$(pwd)" = /srv/app ] || exit 19
 [ "$ONLY" = this ] || exit 20
 [ "$PATH" = /bin ] || exit 21
 [ "$HOME" = / ] || exit 22
@@ -120,7 +120,7 @@ def test_the_workload_runs_isolated_as_the_images_user_with_exactly_its_environm
 ):
     monkeypatch.setenv("LEAK", "host environment")
     spec = SandboxSpec(
-        str(rootfs), ["sh", "-c", CHECKS], ["PATH=/bin", "ONLY=this"], "/work/here", "nobody"
+        str(rootfs), ["sh", "-c", CHECKS], ["PATH=/bin", "ONLY=this"], "/srv/app", "nobody"
     )
     out = tmp_path / "out"
     with open(out, "w") as f:
