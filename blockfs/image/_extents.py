@@ -38,15 +38,6 @@ class ExtentMapError(BlockfsError):
     """An extents file is damaged or was written by an incompatible version."""
 
 
-class _Extent(Protocol):
-    @property
-    def start_block(self) -> int: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def entry_name(self) -> str: ...
-
-
 class _Index(Protocol):
     @property
     def block_size(self) -> int: ...
@@ -55,7 +46,7 @@ class _Index(Protocol):
     @property
     def total_blocks(self) -> int: ...
     @property
-    def extents(self) -> Iterable[_Extent]: ...
+    def extents(self) -> Sequence[object]: ...
 
 
 def _u64(values: Iterable[int] = ()) -> array[int]:
@@ -121,51 +112,11 @@ class ExtentMap:
 
     @classmethod
     def build(cls, index: _Index, toc: TOC) -> ExtentMap:
-        """Map each extent of an EROFS ``index`` to the chunks of its file in ``toc``."""
+        """Map each extent of an EROFS ``index`` laid out from ``toc`` (``build_index``)
+        to the chunks of its file, from the TOC's columns: no Entry or Chunk objects."""
         extents = index.extents
-        if isinstance(extents, Extents) and extents.table is toc.table:
-            return cls._build_from_rows(index, extents, toc)
-        ext_start, ext_size, ext_first = _u64(), _u64(), _u64([0])
-        c_off, c_end, c_inner, c_foff, c_size = _u64(), _u64(), _u64(), _u64(), _u64()
-        digests = bytearray()
-        name_offsets, names = _u64([0]), bytearray()
-        for ext in extents:
-            names += ext.entry_name.encode("utf-8", "surrogateescape")
-            name_offsets.append(len(names))
-            entry = toc.lookup(ext.entry_name)
-            ext_start.append(ext.start_block)
-            ext_size.append(ext.size)
-            for c in entry.chunks:
-                if c_off and c.offset < c_off[-1]:
-                    # chunks_in_member relies on blob order; the layout keeps it.
-                    raise ExtentMapError(f"extents of {ext.entry_name!r} are not in blob order")
-                c_off.append(c.offset)
-                c_end.append(c.end)
-                c_inner.append(c.inner_offset)
-                c_foff.append(c.chunk_offset)
-                c_size.append(c.size)
-                digests += _digest_bytes(c.digest)
-            ext_first.append(len(c_off))
-        return cls(
-            block_size=index.block_size,
-            meta_blocks=index.meta_blocks,
-            total_blocks=index.total_blocks,
-            ext_start=ext_start,
-            ext_size=ext_size,
-            ext_first_chunk=ext_first,
-            chunk_offset=c_off,
-            chunk_end=c_end,
-            chunk_inner=c_inner,
-            chunk_file_offset=c_foff,
-            chunk_size=c_size,
-            chunk_digests=bytes(digests),
-            name_offsets=name_offsets,
-            names=bytes(names),
-        )
-
-    @classmethod
-    def _build_from_rows(cls, index: _Index, extents: Extents, toc: TOC) -> ExtentMap:
-        """:meth:`build` from the TOC's columns: no Entry or Chunk objects on the way."""
+        if not (isinstance(extents, Extents) and extents.table is toc.table):
+            raise ExtentMapError("the index was not laid out from this TOC (build_index(toc))")
         t = toc.table
         rows = extents.rows
         ext_first = _u64([0])
@@ -338,12 +289,6 @@ def _extend(dst: array[int], src: Sequence[int], lo: int, hi: int) -> None:
     if not isinstance(part, array) or part.typecode != "Q":
         part = list(part)
     dst.extend(part)
-
-
-def _digest_bytes(digest: str) -> bytes:
-    if not digest.startswith("sha256:") or len(digest) != 71:
-        raise ExtentMapError(f"chunk has no sha256 digest: {digest!r}")
-    return bytes.fromhex(digest[7:])
 
 
 def _le_bytes(arr: _U64s) -> bytes | memoryview:
