@@ -128,6 +128,9 @@ class LayerImage:
         self.policy = policy
         self._trace = trace
         self._traced = bytearray(extents.extent_count) if trace is not None else None
+        # Extents whose whole file a read has planned to fetch already (see _plan): only
+        # those touched, so a layer of many files costs nothing until they are read.
+        self._whole_planned: set[int] = set()
         self.name = name
         self._on_demand_fetch = on_demand_fetch
         self.extents = extents
@@ -269,7 +272,9 @@ class LayerImage:
 
         Along: the uncached members that follow the last one needed, up to the policy's
         ``unit`` of compressed span from the first. Background: the uncached rest of each
-        file the read touched, for files of at most the policy's ``whole_file_max``.
+        file the read touched, for files of at most the policy's ``whole_file_max``, the
+        first time a read touches the file (later misses in it find those members claimed
+        or cached, so its chunks are not looked at again).
         """
         ext = self.extents
         taken = set(needed)
@@ -286,6 +291,9 @@ class LayerImage:
             j += 1
         later: list[int] = []
         for i in sorted({ext.extent_of_chunk(j) for j in chunks}):
+            if i in self._whole_planned:
+                continue
+            self._whole_planned.add(i)
             span = ext.extent_chunks(i)
             if ext.chunk(span[-1]).end - ext.chunk(span[0]).offset > self.policy.whole_file_max:
                 continue
