@@ -76,21 +76,11 @@ class FaultProxy(ShapingProxy):
         self._faults: collections.Counter[str] = collections.Counter()
         self._range_gets = 0
 
-    def start(self) -> FaultProxy:
-        """Listen on a free port of 127.0.0.1 and serve in a thread."""
-        if self._server is not None:
-            raise RuntimeError("the proxy is already running")
-        server = _Server(("127.0.0.1", 0), _FaultHandler)
-        server.proxy = self
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, name=f"fault-proxy-{self.port}", daemon=True
-        )
-        self._thread.start()
-        return self
+    kind = "fault"
 
-    def __enter__(self) -> FaultProxy:
-        return self.start()
+    @staticmethod
+    def handler() -> type[_Handler]:
+        return _FaultHandler
 
     def arm(self) -> None:
         """Spoil responses from now on."""

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 import attrs
 
@@ -137,6 +137,13 @@ class ShapingProxy:
     manager, or call :meth:`start` and :meth:`stop`.
     """
 
+    kind = "shaping"  # in its thread's name
+
+    @staticmethod
+    def handler() -> type[_Handler]:
+        """The request handler class its server uses."""
+        return _Handler
+
     def __init__(
         self,
         upstream: str,
@@ -163,15 +170,15 @@ class ShapingProxy:
 
     # -- life cycle ---------------------------------------------------------------------
 
-    def start(self) -> ShapingProxy:
+    def start(self) -> Self:
         """Listen on a free port of 127.0.0.1 and serve in a thread."""
         if self._server is not None:
             raise RuntimeError("the proxy is already running")
-        server = _Server(("127.0.0.1", 0), _Handler)
+        server = _Server(("127.0.0.1", 0), self.handler())
         server.proxy = self
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, name=f"shaping-proxy-{self.port}", daemon=True
+            target=server.serve_forever, name=f"{self.kind}-proxy-{self.port}", daemon=True
         )
         self._thread.start()
         return self
@@ -187,7 +194,7 @@ class ShapingProxy:
         if self._thread is not None:
             self._thread.join()
 
-    def __enter__(self) -> ShapingProxy:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
