@@ -35,8 +35,9 @@ def _tighten(path: Path, st: os.stat_result, mode: int) -> None:
         os.chmod(path, mode, follow_symlinks=False)
 
 
-def _private_dir(path: Path) -> None:
-    """Make ``path`` and any missing parents 0700; tighten ``path`` if it exists wider."""
+def private_dir(path: Path, *, tighten: bool = True) -> None:
+    """Make ``path`` and any missing parents 0700; with ``tighten``, take group and other
+    permissions off ``path`` if it already exists with them (and is ours)."""
     missing = []
     parent = path
     while not parent.exists():
@@ -45,7 +46,8 @@ def _private_dir(path: Path) -> None:
     for directory in reversed(missing):
         # mode is masked by the umask, which may only take more away.
         directory.mkdir(mode=_DIR_MODE, exist_ok=True)
-    _tighten(path, path.stat(), _DIR_MODE)
+    if tighten:
+        _tighten(path, path.stat(), _DIR_MODE)
 
 
 @attrs.define
@@ -87,7 +89,7 @@ class ChunkCache:
         self._disk: OrderedDict[str, int] = OrderedDict()
         # Files this process has read back and verified since they were last written.
         self._verified: set[str] = set()
-        _private_dir(self.root)
+        private_dir(self.root)
         self._scan()
 
     def _path(self, hex_: str) -> Path:

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from blockfs.cache import private_dir
 from blockfs.host.nbdserver import socket_path
 from blockfs.image import ServerConfig
 
@@ -50,21 +51,6 @@ def existing_mount(run_dir: Path) -> str | None:
         if (run_dir / record).exists():
             return command
     return None
-
-
-def private_dir(path: Path, *, tighten: bool = True) -> None:
-    """Make ``path`` and any missing parents 0700; with ``tighten``, take group and
-    other permissions off ``path`` if it already exists with them."""
-    missing = []
-    parent = path
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
-    for directory in reversed(missing):
-        directory.mkdir(mode=0o700, exist_ok=True)
-    st = path.stat()
-    if tighten and st.st_mode & 0o077 and st.st_uid == os.geteuid():
-        path.chmod(0o700)
 
 
 def fresh_run_dir(root: str | os.PathLike[str], mountpoint: str) -> Path:
