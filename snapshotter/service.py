@@ -173,7 +173,8 @@ class SnapshotsService:
             pass
         else:
             if existing.kind is Kind.COMMITTED and existing.parent == parent:
-                self._mount_layers(namespace, target)
+                for name in self.store.chain_layers(namespace, target):
+                    layers.mount_soon(name)  # after a reboot; whoever uses it waits
                 raise SnapshotExists(f"target snapshot {target!r}: already exists", key=target)
             conflict = (
                 f"a {existing.kind.word} snapshot named {target!r} exists on {existing.parent!r}"
@@ -186,11 +187,13 @@ class SnapshotsService:
             _log_fallback(key, target, e.layer_digest, e)
             return
         layers.resolve_ahead(layer)
-        self._mount_layers(namespace, parent)
         name = layer_name(layer.digest)
         with layers.holding(name):
             try:
-                layers.acquire(layer)
+                # Prepare answers once the TOC is read and checked and the layer indexed;
+                # the attach and mount go on in the background, and the container's own
+                # Prepare (or Mounts) waits for them in _mount_layers.
+                layers.acquire(layer, wait=False)
             except LayerUnavailable as e:
                 _log_fallback(key, target, layer.digest, e)
                 return
@@ -216,7 +219,9 @@ class SnapshotsService:
         raise SnapshotExists(f"target snapshot {target!r}: already exists", key=target)
 
     def _mount_layers(self, namespace: str | None, key: str) -> None:
-        """Make sure the lazily served layers under ``key`` are mounted (after a reboot)."""
+        """Make sure the lazily served layers under ``key`` are mounted: wait for the
+        mounts under way in the background (a remote Prepare does not wait for them), and
+        mount again what is not (after a reboot)."""
         if self.layers is None:
             return
         for name in self.store.chain_layers(namespace, key):

@@ -472,12 +472,12 @@ def test_cri_pull_image_pulls_lazily_and_the_image_runs(images: Images) -> None:
             prepared = [r for r in sn.log_records() if r.get("msg") == "remote snapshot prepared"]
             assert [r["labeller"] for r in prepared] == ["cri", "cri"]
             # The second layer was set up while the first was being prepared (the labels
-            # of the first Prepare name it): indexed, attached and mounted, or, if its own
-            # Prepare took the layer first, at least its TOC was read ahead.
+            # of the first Prepare name it): indexed (then mounted in the background), or,
+            # if its own Prepare took the layer first, at least its TOC was read ahead.
             ahead = [
                 r
                 for r in sn.log_records()
-                if r.get("msg") == "layer prepared ahead"
+                if r.get("msg") == "layer indexed ahead"
                 or str(r.get("msg")).startswith("using the footer")
             ]
             assert [r["layer"] for r in ahead] == [f"sha256-{lazy.layers[1].digest[7:]}"]

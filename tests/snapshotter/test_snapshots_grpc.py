@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import stat
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -245,11 +246,16 @@ def test_sigterm_stops_the_daemon_cleanly_with_json_logs() -> None:
         with start_snapshotter(work / "root", work / "s.sock") as d:
             with d.channel() as ch:
                 Client(ch, "x").Prepare(pb.PrepareSnapshotRequest(key="k"))
+            server = wait_for_server_pid(d)  # started with the daemon
             assert d.stop(signal.SIGTERM) == 0
             assert not d.socket.exists()
+            assert not Path(f"/proc/{server}").exists()
             records = d.log_records()  # every line must parse as JSON
             assert all({"time", "level", "logger", "msg"} <= set(r) for r in records)
-            assert [r["msg"] for r in records][-2:] == ["stopping", "stopped"]
+            # The NBD server started with the daemon stops with it, since no layer is attached.
+            assert [r["msg"] for r in records][-3:] == [
+                "stopping", "stopped the NBD server: no layer is attached", "stopped",
+            ]  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -298,3 +304,14 @@ def test_daemon_tells_systemd_when_it_is_ready_and_when_it_stops() -> None:
     finally:
         notify.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def wait_for_server_pid(d: SnapshotterDaemon, timeout: float = 30.0) -> int:
+    """The pid of the NBD server that daemon ``d`` starts, once it has said so."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in d.log_records():
+            if record["msg"] == "started the NBD server":
+                return int(record["pid"])
+        time.sleep(0.05)
+    raise AssertionError(f"the daemon did not start an NBD server within {timeout} s")

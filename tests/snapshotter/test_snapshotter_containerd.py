@@ -35,7 +35,9 @@ BUSYBOX = Path("/bin/busybox")
 IMAGE = "docker.io/blockfs-test/busybox:latest"
 MOTD = b"blockfs second layer\n"
 # What the root may hold once every snapshot is gone.
-CLEAN_ROOT = {"store.db", "store.db-wal", "store.db-shm", "snapshots"}
+# What a daemon's root holds with no snapshot: the store, and the run directory and chunk
+# cache of the NBD server that runs while the daemon does.
+CLEAN_ROOT = {"store.db", "store.db-wal", "store.db-shm", "snapshots", "run", "cache"}
 
 
 @pytest.fixture(scope="module")
