@@ -23,19 +23,23 @@ seconds; that is what ``tests/e2e/test_chaos.py`` runs. The default runs bit fli
 20%, 30% and 50% and each other kind (stall, cut, error) at 20% and 50%. ``--record``
 writes the results, with the machine, the date and the command, to a Markdown file
 (``docs/reliability.md``).
+
+The other parts are subcommands (``tools/chaos/_cli.py``): ``fuzz`` (the footer and TOC
+parsers), ``cycles`` (container start/stop cycles through containerd), ``recovery``
+(crash recovery times), ``hostile`` (hostile inputs to the ``blockfs`` command), and
+``long``, the long version: a million fuzz inputs and 200 container cycles. Each records
+its own section of the report.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
 import errno
 import hashlib
 import json
 import os
 import random
-import shlex
 import shutil
 import subprocess
 import sys
@@ -47,7 +51,7 @@ from pathlib import Path
 import attrs
 
 from blockfs.oci import ImageLayout
-from tools.bench._report import Machine
+from tools.chaos._record import command_line, machine, now, record
 from tools.fault_proxy import FAULT_KINDS, FaultProxy
 from tools.local_registry import LocalRegistry, start_registry
 from tools.mkimage import DEFAULT_CACHE, DebCache, add_layer, busybox_tree, write_image
@@ -56,6 +60,7 @@ BLOCKFS = [sys.executable, "-m", "blockfs.cli"]
 REPOSITORY = "chaos"
 PIECE = 1 << 20
 COUNTED_STATS = ("verification_failures", "refetches", "fetch_errors")
+SUBCOMMANDS = ("fuzz", "cycles", "recovery", "hostile", "long")
 
 
 @attrs.frozen
@@ -412,13 +417,11 @@ layer), and the relay's retry filter covers those reads the same way.
 def markdown(
     results: Sequence[Result], spec: ImageSpec, *, command: str, quick: bool, seconds: float
 ) -> str:
-    machine = Machine.describe([("nbdkit", ["nbdkit", "--version"])])
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         HEADER,
-        f"## Run of {date}",
+        f"## Run of {now()}",
         "",
-        machine.markdown(),
+        machine(),
         f"- Command: `{command}` ({'quick mode' if quick else 'default mode'}, "
         f"{seconds:.0f} s in all)",
         f"- Image: {spec.describe()}; stalls of {spec.stall_seconds:g} s; reads in 4 threads, "
@@ -441,6 +444,12 @@ def markdown(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] in SUBCOMMANDS:
+        from tools.chaos._cli import main as subcommand
+
+        return subcommand(argv)
     parser = argparse.ArgumentParser(prog="python -m tools.chaos", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="bit flips at 30%%, small image")
     parser.add_argument("--record", type=Path, metavar="FILE", help="write the report here")
@@ -476,13 +485,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    command = shlex.join(["python", "-m", "tools.chaos", *(argv or sys.argv[1:])])
     text = markdown(
-        results, spec, command=command, quick=args.quick, seconds=time.monotonic() - started
+        results,
+        spec,
+        command=command_line(argv),
+        quick=args.quick,
+        seconds=time.monotonic() - started,
     )
     print(text)
     if args.record:
-        args.record.write_text(text)
+        record(args.record, "faults", text)
     if args.json:
         args.json.write_text(json.dumps([attrs.asdict(r) for r in results], indent=2) + "\n")
     return 0 if all(r.ok() for r in results) else 1
