@@ -21,14 +21,13 @@ import logging
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
 from blockfs.errors import BlockfsError
 from blockfs.oci import Descriptor, ImageConfig, Manifest, Platform, Reference
 from blockfs.registry import RegistryClient
-from snapshotter._gen.containerd.types import mount_pb2
-from snapshotter.ctrclient import ContainerdClient
 from snapshotter.defaults import SNAPSHOTTER_NAME
 from snapshotter.remote import (
     BLOCKFS_IMAGE_LAYERS_LABEL,
@@ -38,6 +37,11 @@ from snapshotter.remote import (
     BLOCKFS_PLAIN_HTTP_LABEL,
     TARGET_LABEL,
 )
+
+if TYPE_CHECKING:
+    # gRPC: `blockfs image pull` loads it while the registry answers (snapshotter.pullcmd).
+    from snapshotter._gen.containerd.types import mount_pb2
+    from snapshotter.ctrclient import ContainerdClient
 
 log = logging.getLogger(__name__)
 
@@ -123,28 +127,49 @@ def layer_labels(
     return labels
 
 
-def pull_image(
-    ctr: ContainerdClient,
-    registry: RegistryClient,
-    ref: Reference,
-    *,
-    snapshotter: str = DEFAULT_SNAPSHOTTER,
-    plain_http: bool = False,
-    platform: Platform | None = None,
-    report: Callable[[PulledLayer], None] | None = None,
-) -> PullResult:
-    """Pull ``ref`` into containerd for ``snapshotter``, lazily where the snapshotter can.
+@attrs.frozen
+class ResolvedImage:
+    """An image's manifest and config, as the registry gave them."""
 
-    ``report`` is called after each layer.
-    """
+    ref: Reference
+    manifest_descriptor: Descriptor
+    manifest: Manifest
+    config_bytes: bytes
+    config: ImageConfig
+
+
+def resolve_image(
+    registry: RegistryClient, ref: Reference, platform: Platform | None = None
+) -> ResolvedImage:
+    """Fetch ``ref``'s manifest for ``platform`` and its config, and check that they agree."""
     manifest_descriptor, manifest = registry.get_image_manifest(ref, platform)
     config_bytes = registry.get_blob(ref, manifest.config.digest)
     config = ImageConfig.from_bytes(config_bytes)
-    diff_ids = config.diff_ids
-    if len(diff_ids) != len(manifest.layers):
+    if len(config.diff_ids) != len(manifest.layers):
         raise PullError(
-            f"{ref}: the config lists {len(diff_ids)} diffIDs for {len(manifest.layers)} layers"
+            f"{ref}: the config lists {len(config.diff_ids)} diffIDs for "
+            f"{len(manifest.layers)} layers"
         )
+    return ResolvedImage(ref, manifest_descriptor, manifest, config_bytes, config)
+
+
+def pull_image(
+    ctr: ContainerdClient,
+    registry: RegistryClient,
+    image: ResolvedImage,
+    *,
+    snapshotter: str = DEFAULT_SNAPSHOTTER,
+    plain_http: bool = False,
+    report: Callable[[PulledLayer], None] | None = None,
+) -> PullResult:
+    """Pull ``image`` (:func:`resolve_image`) into containerd for ``snapshotter``, lazily
+    where the snapshotter can.
+
+    ``report`` is called after each layer.
+    """
+    ref, manifest_descriptor, manifest = image.ref, image.manifest_descriptor, image.manifest
+    config_bytes, config = image.config_bytes, image.config
+    diff_ids = config.diff_ids
     chains = chain_ids(diff_ids)
     name = str(ref)
     layers: list[PulledLayer] = []

@@ -6,11 +6,13 @@ The ``blockfs`` command finds this through the ``blockfs.image_commands`` entry 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
-from blockfs.cli import registry_args, registry_client
-from blockfs.oci import Platform, Reference
+from blockfs.cli import platform_arg, registry_args, registry_client
 from snapshotter.defaults import CONTAINERD_ADDRESS as DEFAULT_ADDRESS
 from snapshotter.defaults import SNAPSHOTTER_NAME as DEFAULT_SNAPSHOTTER
 
@@ -42,7 +44,7 @@ def add_pull_command(cmds: Any) -> None:
         help="the proxy snapshotter's name in containerd's config (default: blockfs)",
     )  # fmt: skip
     p.add_argument(
-        "--platform", metavar="OS/ARCH[/VARIANT]", default=None, type=Platform.parse,
+        "--platform", metavar="OS/ARCH[/VARIANT]", default=None, type=platform_arg,
         help="the platform to take from a multi-platform index (default: this host's)",
     )  # fmt: skip
     registry_args(p)
@@ -50,11 +52,12 @@ def add_pull_command(cmds: Any) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    # gRPC and the registry client load only when the command runs: every other `blockfs`
-    # command builds its parser with this one in it.
+    # gRPC and the registry client load only when the command runs, and gRPC (about a
+    # quarter of a second from a cold page cache) loads while the registry answers.
+    grpc_loaded = _import_in_background("snapshotter.ctrclient")
     from blockfs.image import BlobSources
-    from snapshotter.ctrclient import ContainerdClient
-    from snapshotter.pull import pull_image
+    from blockfs.oci import Reference
+    from snapshotter.pull import pull_image, resolve_image
 
     ref = Reference.parse(args.ref)
 
@@ -62,23 +65,37 @@ def cmd_pull(args: argparse.Namespace) -> int:
         how = "lazy" if layer.lazy else "unpacked"
         print(f"{layer.digest}: {how} ({layer.size} bytes)", flush=True)
 
-    with (
-        BlobSources() as sources,
-        ContainerdClient(args.address, args.namespace) as ctr,
-    ):
+    with BlobSources() as sources:
         registry = registry_client(sources, args)
-        result = pull_image(
-            ctr,
-            registry,
-            ref,
-            snapshotter=args.snapshotter,
-            plain_http=args.plain_http,
-            platform=args.platform,
-            report=report,
-        )
+        image = resolve_image(registry, ref, args.platform)
+        grpc_loaded.join()
+        from snapshotter.ctrclient import ContainerdClient
+
+        with ContainerdClient(args.address, args.namespace) as ctr:
+            result = pull_image(
+                ctr,
+                registry,
+                image,
+                snapshotter=args.snapshotter,
+                plain_http=args.plain_http,
+                report=report,
+            )
     lazy = sum(1 for layer in result.layers if layer.lazy)
     print(
         f"pulled {result.name} ({result.manifest.digest}): {lazy} of {len(result.layers)} "
         "layers lazy"
     )
     return 0
+
+
+def _import_in_background(module: str) -> threading.Thread:
+    """Start importing ``module`` in a thread; join it before using the module. A failure
+    shows again, where it can be reported, when the module is imported for use."""
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
+
+    thread = threading.Thread(target=load, name=f"import {module}", daemon=True)
+    thread.start()
+    return thread

@@ -11,24 +11,32 @@ from blockfs.cli._common import (
     check_shared_options,
     describe_os_error,
     log_to_stderr,
+    platform_arg,
     registry_args,
     registry_client,
 )
 from blockfs.errors import BlockfsError
 
-__all__ = ["build_parser", "main", "registry_args", "registry_client"]
+__all__ = ["build_parser", "main", "platform_arg", "registry_args", "registry_client"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with ``argv`` (the command line to parse) what it
+    needs: commands that other packages add are looked up only if it may name one."""
     parser = argparse.ArgumentParser(
         prog="blockfs",
         description="Lazy-pulling eStargz container image layers served as EROFS block devices.",
     )
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
     _layer.register(groups)
-    _image.register(groups)
+    _image.register(groups, plugins=argv is None or _may_name_a_plugin(argv))
     check_shared_options(parser)
     return parser
+
+
+def _may_name_a_plugin(argv: Sequence[str]) -> bool:
+    words = [a for a in argv if not a.startswith("-")]
+    return words[:1] == ["image"] and (len(words) < 2 or words[1] not in _image.BUILT_IN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,7 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     the path it names. Anything else is a bug and keeps its traceback.
     """
     log_to_stderr()
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         status: int = args.func(args)

@@ -10,10 +10,9 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from blockfs.oci import InvalidDigest, validate_digest
-
 if TYPE_CHECKING:
     from blockfs.image import BlobSources
+    from blockfs.oci import Platform
     from blockfs.registry import RegistryClient
 
 DEFAULT_ROOT = "/var/lib/blockfs"
@@ -62,6 +61,8 @@ def print_json(data: Any) -> None:
 
 def digest_arg(text: str) -> str:
     """argparse type of ``--toc-digest``: a digest such as ``sha256:<64 hex digits>``."""
+    from blockfs.oci import InvalidDigest, validate_digest
+
     try:
         return validate_digest(text)
     except InvalidDigest:
@@ -69,6 +70,16 @@ def digest_arg(text: str) -> str:
             f"{text!r} is not a digest: give the layer's containerd.io/snapshot/stargz/"
             "toc.digest annotation, sha256:<64 lowercase hex digits>"
         ) from None
+
+
+def platform_arg(text: str) -> Platform:
+    """argparse type of ``--platform``: ``os/arch[/variant]``."""
+    from blockfs.oci import Platform
+
+    try:
+        return Platform.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _count(text: str, *, least: int) -> int:

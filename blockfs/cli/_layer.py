@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from blockfs.cli._common import DEFAULT_ROOT, print_json, registry_args, state_args
-from blockfs.host.attach import AUTO, CHOICE_WORDS, AttachChoice, AttachError, parse_choice
 
 if TYPE_CHECKING:
     from blockfs.estargz import BlobReader, Entry
+    from blockfs.host.attach import AttachChoice
 
 
 def register(groups: Any) -> None:
@@ -101,13 +101,21 @@ def _open(args: argparse.Namespace) -> Iterator[BlobReader]:
         yield BlobReader.open(source, toc_digest=args.toc_digest)
 
 
+# blockfs.host.attach's CHOICE_WORDS, written out so that building the parser does not
+# load the attach code (tests/cli checks that they agree).
+ATTACH_WORDS = ("auto", "nbd", "nbdfuse")
+
+
 def attach_argument(p: argparse.ArgumentParser, help: str) -> None:
-    """``--attach auto|nbd|nbdfuse``, parsed into an AttachChoice."""
-    choices = "{" + ",".join(CHOICE_WORDS) + "}"
-    p.add_argument("--attach", type=_attach_choice, default=AUTO, metavar=choices, help=help)
+    """``--attach auto|nbd|nbdfuse``, parsed into an AttachChoice (the default too:
+    argparse passes a default that is a string through ``type``)."""
+    choices = "{" + ",".join(ATTACH_WORDS) + "}"
+    p.add_argument("--attach", type=_attach_choice, default="auto", metavar=choices, help=help)
 
 
 def _attach_choice(value: str) -> AttachChoice:
+    from blockfs.host.attach import AttachError, parse_choice
+
     try:
         return parse_choice(value)
     except AttachError as e:

@@ -6,9 +6,14 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from blockfs.cli._common import positive_size_arg, registry_args, registry_client, size_arg
+from blockfs.cli._common import (
+    platform_arg,
+    positive_size_arg,
+    registry_args,
+    registry_client,
+    size_arg,
+)
 from blockfs.cli._layer import attach_argument
-from blockfs.oci import Platform
 
 if TYPE_CHECKING:
     from blockfs.registry import RegistryClient
@@ -33,7 +38,7 @@ def register(cmds: Any) -> None:
     p.add_argument("--chunk-size", type=positive_size_arg, default=4 << 20, metavar="N")
     p.add_argument("--min-chunk-size", type=size_arg, default=0, metavar="N")
     p.add_argument(
-        "--platform", metavar="OS/ARCH[/VARIANT]", default=None, type=Platform.parse,
+        "--platform", metavar="OS/ARCH[/VARIANT]", default=None, type=platform_arg,
         help="the platform to take from a multi-platform index (default: this host's)",
     )  # fmt: skip
     registry_args(p)

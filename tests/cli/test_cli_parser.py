@@ -1,0 +1,46 @@
+"""The ``blockfs`` parser starts light: a cold start pays for every module it loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from blockfs.cli._layer import ATTACH_WORDS
+from blockfs.host.attach import CHOICE_WORDS
+
+# Loaded only by the commands that use them.
+HEAVY = ("blockfs.host.attach", "blockfs.oci", "importlib.metadata", "grpc", "httpx")
+
+
+def loaded_after(code: str) -> set[str]:
+    """The HEAVY modules loaded after running ``code`` in a fresh interpreter."""
+    probe = f"{code}\nimport sys\nprint(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return set(done.stdout.split())
+
+
+def test_the_attach_words_of_the_parser_are_the_attach_choices() -> None:
+    assert ATTACH_WORDS == CHOICE_WORDS
+
+
+def test_building_the_parser_loads_no_heavy_module() -> None:
+    assert (
+        loaded_after("from blockfs.cli import build_parser; build_parser(['layer', 'inspect'])")
+        == set()
+    )
+    assert (
+        loaded_after("from blockfs.cli import build_parser; build_parser(['image', 'mount'])")
+        == set()
+    )
+
+
+def test_other_packages_commands_are_looked_up_when_the_command_line_may_name_one() -> None:
+    # `image pull` comes from snapshotter through an entry point.
+    assert "importlib.metadata" in loaded_after(
+        "from blockfs.cli import build_parser; build_parser(['image', 'pull', 'ref'])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "blockfs.cli", "image", "--help"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "pull" in done.stdout.split()
