@@ -374,7 +374,7 @@ def run(
 # -- the report ------------------------------------------------------------------------
 
 HEADER = """\
-# Reliability under faults
+## Faults between the registry and the mount
 
 `python -m tools.chaos` mounts an image lazily through an HTTP proxy that spoils blob range
 responses (`tools/fault_proxy.py`, a `ShapingProxy` that forwards to a real
@@ -419,7 +419,7 @@ def markdown(
 ) -> str:
     lines = [
         HEADER,
-        f"## Run of {now()}",
+        f"### Run of {now()}",
         "",
         machine(),
         f"- Command: `{command}` ({'quick mode' if quick else 'default mode'}, "

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import attrs
 
-from tools.chaos import _fuzz
+from tools.chaos import _cycles, _fuzz, _hostile, _recovery
 from tools.chaos._record import command_line, machine, now, record
 
 LONG_FUZZ_INPUTS = 1_000_000
@@ -34,12 +34,19 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _write(args: argparse.Namespace, key: str, text: str, raw: object) -> None:
+def _header(command: str) -> dict[str, str]:
+    """What every section's run line states: the machine, the date, the command."""
+    return {"machine": machine(), "date": now(), "command": command}
+
+
+def _finish(args: argparse.Namespace, key: str, text: str, raw: object, ok: bool) -> int:
+    """Print the section, record it and the raw results where asked; the exit status."""
     print(text)
     if args.record:
         record(args.record, key, text)
     if args.json:
         args.json.write_text(json.dumps(raw, indent=2, default=str) + "\n")
+    return 0 if ok else 1
 
 
 def run_fuzz(args: argparse.Namespace, command: str) -> int:
@@ -50,39 +57,29 @@ def run_fuzz(args: argparse.Namespace, command: str) -> int:
         print(_fuzz.replay(args.seed, target, int(index)))
         return 0
     result = _fuzz.fuzz(args.inputs, seed=args.seed, workers=args.workers, report=_say)
-    text = _fuzz.markdown(result, machine=machine(), date=now(), command=command)
-    _write(args, "fuzz", text, attrs.asdict(result))
-    return 0 if result.unexpected == 0 else 1
+    text = _fuzz.markdown(result, **_header(command))
+    return _finish(args, "fuzz", text, attrs.asdict(result), result.unexpected == 0)
 
 
 def run_cycles(args: argparse.Namespace, command: str) -> int:
-    from tools.chaos import _cycles
-
     _need_root()
     result = _cycles.cycles(args.cycles, report=_say)
-    text = _cycles.markdown(result, machine=machine(), date=now(), command=command)
-    _write(args, "cycles", text, attrs.asdict(result))
-    return 0 if result.ok() else 1
+    text = _cycles.markdown(result, **_header(command))
+    return _finish(args, "cycles", text, attrs.asdict(result), result.ok())
 
 
 def run_recovery(args: argparse.Namespace, command: str) -> int:
-    from tools.chaos import _recovery
-
     _need_root()
     result = _recovery.recovery(args.tries, report=_say)
-    text = _recovery.markdown(result, machine=machine(), date=now(), command=command)
-    _write(args, "recovery", text, attrs.asdict(result))
-    return 0 if result.ok() else 1
+    text = _recovery.markdown(result, **_header(command))
+    return _finish(args, "recovery", text, attrs.asdict(result), result.ok())
 
 
 def run_hostile(args: argparse.Namespace, command: str) -> int:
-    import tools.chaos._hostile as _hostile
-
     _need_root()
     rows = _hostile.hostile(report=_say)
-    text = _hostile.markdown(rows, machine=machine(), date=now(), command=command)
-    _write(args, "hostile", text, [attrs.asdict(r) for r in rows])
-    return 0 if all(r.ok for r in rows) else 1
+    text = _hostile.markdown(rows, **_header(command))
+    return _finish(args, "hostile", text, [attrs.asdict(r) for r in rows], all(r.ok for r in rows))
 
 
 def run_long(args: argparse.Namespace, command: str) -> int:

@@ -20,7 +20,6 @@ Each command runs under a fresh Python process that waits for it and reads
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -320,9 +319,7 @@ def _many_entries(count: int) -> bytes:
 
 def _inflating(path: Path) -> None:
     """A TOC member whose tar holds 300 MB of spaces: over the 256 MB TOC limit."""
-    head = b'{"version": 1, "entries": [' + b" " * (300 << 20)
-    frame = gzip.compress(head, compresslevel=1, mtime=0)
-    path.write_bytes(bytes(_PAYLOAD) + frame + footer_for("estargz", _PAYLOAD, frame, head))
+    _blob(path, b'{"version": 1, "entries": [' + b" " * (300 << 20))
 
 
 def _truncated(path: Path) -> None:
@@ -406,10 +403,13 @@ class Row:
         return exit_ok and not self.traceback
 
 
-def _row(table: str, id: str, argv: Sequence[str], user: str, out: Outcome, accepted: bool) -> Row:
+def _row(
+    ws: Path, table: str, id: str, argv: Sequence[str], user: str, out: Outcome, accepted: bool
+) -> Row:
+    message = out.last_line.replace(str(ws) + "/", "") if out.returncode else ""
     return Row(
         table=table, id=id, command="blockfs " + " ".join(argv), user=user,
-        returncode=out.returncode, message=out.last_line if out.returncode else "",
+        returncode=out.returncode, message=message,
         peak_rss_kib=out.peak_rss_kib, traceback="Traceback" in out.stderr,
         expected_exit="0" if accepted else "non-zero",
     )  # fmt: skip
@@ -425,10 +425,10 @@ def hostile(*, report: Callable[[str], None] = lambda line: None) -> list[Row]:
         report(f"hostile blobs made in {ws}")
         for blob in BLOBS:
             argv = ("layer", "inspect", *blob.args, f"{blob.id}.esgz")
-            rows.append(_row("blob", blob.id, argv, "root", run(ws, argv), blob.accepted))
+            rows.append(_row(ws, "blob", blob.id, argv, "root", run(ws, argv), blob.accepted))
             report(f"{blob.id}: exit {rows[-1].returncode}, {rows[-1].peak_rss_kib >> 10} MB")
         for c in CASES:
-            rows.append(_row("cli", c.id, c.argv, c.user, run(ws, c.argv, c.user), False))
+            rows.append(_row(ws, "cli", c.id, c.argv, c.user, run(ws, c.argv, c.user), False))
         report(f"{len(CASES)} bad command lines run")
     finally:
         shutil.rmtree(ws, ignore_errors=True)
