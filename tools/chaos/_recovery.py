@@ -269,6 +269,10 @@ def markdown(result: RecoveryResult, *, machine: str, date: str, command: str) -
         "On hosts with `nbd.ko` the VM test measures the same for nbdkit under the "
         "snapshotter: `tools/vm-test --scenario snapshotter` prints *recovery: a new "
         "container printed its output N s after kill -9 of nbdkit*.",
+        "",
+        "The standalone mount's supervising shell starts a dead server again at once, then "
+        "after 1, 2, 4 and 8 s if it dies again within 60 s of its start; the tries here "
+        "follow one another, so its later tries show that back-off.",
     ]
     for m in result.measures:
         for failure in m.failures[:5]:
