@@ -34,6 +34,7 @@ from blockfs.estargz._source import (
     BlobSource,
     CountingSource,
     FileBlobSource,
+    StreamingBlobSource,
     read_coalesced,
 )
 from blockfs.estargz._toc import DEFAULT_LIMITS, Limits, clean_name, make_toc, parse_toc
@@ -65,6 +66,7 @@ __all__ = [
     "NoSuchEntryError",
     "NotARegularFileError",
     "Piece",
+    "StreamingBlobSource",
     "TOCDigestMismatch",
     "TOCError",
     "TOCTooLargeError",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
@@ -39,6 +39,31 @@ class BlobSource(Protocol):
     def read_range(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset``; raises if the blob has fewer."""
         ...
+
+
+@runtime_checkable
+class StreamingBlobSource(BlobSource, Protocol):
+    """A source whose reads can be watched as their bytes arrive (a registry blob)."""
+
+    def read_range_streaming(
+        self, offset: int, length: int, on_bytes: Callable[[int, bytes], None] | None
+    ) -> bytes:
+        """``read_range``, calling ``on_bytes(position, piece)`` as the bytes arrive,
+        ``position`` counted from ``offset``; a read that starts over (a retry) starts
+        again from position 0."""
+        ...
+
+
+def read_range_streaming(
+    source: BlobSource, offset: int, length: int, on_bytes: Callable[[int, bytes], None]
+) -> bytes:
+    """``source.read_range(offset, length)``, with ``on_bytes`` seeing the bytes as they
+    arrive where the source can tell (else once, all of them, at the end)."""
+    if isinstance(source, StreamingBlobSource):
+        return source.read_range_streaming(offset, length, on_bytes)
+    data = source.read_range(offset, length)
+    on_bytes(0, data)
+    return data
 
 
 class FileBlobSource:
@@ -110,10 +135,22 @@ class CountingSource:
 
     def read_range(self, offset: int, length: int) -> bytes:
         data = self.inner.read_range(offset, length)
+        self._count(data)
+        return data
+
+    def read_range_streaming(
+        self, offset: int, length: int, on_bytes: Callable[[int, bytes], None] | None
+    ) -> bytes:
+        if on_bytes is None:
+            return self.read_range(offset, length)
+        data = read_range_streaming(self.inner, offset, length, on_bytes)
+        self._count(data)
+        return data
+
+    def _count(self, data: bytes) -> None:
         with self._lock:
             self.bytes_read += len(data)
             self.requests += 1
-        return data
 
 
 def read_coalesced(
@@ -122,6 +159,7 @@ def read_coalesced(
     *,
     gap: int = DEFAULT_COALESCE_GAP,
     max_request: int = DEFAULT_MAX_REQUEST,
+    on_range: Callable[[int, bytes], None] | None = None,
 ) -> list[bytes]:
     """The bytes of each ``(offset, length)`` in ``ranges``, in the order given.
 
@@ -129,7 +167,10 @@ def read_coalesced(
     ``max_request`` bytes (a single range may be longer), so that many small pieces,
     such as the adjacent members of consecutive files, cost one round trip. Groups that
     need requests of their own are requested at the same time, so that the call costs
-    one round trip rather than one per group.
+    one round trip rather than one per group. ``on_range(i, data)`` gets range ``i`` as
+    soon as its bytes are in, before the rest of its request (from the thread of that
+    request; once per range); after a failure, the ranges it did not get are lost with
+    the exception raised.
     """
     for offset, length in ranges:
         if offset < 0 or length < 0:
@@ -149,7 +190,12 @@ def read_coalesced(
 
     def read(group: tuple[list[int], int, int]) -> None:
         members, start, end = group
-        data = source.read_range(start, end - start)
+        if on_range is None:
+            data = source.read_range(start, end - start)
+        else:
+            data = read_range_streaming(
+                source, start, end - start, _Arrivals(ranges, members, start, on_range).take
+            )
         for i in members:
             offset, length = ranges[i]
             results[i] = data[offset - start : offset - start + length]
@@ -162,3 +208,41 @@ def read_coalesced(
         # list() waits for every group and raises the first failure.
         list(pool.map(read, groups))
     return results
+
+
+class _Arrivals:
+    """Hands each range of one request to ``on_range`` once the bytes up to its end are
+    in: the body arrives in order, and a request tried again starts again at 0."""
+
+    def __init__(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        members: Sequence[int],
+        start: int,
+        on_range: Callable[[int, bytes], None],
+    ) -> None:
+        self._ranges = ranges
+        # By where each range ends in the request, so that they go out as the bytes come.
+        self._pending = sorted(members, key=lambda i: ranges[i][0] + ranges[i][1])
+        self._start = start
+        self._on_range = on_range
+        self._buf = bytearray()
+
+    def take(self, position: int, piece: bytes) -> None:
+        if position < len(self._buf):
+            # A retry from the start: the ranges handed out already are not again.
+            del self._buf[position:]
+        elif position > len(self._buf):
+            raise ValueError(f"a body piece at {position} after {len(self._buf)} bytes")
+        self._buf += piece
+        have = self._start + len(self._buf)
+        while self._pending:
+            i = self._pending[0]
+            offset, length = self._ranges[i]
+            if offset + length > have:
+                break
+            self._pending.pop(0)
+            begin = offset - self._start
+            with memoryview(self._buf) as view:
+                data = bytes(view[begin : begin + length])
+            self._on_range(i, data)

@@ -77,11 +77,15 @@ class ChunkReader(Protocol):
     def name(self) -> str: ...
 
     def read_members(
-        self, members: Sequence[Sequence[tuple[str, Chunk]]]
+        self,
+        members: Sequence[Sequence[tuple[str, Chunk]]],
+        on_member: Callable[[int, list[bytes] | BlockfsError], None] | None = None,
     ) -> list[list[bytes] | BlockfsError]:
         """For each member (its ``(file name, chunk)`` pairs), the chunks' verified
         plaintext, or the :class:`blockfs.errors.BlockfsError` that kept it from being
-        fetched or verified (a :class:`blockfs.estargz.FormatError` for bad data)."""
+        fetched or verified (a :class:`blockfs.estargz.FormatError` for bad data).
+        ``on_member(i, outcome)`` gets each outcome once, as soon as it is known, from
+        any thread."""
         ...
 
 
@@ -440,40 +444,43 @@ class LayerImage:
         todo: list[tuple[int, list[tuple[str, Chunk]]]],
         attempt: int,
     ) -> list[tuple[int, list[tuple[str, Chunk]]]]:
-        """Fetch the members of ``todo`` once, settling the futures of those that are
-        done; the members to fetch again."""
-        started = time.monotonic()
-        outcomes = self.reader.read_members([chunks for _, chunks in todo])
-        elapsed = time.monotonic() - started
+        """Fetch the members of ``todo`` once, settling the future of each that is done
+        as soon as its bytes are in and verified (a read waiting for the first member of
+        a large request goes on before the rest arrives); the members to fetch again."""
         again: list[tuple[int, list[tuple[str, Chunk]]]] = []
-        fetched = members = failed = corrupt = 0
-        for (off, chunks), outcome in zip(todo, outcomes, strict=True):
+
+        def settle(k: int, outcome: list[bytes] | BlockfsError) -> None:
+            off, chunks = todo[k]
             if isinstance(outcome, BaseException):
-                if isinstance(outcome, ChunkVerificationError | DecompressionError):
-                    corrupt += 1
-                    if attempt < MAX_FETCH_ATTEMPTS:
+                corrupt = isinstance(outcome, ChunkVerificationError | DecompressionError)
+                with self._lock:
+                    if corrupt:
+                        self.stats.verification_failures += 1
+                    else:
+                        self.stats.fetch_errors += 1
+                    if corrupt and attempt < MAX_FETCH_ATTEMPTS:
+                        self.stats.refetches += 1
                         again.append((off, chunks))
-                        continue
+                        return
+                if corrupt:
+                    assert isinstance(outcome, FormatError)
                     outcome = _after_attempts(outcome, attempt)
-                else:
-                    failed += 1
                 owned[off].set_exception(outcome)
-                continue
+                return
             plain = {}
             for (_, c), data in zip(chunks, outcome, strict=True):
                 self.cache.put(c.digest, data)
                 plain[c.digest] = data
-            fetched += len(chunks)
-            members += 1
+            with self._lock:
+                self.stats.chunks_fetched += len(chunks)
+                self.stats.members_fetched += 1
             owned[off].set_result(plain)
+
+        started = time.monotonic()
+        self.reader.read_members([chunks for _, chunks in todo], settle)
         with self._lock:
-            self.stats.members_fetched += members
-            self.stats.chunks_fetched += fetched
-            self.stats.fetch_seconds += elapsed
-            self.stats.fetch_errors += failed
-            self.stats.verification_failures += corrupt
-            self.stats.refetches += len(again)
-        return again
+            self.stats.fetch_seconds += time.monotonic() - started
+        return sorted(again)
 
     def prefetch(
         self,

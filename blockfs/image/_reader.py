@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 from blockfs.errors import BlockfsError
 from blockfs.estargz import BlobSource, Chunk, read_coalesced, verify_piece
@@ -23,31 +24,52 @@ class BlobChunkReader:
         return self.source.name
 
     def read_members(
-        self, members: Sequence[Sequence[tuple[str, Chunk]]]
+        self,
+        members: Sequence[Sequence[tuple[str, Chunk]]],
+        on_member: Callable[[int, list[bytes] | BlockfsError], None] | None = None,
     ) -> list[list[bytes] | BlockfsError]:
         """For each member, the verified plaintext of its ``(file name, chunk)`` pairs, or
         the error that kept it from being read.
 
         The compressed bytes of all members are read with :func:`read_coalesced`: the
         members of consecutive files are adjacent in the blob, so a read that spans many
-        small files costs one request. A failed read fails every member; a member that
-        does not decompress or verify fails alone.
+        small files costs one request. A failed read fails every member it had not
+        delivered; a member that does not decompress or verify fails alone.
+        ``on_member(i, outcome)`` gets each member's outcome as soon as it is known: a
+        member is decoded and verified as soon as its bytes are in, before the rest of
+        its request (from the thread of that request).
         """
         # A member's run ends where the next member starts: its pieces are all inside.
         ranges = [(m[0][1].offset, m[0][1].end - m[0][1].offset) for m in members]
-        try:
-            data = read_coalesced(self.source, ranges)
-        except BlockfsError as e:
-            # The source has retried already; members fetched by a request that did
-            # succeed were lost with it, but nothing wrong was returned.
-            return [e] * len(members)
-        results: list[list[bytes] | BlockfsError] = []
-        for member, compressed in zip(members, data, strict=True):
+        results: list[list[bytes] | BlockfsError | None] = [None] * len(members)
+        lock = threading.Lock()
+
+        def settle(i: int, outcome: list[bytes] | BlockfsError) -> None:
+            with lock:
+                if results[i] is not None:
+                    return
+                results[i] = outcome
+            if on_member is not None:
+                on_member(i, outcome)
+
+        def arrived(i: int, compressed: bytes) -> None:
             try:
-                results.append(self._decode(member, compressed))
+                settle(i, self._decode(members[i], compressed))
             except BlockfsError as e:
-                results.append(e)
-        return results
+                settle(i, e)
+
+        try:
+            read_coalesced(self.source, ranges, on_range=arrived)
+        except BlockfsError as e:
+            # The source has retried already; members of a request that failed part way
+            # were lost with it, but nothing wrong was returned.
+            for i in range(len(members)):
+                settle(i, e)
+        done: list[list[bytes] | BlockfsError] = []
+        for outcome in results:
+            assert outcome is not None  # every range is delivered, or the read raised
+            done.append(outcome)
+        return done
 
     def _decode(self, member: Sequence[tuple[str, Chunk]], data: bytes) -> list[bytes]:
         first_name, first = member[0]

@@ -361,12 +361,20 @@ class RegistryClient:
         return self._transport.call(target, attempt)
 
     def read_range(
-        self, repository: RepositoryLike, digest: str, offset: int, length: int
+        self,
+        repository: RepositoryLike,
+        digest: str,
+        offset: int,
+        length: int,
+        *,
+        on_bytes: Callable[[int, bytes], None] | None = None,
     ) -> bytes:
         """Exactly ``length`` bytes of blob ``digest`` at ``offset``, or an error.
 
         Sends one ``Range`` header. A 206 must carry the Content-Range asked for; a 200
         (a server that ignores Range) is sliced, with a warning once per host.
+        ``on_bytes(position, piece)`` sees the body as it arrives, ``position`` counted
+        from ``offset``; a request tried again starts again from position 0.
         """
         if offset < 0 or length < 0:
             raise ValueError(f"invalid range: offset {offset}, length {length}")
@@ -396,13 +404,16 @@ class RegistryClient:
                             ep.host,
                         )
                     )
-                return _exact_body(response, length, target, ep.host)
+                return _exact_body(response, length, target, ep.host, on_bytes)
             if response.status_code == 200:
                 self._warn_full_body(ep.host)
                 total = _content_length(response)
                 if total is not None and total < offset + length:
                     raise target.error(RangeNotSatisfiable, f"{beyond} ({total} bytes)", ep.host)
-                return _slice_body(response, offset, length, target, ep.host)
+                data = _slice_body(response, offset, length, target, ep.host)
+                if on_bytes is not None:
+                    on_bytes(0, data)
+                return data
             raise target.error(
                 RegistryProtocolError,
                 f"HTTP {response.status_code} to a range request",
@@ -608,8 +619,15 @@ def _default_media_type(document: Manifest | Index) -> str:
     return mt.OCI_INDEX if isinstance(document, Index) else mt.OCI_MANIFEST
 
 
-def _exact_body(response: httpx.Response, length: int, target: Target, host: str) -> bytes:
-    """The whole body of a 206, which must be exactly ``length`` bytes."""
+def _exact_body(
+    response: httpx.Response,
+    length: int,
+    target: Target,
+    host: str,
+    on_bytes: Callable[[int, bytes], None] | None = None,
+) -> bytes:
+    """The whole body of a 206, which must be exactly ``length`` bytes; ``on_bytes`` sees
+    each piece within that length as it arrives."""
     declared = _content_length(response)
     if declared is not None and declared != length:
         raise Transient(
@@ -622,9 +640,12 @@ def _exact_body(response: httpx.Response, length: int, target: Target, host: str
     parts: list[bytes] = []
     got = 0
     for chunk in response.iter_bytes():
-        got += len(chunk)
-        if got > length:
+        if got + len(chunk) > length:
+            got += len(chunk)
             break
+        if on_bytes is not None:
+            on_bytes(got, chunk)
+        got += len(chunk)
         parts.append(chunk)
     if got != length:
         raise Transient(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from blockfs.oci import Reference, validate_digest
 from blockfs.registry._client import RegistryClient, RepositoryLike, repository_of
@@ -55,11 +56,18 @@ class RegistryBlobSource:
 
     def read_range(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset``; raises if the blob has fewer."""
+        return self.read_range_streaming(offset, length, None)
+
+    def read_range_streaming(
+        self, offset: int, length: int, on_bytes: Callable[[int, bytes], None] | None
+    ) -> bytes:
+        """:meth:`read_range`, with ``on_bytes(position, piece)`` called as the body
+        arrives (``blockfs.estargz.StreamingBlobSource``)."""
         if length == 0:
             return b""
         self._check(offset, length)
         return self._client.read_range(
-            (self._registry, self._repository), self._digest, offset, length
+            (self._registry, self._repository), self._digest, offset, length, on_bytes=on_bytes
         )
 
     def _check(self, offset: int, length: int) -> None:

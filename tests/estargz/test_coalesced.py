@@ -63,3 +63,64 @@ def test_a_failed_group_fails_the_call() -> None:
 
     with pytest.raises(OSError, match="went away"):
         read_coalesced(Failing(), [(0, 100), (400_000, 100)])
+
+
+class PiecesSource(RecordingSource):
+    """Streams each request in pieces of ``piece`` bytes; ``restart_after`` pieces into
+    the first request, it starts that request again from position 0 (a retry)."""
+
+    def __init__(self, piece: int, restart_after: int | None = None) -> None:
+        super().__init__()
+        self.piece = piece
+        self.restart_after = restart_after
+        self.events: list[tuple[str, int]] = []  # ("piece", end position) as they go
+
+    def read_range_streaming(self, offset, length, on_bytes):
+        data = self.read_range(offset, length)
+        restart = self.restart_after
+        self.restart_after = None
+        pos = sent = 0
+        while pos < length:
+            if restart is not None and sent == restart:
+                pos, restart = 0, None  # the body starts again
+            on_bytes(pos, data[pos : pos + self.piece])
+            pos += self.piece
+            sent += 1
+            self.events.append(("piece", min(pos, length)))
+        return data
+
+
+def test_each_range_is_handed_out_once_as_soon_as_its_bytes_are_in() -> None:
+    source = PiecesSource(piece=100)
+    ranges = [(0, 150), (150, 30), (180, 500), (900, 60)]
+    handed: list[tuple[int, bytes]] = []
+
+    def on_range(i: int, data: bytes) -> None:
+        handed.append((i, data))
+        source.events.append(("range", i))
+
+    got = read_coalesced(source, ranges, on_range=on_range)
+    assert got == [BLOB[o : o + n] for o, n in ranges]
+    assert source.requests == [(0, 960)]  # one request
+    assert sorted(handed) == [(i, BLOB[o : o + n]) for i, (o, n) in enumerate(ranges)]
+    # Ranges 0 and 1 (ending at 150 and 180) went out with the second piece (bytes 100
+    # to 200), long before the request's last piece; range 3 with the last.
+    assert source.events[:4] == [("piece", 100), ("range", 0), ("range", 1), ("piece", 200)]
+    assert source.events[-2:] == [("range", 3), ("piece", 960)]
+
+
+def test_a_request_that_starts_again_hands_out_no_range_twice() -> None:
+    source = PiecesSource(piece=100, restart_after=4)
+    ranges = [(0, 150), (150, 250), (400, 200)]
+    handed: list[int] = []
+    got = read_coalesced(source, ranges, on_range=lambda i, data: handed.append(i))
+    assert got == [BLOB[o : o + n] for o, n in ranges]
+    assert sorted(handed) == [0, 1, 2]
+
+
+def test_a_source_that_cannot_stream_hands_out_the_ranges_at_the_end() -> None:
+    source = RecordingSource()
+    handed: list[tuple[int, bytes]] = []
+    ranges = [(0, 10), (20, 10)]
+    read_coalesced(source, ranges, on_range=lambda i, data: handed.append((i, data)))
+    assert sorted(handed) == [(i, BLOB[o : o + n]) for i, (o, n) in enumerate(ranges)]

@@ -96,9 +96,9 @@ def test_the_rest_of_a_large_file_comes_in_steps_in_blob_order(tmp_path, layer_f
             super().__init__(inner)
             self.ranges = []
 
-        def read_range(self, offset, length):
+        def read_range_streaming(self, offset, length, on_bytes):
             self.ranges.append((offset, length))
-            return super().read_range(offset, length)
+            return super().read_range_streaming(offset, length, on_bytes)
 
     image, toc, emap, source = open_image(TESTDATA / "gzip-64k.esgz", tmp_path, policy=POLICY)
     recording = Recording(source.inner)

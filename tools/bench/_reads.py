@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -70,9 +70,17 @@ class PerMemberReader(BlobChunkReader):
     """The baseline: one request per member, as LayerImage fetched before coalescing."""
 
     def read_members(
-        self, members: Sequence[Sequence[tuple[str, Chunk]]]
+        self,
+        members: Sequence[Sequence[tuple[str, Chunk]]],
+        on_member: Callable[[int, list[bytes] | BlockfsError], None] | None = None,
     ) -> list[list[bytes] | BlockfsError]:
-        return [super(PerMemberReader, self).read_members([m])[0] for m in members]
+        outcomes = []
+        for i, member in enumerate(members):
+            outcome = super().read_members([member])[0]
+            if on_member is not None:
+                on_member(i, outcome)
+            outcomes.append(outcome)
+        return outcomes
 
 
 @attrs.frozen

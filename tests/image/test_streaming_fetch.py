@@ -1,0 +1,81 @@
+"""A fetch settles each member as its bytes arrive: a read that waits for the first
+member of a large request goes on before the rest of the request is in."""
+
+from __future__ import annotations
+
+import threading
+
+from test_layer_image import file_span, open_image
+
+from blockfs.estargz import FileBlobSource
+from tests.helpers.testdata import TESTDATA
+
+BLOB = TESTDATA / "gzip-64k.esgz"
+PIECE = 16 << 10
+
+
+class HeldStream:
+    """The blob file, streamed in pieces; a request stops before its last piece until
+    ``release`` is set, as a long response still on its way would."""
+
+    def __init__(self) -> None:
+        self.inner = FileBlobSource(BLOB)
+        self.release = threading.Event()
+        self.held = threading.Event()  # a request is waiting for its last piece
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        return self.read_range_streaming(offset, length, None)
+
+    def read_range_streaming(self, offset, length, on_bytes):
+        data = self.inner.read_range(offset, length)
+        for pos in range(0, length, PIECE):
+            if pos + PIECE >= length:
+                self.held.set()
+                assert self.release.wait(30), "the test never released the request"
+            if on_bytes is not None:
+                on_bytes(pos, data[pos : pos + PIECE])
+        return data
+
+
+def test_a_read_of_a_prefetched_file_returns_before_the_prefetch_request_ends(
+    tmp_path, layer_files
+):
+    source = HeldStream()
+    image, toc, emap, _ = open_image(BLOB, tmp_path, source=source)
+    # The prefetch claims every member below the end of the blob's data, one request.
+    region_end = max(emap.chunk(j).end for j in range(emap.chunk_count))
+    prefetch = threading.Thread(target=image.prefetch, args=(region_end,))
+    prefetch.start()
+    try:
+        assert source.held.wait(30)
+        # The file whose data comes first in the blob.
+        first = min(
+            (i for i in range(emap.extent_count) if emap.extent_chunks(i)),
+            key=lambda i: emap.chunk(emap.extent_chunks(i)[0]).offset,
+        )
+        name = emap.extent_name(first).lstrip("/")
+        start, size = file_span(emap, toc, name)
+        # The first file's member came early in the request: the read has it while the
+        # request still waits for its end, and it is the file's right bytes.
+        assert image.pread(start, -(-size // 4096) * 4096)[:size] == layer_files[name]
+        assert not source.release.is_set()
+        assert image.stats.members_fetched >= 1
+    finally:
+        source.release.set()
+        prefetch.join(30)
+    assert image.stats.fetch_errors == 0
+    # Every file is right, all of it from the one prefetch request.
+    for name, data in layer_files.items():
+        if not data:
+            continue  # an empty file has no extent
+        s, n = file_span(emap, toc, name)
+        assert image.pread(s, -(-n // 4096) * 4096)[:n] == data, name
+    image.close()
