@@ -48,7 +48,8 @@ def add_pull_command(cmds: Any) -> None:
         help="the platform to take from a multi-platform index (default: this host's)",
     )  # fmt: skip
     registry_args(p)
-    p.set_defaults(func=cmd_pull)
+    # Its clients are closed when it returns; the process may end without a teardown.
+    p.set_defaults(func=cmd_pull, skip_teardown=True)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

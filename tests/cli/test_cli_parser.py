@@ -44,3 +44,15 @@ def test_other_packages_commands_are_looked_up_when_the_command_line_may_name_on
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "pull" in done.stdout.split()
+
+
+def test_a_command_that_skips_the_teardown_still_gives_its_output_and_status(tmp_path) -> None:
+    # `image pull` ends its process without the interpreter's teardown: what it printed
+    # must still come out, with its exit status.
+    done = subprocess.run(
+        [sys.executable, "-m", "blockfs.cli", "image", "pull", "--address",
+         str(tmp_path / "none.sock"), "registry.invalid/Bad Name:1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.startswith("blockfs: error:"), done.stderr
