@@ -27,9 +27,10 @@ import attrs
 from blockfs.errors import BlockfsError
 from blockfs.host.attach import AttachError, parse_mode
 from blockfs.image import ServerConfigError, parse_size
+from snapshotter.defaults import PULL_SOCKET_NAME, ROOT
 
 DEFAULT_CONFIG_PATH = Path("/etc/blockfs/config.toml")
-DEFAULT_ROOT = Path("/var/lib/blockfs")
+DEFAULT_ROOT = Path(ROOT)
 SOCKET_NAME = "snapshotter.sock"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -148,6 +149,11 @@ class SnapshotterConfig:
     def run_dir(self) -> Path:
         """``ROOT/run``: sockets and pid files."""
         return self.root / "run"
+
+    @property
+    def pull_socket(self) -> Path:
+        """Where ``blockfs image pull`` hands pulls to the daemon: ``ROOT/run/pull.sock``."""
+        return self.run_dir / PULL_SOCKET_NAME
 
     @property
     def socket(self) -> Path:

@@ -31,6 +31,7 @@ from snapshotter.config import (
 )
 from snapshotter.layers import SERVER_CHECK_INTERVAL, LayerManager
 from snapshotter.metrics import MetricsServer
+from snapshotter.pullserver import PullServer
 from snapshotter.remote import RegistrySettings
 from snapshotter.service import SnapshotsService, start_server
 from snapshotter.store import SnapshotStore
@@ -129,11 +130,14 @@ def run(config: SnapshotterConfig, stop: threading.Event) -> None:
             target=watch_nbd_server, args=(layers, stop), name="nbd-watchdog", daemon=True
         )
         watchdog.start()
+        pulls: PullServer | None = None
         try:
+            pulls = PullServer(config.pull_socket, registry)
             log.info(
                 "serving containerd snapshots API",
                 extra={
                     "address": str(config.socket),
+                    "pull_socket": str(config.pull_socket),
                     "root": str(config.root),
                     "pid": os.getpid(),
                     "overlay_index_off": index_off,
@@ -146,6 +150,8 @@ def run(config: SnapshotterConfig, stop: threading.Event) -> None:
         finally:
             stop.set()  # also when leaving by an exception: the watchdog must end first
             watchdog.join()
+            if pulls is not None:
+                pulls.close()
             server.stop(STOP_GRACE_SECONDS).wait()
             config.socket.unlink(missing_ok=True)
     finally:

@@ -68,6 +68,7 @@ from blockfs.image import (
     SourceSpec,
     forget_export,
     index_layer,
+    open_export,
     query_stats,
 )
 from snapshotter.remote import RemoteLayer, layer_name, sibling_source
@@ -416,6 +417,12 @@ class LayerManager:
         with self._mounting(name):
             if not (self.layer_dir(name) / LAYER_JSON).exists():
                 return  # released meanwhile
+            if self.server.is_running():
+                # Its prefetch starts now, not once the kernel's first read arrives.
+                try:
+                    open_export(str(self.control_socket), name)
+                except ControlError as e:
+                    log.info("cannot open the export ahead", extra={"layer": name, "error": str(e)})
             try:
                 self.ensure_mounted(name)
             except (LayerUnavailable, OSError) as e:

@@ -49,9 +49,7 @@ def _one_run(
     try:
         with start_blockfs_containerd(work) as stack:
             try:
-                return first_output(
-                    stack.containerd, registry, ref, argv, snapshotter=snapshotter, name=name
-                )
+                return first_output(stack, registry, ref, argv, snapshotter=snapshotter, name=name)
             finally:
                 remove_image(stack.containerd, ref)
     finally:

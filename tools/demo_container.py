@@ -27,7 +27,12 @@ import attrs
 from blockfs.errors import BlockfsError
 from blockfs.oci import Reference
 from blockfs.registry import RegistryClient
-from tools.local_containerd import Containerd, short_tempdir, start_blockfs_containerd
+from tools.local_containerd import (
+    BlockfsContainerd,
+    Containerd,
+    short_tempdir,
+    start_blockfs_containerd,
+)
 from tools.local_registry import LocalRegistry, start_registry
 from tools.mkimage import DebError, build_base_image
 
@@ -57,15 +62,19 @@ def image_size(ref: str) -> int:
     return sum(layer.size for layer in manifest.layers)
 
 
-def pull_command(ctd: Containerd, ref: str, snapshotter: str) -> tuple[list[str], str]:
-    """How to pull ``ref`` into ``ctd`` for ``snapshotter``, and that command as shown.
+def pull_command(stack: BlockfsContainerd, ref: str, snapshotter: str) -> tuple[list[str], str]:
+    """How to pull ``ref`` into ``stack``'s containerd for ``snapshotter``, and that
+    command as shown.
 
-    ``blockfs`` pulls with ``blockfs image pull`` (lazy layers); any other snapshotter
-    with ``ctr images pull`` (every layer downloaded and unpacked).
+    ``blockfs`` pulls with ``blockfs image pull`` (lazy layers; the stack's daemon does
+    the pull); any other snapshotter with ``ctr images pull`` (every layer downloaded and
+    unpacked).
     """
+    ctd = stack.containerd
     if snapshotter == "blockfs":
         pull = [*BLOCKFS, "image", "pull", "--plain-http", "--address", str(ctd.address),
-                "--namespace", ctd.namespace, ref]  # fmt: skip
+                "--namespace", ctd.namespace, "--pull-socket",
+                str(stack.snapshotter.pull_socket), ref]  # fmt: skip
         return pull, f"blockfs image pull --plain-http {ref}"
     pull = ctd.ctr_argv("images", "pull", "--plain-http", "--snapshotter", snapshotter, ref)
     return pull, f"ctr images pull --plain-http --snapshotter {snapshotter} {ref}"
@@ -82,7 +91,7 @@ def _check(argv: list[str], shown: str, say: Callable[[str], None]) -> str:
 
 
 def first_output(
-    ctd: Containerd,
+    stack: BlockfsContainerd,
     registry: LocalRegistry,
     ref: str,
     argv: list[str],
@@ -97,9 +106,10 @@ def first_output(
     with ``ctr images pull`` (every layer downloaded and unpacked). The container is
     removed when it exits; the image is left for the caller to remove.
     """
+    ctd = stack.containerd
     before = registry.bytes_sent()
     started = time.monotonic()
-    _check(*pull_command(ctd, ref, snapshotter), say)
+    _check(*pull_command(stack, ref, snapshotter), say)
     pulled = time.monotonic()
     run = ctd.ctr_argv("run", "--rm", "--snapshotter", snapshotter, ref, name, *argv)
     say(f"$ ctr run --rm --snapshotter {snapshotter} {ref} {name} {shlex.join(argv)}")
@@ -174,7 +184,7 @@ def run_demo() -> int:
                 say(f"containerd on {ctd.address}, namespace {ctd.namespace}")
                 try:
                     say("== 4. pull lazily (footers and TOCs only), create and run Python")
-                    result = first_output(ctd, registry, ref, ["/usr/bin/python3", "-c", PROGRAM],
+                    result = first_output(stack, registry, ref, ["/usr/bin/python3", "-c", PROGRAM],
                                           snapshotter="blockfs", name="demo", say=say)  # fmt: skip
                     _report(result, size)
                 finally:

@@ -35,6 +35,7 @@ import grpc
 
 from blockfs.errors import BlockfsError
 from blockfs.host.mounts import read_mountinfo
+from snapshotter.defaults import PULL_SOCKET_NAME
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -254,6 +255,11 @@ class SnapshotterDaemon:
     socket: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+
+    @property
+    def pull_socket(self) -> Path:
+        """Where the daemon takes ``blockfs image pull``'s pulls."""
+        return self.root / "run" / PULL_SOCKET_NAME
 
     def channel(self) -> grpc.Channel:
         """A new gRPC channel to the daemon's socket."""

@@ -1,6 +1,12 @@
 """A layer's block image: EROFS metadata from the TOC plus lazily fetched, verified file data."""
 
-from blockfs.image._control import ControlError, ControlServer, forget_export, query_stats
+from blockfs.image._control import (
+    ControlError,
+    ControlServer,
+    forget_export,
+    open_export,
+    query_stats,
+)
 from blockfs.image._exports import ExportTable, SourceOpener
 from blockfs.image._extents import ExtentMap, ExtentMapError
 from blockfs.image._layer import (
@@ -67,6 +73,7 @@ __all__ = [
     "forget_export",
     "index_layer",
     "open_blob",
+    "open_export",
     "parse_size",
     "query_stats",
     "registry_source_spec",

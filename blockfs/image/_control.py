@@ -2,8 +2,10 @@
 
 The NBD server process runs it in a thread; ``blockfs layer stats`` and the snapshotter's
 metrics read it. One request per connection: a line ``VERB [NAME]``, answered with one
-JSON document. Verbs: ``stats [NAME]`` (statistics of one export or all) and
-``forget NAME`` (drop a released export from the server's memory).
+JSON document. Verbs: ``stats [NAME]`` (statistics of one export or all), ``open NAME``
+(open an export before its first read, so that its prefetch starts while the layer is
+still being attached) and ``forget NAME`` (drop a released export from the server's
+memory).
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ class ControlServer:
 def query_stats(path: str, name: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
     """Ask the control socket at ``path`` for the stats of export ``name`` (or all)."""
     return _request(path, f"stats {name or ''}", timeout)
+
+
+def open_export(path: str, name: str, timeout: float = 5.0) -> None:
+    """Tell the server at ``path`` to open export ``name`` now (its prefetch starts)."""
+    _request(path, f"open {name}", timeout)
 
 
 def forget_export(path: str, name: str, timeout: float = 5.0) -> None:

@@ -121,11 +121,18 @@ class ServedLayers:
         )
         self.control = (
             ControlServer(
-                str(config.control), {"stats": self.exports.stats, "forget": self._forget}
+                str(config.control),
+                {"stats": self.exports.stats, "open": self._open, "forget": self._forget},
             )
             if config.control
             else None
         )
+
+    def _open(self, name: str | None) -> dict[str, Any]:
+        if name is None:
+            return {"error": "open needs an export name"}
+        self.exports.open(name)
+        return {"opened": name}
 
     def _forget(self, name: str | None) -> dict[str, Any]:
         if name is None:

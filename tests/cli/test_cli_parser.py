@@ -56,3 +56,14 @@ def test_a_command_that_skips_the_teardown_still_gives_its_output_and_status(tmp
     )  # fmt: skip
     assert done.returncode == 1
     assert done.stderr.startswith("blockfs: error:"), done.stderr
+
+
+def test_a_pull_socket_given_where_no_daemon_listens_says_what_to_do(tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "blockfs.cli", "image", "pull", "--pull-socket",
+         str(tmp_path / "pull.sock"), "registry.invalid/app:1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "no blockfs-snapshotter takes pulls at" in done.stderr
+    assert "--local" in done.stderr

@@ -15,6 +15,7 @@ from blockfs.image import (
     ServerConfig,
     forget_export,
     index_layer,
+    open_export,
     query_stats,
 )
 from tests.helpers.testdata import TESTDATA
@@ -125,5 +126,39 @@ def test_forget_over_the_control_socket_drops_the_served_export(tmp_path):
         assert query_stats(str(control))["layers"] == {}
         with pytest.raises(ControlError, match="needs an export name"):
             forget_export(str(control), "")
+    finally:
+        served.close()
+
+
+def test_open_over_the_control_socket_opens_the_export_and_starts_its_prefetch(tmp_path):
+    path = TESTDATA / "gzip-64k.esgz"
+    index_layer(
+        BlobReader.open(FileBlobSource(path)),
+        tmp_path / "layers" / "l",
+        name="l",
+        source={"type": "file", "path": str(path)},
+        bytes_fetched=0,
+    )
+    control = tmp_path / "ctl.sock"
+    served = ServedLayers(
+        ServerConfig(
+            root=tmp_path / "layers",
+            cache_dir=tmp_path / "cache",
+            control=control,
+            background_fetch=True,
+        )
+    )
+    try:
+        assert query_stats(str(control))["layers"] == {}
+        open_export(str(control), "l")  # no read of it yet
+        layers = query_stats(str(control))["layers"]
+        assert list(layers) == ["l"]
+        # Its warm-up runs: with background fetch on, members come without any read.
+        deadline = time.monotonic() + 30
+        while query_stats(str(control), "l")["layers"]["l"]["members_fetched"] == 0:
+            assert time.monotonic() < deadline, "nothing was fetched after the open"
+            time.sleep(0.05)
+        with pytest.raises(ControlError, match="not an indexed layer"):
+            open_export(str(control), "missing")
     finally:
         served.close()

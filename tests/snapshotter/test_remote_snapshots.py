@@ -141,11 +141,17 @@ class Stack:
     def ctr(self, *args: str) -> str:
         return self.containerd.ctr(*args).stdout
 
-    def pull(self, image: PushedImage) -> str:
+    def pull(self, image: PushedImage, *, local: bool = False) -> str:
+        """``blockfs image pull``: done by the daemon, or with ``local`` by the command."""
+        how = ["--local"] if local else ["--pull-socket", str(self.snapshotter.pull_socket)]
         return blockfs(
             "image", "pull", "--plain-http", "--address", str(self.containerd.address),
-            "--namespace", self.containerd.namespace, str(image.ref),
+            "--namespace", self.containerd.namespace, *how, str(image.ref),
         ).stdout  # fmt: skip
+
+    def pulls_requested(self) -> int:
+        """How many pulls the daemon took on its pull socket."""
+        return sum(1 for r in self.snapshotter.log_records() if r.get("msg") == "pull requested")
 
     def run(self, image: PushedImage, name: str, *argv: str) -> str:
         return self.ctr("run", "--rm", "--snapshotter", "blockfs", str(image.ref), name, *argv)
@@ -232,8 +238,9 @@ def assert_clean(stack: Stack) -> None:
 def test_pull_then_run_is_lazy_and_shares_layers(stack: Stack, images: Images) -> None:
     lazy, sibling = images.lazy, images.sibling
     images.proxy.reset()
-    out = stack.pull(lazy)
+    out = stack.pull(lazy)  # by the daemon
     assert out.count(": lazy (") == 2, f"{out}\nfallbacks:\n{stack.fallback_reasons()}"
+    assert stack.pulls_requested() == 1
     assert stack.run(lazy, "hello-1", "/bin/busybox", "echo", "hello") == "hello\n"
     # Counted at the registry: manifest, config, each layer's footer and TOC, busybox.
     fetched = images.proxy.total_bytes
@@ -250,8 +257,10 @@ def test_pull_then_run_is_lazy_and_shares_layers(stack: Stack, images: Images) -
     assert stack.layer_dirs() == sorted(names)
     assert stack.exports() == sorted(names)
 
-    # The second image shares the busybox layer: it is attached and mounted once.
-    stack.pull(sibling)
+    # The second image shares the busybox layer: it is attached and mounted once. The
+    # command pulls it by itself this time.
+    assert stack.pull(sibling, local=True).count(": lazy (") == 2
+    assert stack.pulls_requested() == 1
     assert stack.run(sibling, "motd-1") == "lazy motd\n"
     sibling_top = f"sha256-{sibling.layers[1].digest.split(':')[1]}"
     assert stack.layer_dirs() == sorted([*names, sibling_top])
@@ -271,6 +280,20 @@ def test_pull_then_run_is_lazy_and_shares_layers(stack: Stack, images: Images) -
     assert stack.run(sibling, "motd-2") == "lazy motd\n"
     remove_image(stack, sibling)
     assert_clean(stack)
+
+
+def test_a_pull_the_daemon_cannot_do_fails_with_its_reason(stack: Stack, images: Images) -> None:
+    missing = f"{images.lazy.ref.registry}/blockfs/lazy:no-such-tag"
+    done = blockfs(
+        "image", "pull", "--plain-http", "--address", str(stack.containerd.address),
+        "--namespace", stack.containerd.namespace, "--pull-socket",
+        str(stack.snapshotter.pull_socket), missing, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("blockfs: error: no such manifest"), line
+    assert stack.pulls_requested() == 1
+    assert stack.ctr("images", "ls", "-q") == ""
 
 
 def test_plain_and_mixed_images_run_through_the_fallback(stack: Stack, images: Images) -> None:

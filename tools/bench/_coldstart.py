@@ -104,7 +104,7 @@ def cold_start(
                 first_request = proxy.counters().requests
                 marks = [proxy.counters()]
                 started = time.monotonic()
-                pull, shown = pull_command(ctd, ref, snapshotter)
+                pull, shown = pull_command(stack, ref, snapshotter)
                 _run(pull, shown)
                 pulled = time.monotonic()
                 marks.append(proxy.counters())
