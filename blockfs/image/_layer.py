@@ -344,11 +344,21 @@ class LayerImage:
         ``along`` that nobody is fetching, are fetched with one call to the reader, which
         coalesces their ranges. Raises the error of the first member of
         ``member_offsets`` that failed, after every member this call owns is settled;
-        the members of ``along`` only go to the cache.
+        the members of ``along`` only go to the cache. When some come along, the fetch
+        runs in a thread of its own and this call returns as soon as its own members are
+        in: they lead the request, and the caller (a kernel read, which the next read
+        of a process waits for) need not wait for the rest of it.
         """
         owned, waiting = self._claim(member_offsets)
         extra, _ = self._claim(off for off in along if off not in owned)
-        self._fetch_claimed({**owned, **extra})
+        claimed = {**owned, **extra}
+        if extra:
+            threading.Thread(
+                target=self._fetch_quietly, args=(claimed,), name=f"fetch-{self.name}",
+                daemon=True,
+            ).start()  # fmt: skip
+        else:
+            self._fetch_claimed(claimed)
         result: dict[str, bytes] = {}
         for future in [*owned.values(), *waiting]:
             result.update(future.result())  # raises that member's error

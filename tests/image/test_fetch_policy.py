@@ -27,6 +27,8 @@ def test_a_small_file_brings_its_neighbours_in_the_same_request(tmp_path, layer_
     start, size = file_span(emap, toc, "etc/passwd")
     assert image.pread(start, 4096)[:size] == layer_files["etc/passwd"]
     own = toc.lookup("etc/passwd").chunks[0]
+    # The read returned once its own member was in; the rest of the request goes on.
+    wait_for(lambda: not image._inflight)
     assert source.requests == 1
     # More than its own member came, all from one range of at most the fetch unit.
     assert image.stats.members_fetched > 1

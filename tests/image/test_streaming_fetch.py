@@ -4,10 +4,12 @@ member of a large request goes on before the rest of the request is in."""
 from __future__ import annotations
 
 import threading
+import time
 
 from test_layer_image import file_span, open_image
 
 from blockfs.estargz import FileBlobSource
+from blockfs.image import FetchPolicy
 from tests.helpers.testdata import TESTDATA
 
 BLOB = TESTDATA / "gzip-64k.esgz"
@@ -78,4 +80,27 @@ def test_a_read_of_a_prefetched_file_returns_before_the_prefetch_request_ends(
             continue  # an empty file has no extent
         s, n = file_span(emap, toc, name)
         assert image.pread(s, -(-n // 4096) * 4096)[:n] == data, name
+    image.close()
+
+
+def test_a_read_returns_once_its_own_members_are_in_while_the_fetch_unit_still_comes(
+    tmp_path, layer_files
+):
+    source = HeldStream()
+    image, toc, emap, _ = open_image(
+        BLOB, tmp_path, source=source, policy=FetchPolicy(unit=256 << 10, whole_file_max=0)
+    )
+    name = "etc/passwd"
+    start, size = file_span(emap, toc, name)
+    try:
+        # Its own member leads the request; the members that come along are held back.
+        assert image.pread(start, 4096)[:size] == layer_files[name]
+        assert not source.release.is_set()  # so the request has not ended
+    finally:
+        source.release.set()
+    deadline = time.monotonic() + 30
+    while image._inflight:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert image.stats.members_fetched > 1  # the neighbours came, in the same request
     image.close()
