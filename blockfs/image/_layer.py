@@ -150,7 +150,11 @@ class LayerImage:
                 f"{extents.meta_size}; re-index the layer"
             )
         self._lock = threading.Lock()
+        # Members claimed for a fetch (by blob offset), and those whose fetch has begun:
+        # a claim whose fetch has not begun (a later step of a background fetch) can be
+        # taken over by a read that needs the member now (see _claim).
         self._inflight: dict[int, Future[dict[str, bytes]]] = {}
+        self._started: set[int] = set()
         self._background: ThreadPoolExecutor | None = None
 
     @property
@@ -309,10 +313,15 @@ class LayerImage:
         return along, later
 
     def _claim(
-        self, member_offsets: Iterable[int]
+        self, member_offsets: Iterable[int], *, take_over: bool = False
     ) -> tuple[dict[int, Future[dict[str, bytes]]], list[Future[dict[str, bytes]]]]:
         """Take the fetch of each member at ``member_offsets`` that no thread is fetching:
-        (the futures this caller must settle, the futures of members fetched elsewhere)."""
+        (the futures this caller must settle, the futures of members fetched elsewhere).
+
+        With ``take_over``, a member claimed by another fetch that has not begun yet is
+        taken too (its future is shared: whichever fetch begins first settles it), so
+        that a read never waits behind a background fetch's queue.
+        """
         owned: dict[int, Future[dict[str, bytes]]] = {}
         waiting: list[Future[dict[str, bytes]]] = []
         with self._lock:
@@ -320,19 +329,27 @@ class LayerImage:
                 future = self._inflight.get(off)
                 if future is None:
                     owned[off] = self._inflight[off] = Future()
+                elif take_over and off not in self._started:
+                    owned[off] = future
                 else:
                     waiting.append(future)
         return owned, waiting
 
     def _fetch_claimed(self, owned: dict[int, Future[dict[str, bytes]]]) -> None:
-        """Fetch the members claimed in ``owned``, settle their futures and let them go."""
+        """Fetch the members claimed in ``owned`` whose fetch no other thread has begun
+        (a claim may be shared, see :meth:`_claim`), settle their futures and let them go."""
+        with self._lock:
+            mine = {off: f for off, f in owned.items() if off not in self._started and not f.done()}
+            self._started.update(mine)
         try:
-            if owned:
-                self._fetch_owned(owned)
+            if mine:
+                self._fetch_owned(mine)
         finally:
             with self._lock:
-                for off in owned:
-                    del self._inflight[off]
+                for off, future in mine.items():
+                    self._started.discard(off)
+                    if self._inflight.get(off) is future:
+                        del self._inflight[off]
 
     def _fetch_members(
         self, member_offsets: Sequence[int], *, along: Iterable[int] = ()
@@ -349,7 +366,7 @@ class LayerImage:
         in: they lead the request, and the caller (a kernel read, which the next read
         of a process waits for) need not wait for the rest of it.
         """
-        owned, waiting = self._claim(member_offsets)
+        owned, waiting = self._claim(member_offsets, take_over=True)
         extra, _ = self._claim(off for off in along if off not in owned)
         claimed = {**owned, **extra}
         if extra:
@@ -417,8 +434,11 @@ class LayerImage:
     ) -> None:
         with self._lock:
             for off, future in owned.items():
+                if off in self._started or future.done():
+                    continue  # taken over meanwhile
                 future.set_exception(error)
-                del self._inflight[off]
+                if self._inflight.get(off) is future:
+                    del self._inflight[off]
 
     def _fetch_owned(self, owned: dict[int, Future[dict[str, bytes]]]) -> None:
         """Fetch the members of ``owned`` and settle each one's future.

@@ -104,3 +104,56 @@ def test_a_read_returns_once_its_own_members_are_in_while_the_fetch_unit_still_c
         time.sleep(0.02)
     assert image.stats.members_fetched > 1  # the neighbours came, in the same request
     image.close()
+
+
+class HeldLargeRequests(HeldStream):
+    """The blob file; requests larger than ``limit`` (the background fetch's steps) wait
+    until ``release`` is set, smaller ones (a read's own) go through at once."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.requests: list[tuple[int, int]] = []
+
+    def read_range_streaming(self, offset, length, on_bytes):
+        self.requests.append((offset, length))
+        if length > self.limit:
+            self.held.set()
+            assert self.release.wait(30), "the test never released the request"
+        data = self.inner.read_range(offset, length)
+        if on_bytes is not None:
+            on_bytes(0, data)
+        return data
+
+
+def test_a_read_takes_over_a_member_the_background_has_not_begun_to_fetch(tmp_path, layer_files):
+    source = HeldLargeRequests(limit=200 << 10)
+    image, toc, emap, _ = open_image(
+        BLOB, tmp_path, source=source, policy=FetchPolicy(unit=0, whole_file_max=64 << 20)
+    )
+    name = "usr/lib/libbig.so"
+    chunks = toc.lookup(name).chunks
+    members = sorted({c.offset for c in chunks})
+    start, size = file_span(emap, toc, name)
+    data = layer_files[name]
+    try:
+        # The first read fetches its member and claims the rest of the file for the
+        # background, whose first 1 MiB step is then held at the registry.
+        assert image.pread(start, 4096) == data[:4096]
+        assert source.held.wait(30)
+        # The last page's member sits in a later step, not begun: the read fetches it
+        # itself instead of waiting behind the held step.
+        last = (size - 1) // 4096 * 4096
+        assert image.pread(start + last, 4096)[: size - last] == data[last:]
+        assert not source.release.is_set()
+        assert source.requests[-1][0] == members[-1]
+    finally:
+        source.release.set()
+    deadline = time.monotonic() + 30
+    while image._inflight:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # Every member of the file was fetched exactly once, between the reads and the steps.
+    assert image.stats.members_fetched == len(members)
+    assert image.pread(start, -(-size // 4096) * 4096)[:size] == data
+    image.close()
