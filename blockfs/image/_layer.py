@@ -55,15 +55,21 @@ class FetchPolicy:
     ``whole_file_max``: a file that a read fetches part of is fetched whole, the rest in
     the background while the read returns, when its compressed span is at most this; a
     process that touches an executable, a library or a module reads much of it.
+    ``directory_window``: the first read of a file in a directory also fetches, in the
+    background, the files of that directory next to it in the blob, up to half this
+    compressed span on each side: a process that imports one module of a package, or
+    loads one library, reads others beside it, and each of them would otherwise cost a
+    page fault and a round trip of its own, one after another.
     """
 
     unit: int = 256 << 10
     whole_file_max: int = 64 << 20
+    directory_window: int = 2 << 20
 
     @classmethod
     def exact(cls) -> FetchPolicy:
         """Fetch only the members a read lacks."""
-        return cls(unit=0, whole_file_max=0)
+        return cls(unit=0, whole_file_max=0, directory_window=0)
 
 
 class ImageReadError(BlockfsError):
@@ -132,9 +138,11 @@ class LayerImage:
         self.policy = policy
         self._trace = trace
         self._traced = bytearray(extents.extent_count) if trace is not None else None
-        # Extents whose whole file a read has planned to fetch already (see _plan): only
-        # those touched, so a layer of many files costs nothing until they are read.
+        # Extents whose whole file, and directories whose window, a read has planned to
+        # fetch already (see _plan): only those touched, so a layer of many files costs
+        # nothing until they are read.
         self._whole_planned: set[int] = set()
+        self._dirs_planned: set[str] = set()
         self.name = name
         self._on_demand_fetch = on_demand_fetch
         self.extents = extents
@@ -239,8 +247,10 @@ class LayerImage:
             # files beside them); the rest of the files it touched comes in the background.
             needed = [c.offset for _, c, _, _ in missing]
             along, later = self._plan(missing_chunks, needed)
-            if later:
-                self._fetch_in_background(later)
+            # Sent at once: the next read of a process is most likely in these (measured:
+            # holding them until this read's members are in costs more than sharing the
+            # link with it).
+            self._fetch_in_background(self._claim(later)[0])
             fetched = self._fetch_members(needed, along=along)
             for at, chunk, within, take in missing:
                 dest = buf[at : at + take]
@@ -282,7 +292,9 @@ class LayerImage:
         ``unit`` of compressed span from the first. Background: the uncached rest of each
         file the read touched, for files of at most the policy's ``whole_file_max``, the
         first time a read touches the file (later misses in it find those members claimed
-        or cached, so its chunks are not looked at again).
+        or cached, so its chunks are not looked at again); and the first time a read
+        touches a directory, the files around it in that directory
+        (:meth:`_directory_window`).
         """
         ext = self.extents
         taken = set(needed)
@@ -303,14 +315,40 @@ class LayerImage:
                 continue
             self._whole_planned.add(i)
             span = ext.extent_chunks(i)
-            if ext.chunk(span[-1]).end - ext.chunk(span[0]).offset > self.policy.whole_file_max:
-                continue
-            for k in span:
+            whole = ext.chunk(span[-1]).end - ext.chunk(span[0]).offset
+            wanted = [*span] if whole <= self.policy.whole_file_max else []
+            for k in [*wanted, *self._directory_window(i)]:
                 chunk = ext.chunk(k)
                 if chunk.offset not in taken and chunk.digest not in self.cache:
                     taken.add(chunk.offset)
                     later.append(chunk.offset)
         return along, later
+
+    def _directory_window(self, i: int) -> list[int]:
+        """The chunks of the files of extent ``i``'s directory around it in the blob (up to
+        half the policy's ``directory_window`` of compressed span on each side, each file
+        whole or not at all), the first time a read touches that directory; else none."""
+        half = self.policy.directory_window // 2
+        if half <= 0:
+            return []
+        ext = self.extents
+        directory = os.path.dirname(ext.extent_name(i))
+        if directory in self._dirs_planned:
+            return []
+        self._dirs_planned.add(directory)
+        chunks: list[int] = []
+        for step in (1, -1):
+            span = 0
+            j = i + step
+            while 0 <= j < ext.extent_count and os.path.dirname(ext.extent_name(j)) == directory:
+                own = ext.extent_chunks(j)
+                if own:
+                    span += ext.chunk(own[-1]).end - ext.chunk(own[0]).offset
+                    if span > half:
+                        break
+                    chunks.extend(own)
+                j += step
+        return chunks
 
     def _claim(
         self, member_offsets: Iterable[int], *, take_over: bool = False
@@ -381,24 +419,23 @@ class LayerImage:
             result.update(future.result())  # raises that member's error
         return result
 
-    def _fetch_in_background(self, member_offsets: Sequence[int]) -> None:
-        """Fetch the members at ``member_offsets`` into the cache without waiting.
+    def _fetch_in_background(self, owned: dict[int, Future[dict[str, bytes]]]) -> None:
+        """Fetch the members claimed in ``owned`` into the cache without waiting.
 
-        They are claimed now, so that a read that needs one of them waits for this fetch
-        instead of starting its own. Failures are left for on-demand reads.
+        A read that needs one of them meanwhile waits for this fetch, or takes the member
+        over while its step has not begun. Failures are left for on-demand reads.
         """
+        if not owned:
+            return
         with self._lock:
-            if self._background is None:
-                if self._meta_fd < 0:
-                    return  # closed
+            if self._background is None and self._meta_fd >= 0:
                 self._background = ThreadPoolExecutor(
                     BACKGROUND_FETCHERS, thread_name_prefix=f"fetch-{self.name}"
                 )
             pool = self._background
-        owned, _ = self._claim(member_offsets)
-        if not owned:
-            return
         try:
+            if pool is None:
+                raise RuntimeError("closed")
             pool.submit(self._fetch_quietly, owned)
         except RuntimeError:  # closed meanwhile
             self._fetch_claimed_failed(owned, ImageReadError(f"layer {self.name}: closed"))

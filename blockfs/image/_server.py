@@ -59,7 +59,7 @@ class ServerConfig:
     def from_params(cls, params: dict[str, str]) -> ServerConfig:
         known = {
             "root", "cache", "cache_max", "memory_cache", "control", "prefetch", "background_fetch",
-            "fetch_unit", "whole_file_max", "trace",
+            "fetch_unit", "whole_file_max", "directory_window", "trace",
         }  # fmt: skip
         unknown = sorted(set(params) - known)
         if unknown:
@@ -80,6 +80,9 @@ class ServerConfig:
                 whole_file_max=parse_size(
                     params.get("whole_file_max", str(FetchPolicy().whole_file_max))
                 ),
+                directory_window=parse_size(
+                    params.get("directory_window", str(FetchPolicy().directory_window))
+                ),
             ),
             trace=Path(params["trace"]).absolute() if "trace" in params else None,
         )
@@ -95,6 +98,7 @@ class ServerConfig:
             f"background_fetch={int(self.background_fetch)}",
             f"fetch_unit={self.fetch.unit}",
             f"whole_file_max={self.fetch.whole_file_max}",
+            f"directory_window={self.fetch.directory_window}",
         ]
         if self.control is not None:
             out.append(f"control={self.control}")

@@ -3,11 +3,14 @@ the same request, and the rest of the file it touched in the background."""
 
 from __future__ import annotations
 
+import io
+import random
+import tarfile
 import time
 
 from test_layer_image import file_span, open_image
 
-from blockfs.estargz import CountingSource
+from blockfs.estargz import BuildOptions, CountingSource, build_file
 from blockfs.image import FetchPolicy
 from blockfs.image._layer import BACKGROUND_STEP
 from tests.helpers.testdata import TESTDATA
@@ -116,4 +119,41 @@ def test_the_rest_of_a_large_file_comes_in_steps_in_blob_order(tmp_path, layer_f
     assert len(background) >= (span - POLICY.unit) // (BACKGROUND_STEP + 70_000)
     assert all(n <= BACKGROUND_STEP + 70_000 for _, n in background)
     assert [o for o, _ in background] == sorted(o for o, _ in background)
+    image.close()
+
+
+def test_the_first_read_in_a_directory_brings_the_files_around_it_in_that_directory(tmp_path):
+    # Two directories of incompressible 40 KB files, one after the other in the blob.
+    rng = random.Random(3)
+    files = {f"{d}/f{i:02}": rng.randbytes(40_000) for d in ("other", "pkg") for i in range(12)}
+    tar_path = tmp_path / "layer.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    blob = tmp_path / "layer.esgz"
+    build_file(tar_path, blob, BuildOptions(gzip_level=1))
+    policy = FetchPolicy(unit=0, whole_file_max=0, directory_window=400_000)
+    image, toc, emap, source = open_image(blob, tmp_path / "img", policy=policy)
+
+    def cached(name: str) -> bool:
+        return all(c.digest in image.cache for c in toc.lookup(name).chunks)
+
+    start, size = file_span(emap, toc, "pkg/f05")
+    assert image.pread(start, -(-size // 4096) * 4096)[:size] == files["pkg/f05"]
+    wait_for(lambda: not image._inflight)
+    # Up to 200,000 compressed bytes on each side: four 40 KB files before, four after.
+    came = {name for name in files if cached(name)}
+    assert came == {f"pkg/f{i:02}" for i in range(1, 10)}
+    requests = source.requests
+    # Those files are read without a request; a read elsewhere in pkg/ plans no window again.
+    for i in range(1, 10):
+        s, n = file_span(emap, toc, f"pkg/f{i:02}")
+        assert image.pread(s, -(-n // 4096) * 4096)[:n] == files[f"pkg/f{i:02}"]
+    assert source.requests == requests
+    s, n = file_span(emap, toc, "pkg/f11")
+    image.pread(s, 4096)
+    wait_for(lambda: not image._inflight)
+    assert not cached("pkg/f00") and not any(cached(f"other/f{i:02}") for i in range(12))
     image.close()
