@@ -20,6 +20,7 @@ from types import FrameType
 from blockfs.errors import BlockfsError
 from blockfs.host.overlay import overlay_index_off_supported
 from blockfs.image import docker_config_path
+from blockfs.registry import warm_up
 from snapshotter._jsonlog import setup_json_logging
 from snapshotter.config import (
     DEFAULT_CONFIG_PATH,
@@ -132,7 +133,8 @@ def run(config: SnapshotterConfig, stop: threading.Event) -> None:
         watchdog.start()
         pulls: PullServer | None = None
         try:
-            pulls = PullServer(config.pull_socket, registry)
+            pulls = PullServer(config.pull_socket, registry, layers.sources)
+            threading.Thread(target=warm_up, name="registry-warm-up", daemon=True).start()
             log.info(
                 "serving containerd snapshots API",
                 extra={

@@ -140,7 +140,8 @@ class LayerManager:
                 background_fetch=background_fetch,
             ),
         )
-        self._sources = BlobSources()
+        # Registry clients by configuration, shared with the daemon's pulls.
+        self.sources = BlobSources()
         self._lock = threading.Lock()
         self._server_lock = threading.Lock()
         # Per layer: the lock of holding(), and the lock of _mounting() (re-entrant: a
@@ -239,7 +240,7 @@ class LayerManager:
         self._ahead_pool.shutdown(wait=False, cancel_futures=True)
         # An attach under way finishes (the next start reconciles a layer nobody uses).
         self._attach_pool.shutdown(wait=True, cancel_futures=True)
-        self._sources.close()
+        self.sources.close()
         attached = self.attached()
         if not attached and self.server.is_running():
             self.server.stop()
@@ -501,7 +502,7 @@ class LayerManager:
         self._mount_in_background(name)
 
     def _read_toc(self, name: str, spec: SourceSpec, toc_digest: str | None) -> _Resolved:
-        source = CountingSource(self._sources.open(spec))
+        source = CountingSource(self.sources.open(spec))
         try:
             reader = BlobReader.open(source, toc_digest=toc_digest)
         except BlockfsError as e:

@@ -64,12 +64,14 @@ def _request(line: bytes) -> dict[str, Any]:
 
 
 class PullServer:
-    """Serves pulls on ``path`` in threads of its own until :meth:`close`."""
+    """Serves pulls on ``path`` in threads of its own until :meth:`close`; registry
+    clients come from ``sources`` (the layers' own, so that a pull's connections serve
+    the footer and TOC reads that follow)."""
 
-    def __init__(self, path: Path, registry: RegistrySettings) -> None:
+    def __init__(self, path: Path, registry: RegistrySettings, sources: BlobSources) -> None:
         self.path = path
         self.registry = registry
-        self._sources = BlobSources()
+        self._sources = sources
         self._closed = threading.Event()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.unlink(missing_ok=True)
@@ -90,7 +92,6 @@ class PullServer:
         self._listener.close()
         self._thread.join()
         self.path.unlink(missing_ok=True)
-        self._sources.close()
 
     def _accept(self) -> None:
         while not self._closed.is_set():

@@ -6,6 +6,7 @@ callback to it; nothing here knows about nbdkit.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from blockfs.errors import BlockfsError
 from blockfs.image._control import ControlServer
 from blockfs.image._exports import ExportTable
 from blockfs.image._layer import FetchPolicy
+from blockfs.registry import warm_up
 
 
 class ServerConfigError(BlockfsError):
@@ -112,6 +114,8 @@ class ServedLayers:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        # The first fetch of a new server should not wait for the HTTP client's setup.
+        threading.Thread(target=warm_up, name="registry-warm-up", daemon=True).start()
         self.cache = ChunkCache(
             config.cache_dir, max_bytes=config.cache_max, memory_bytes=config.memory_cache
         )

@@ -22,6 +22,7 @@ from blockfs.registry._errors import (
     RegistryUnavailable,
 )
 from blockfs.registry._hosts import Endpoint, HostsConfig, HostsConfigError
+from blockfs.registry._pool import warm_up
 from blockfs.registry._retry import RetryPolicy
 from blockfs.registry._source import RegistryBlobSource
 
@@ -49,4 +50,5 @@ __all__ = [
     "RepositoryLike",
     "RetryPolicy",
     "parse_www_authenticate",
+    "warm_up",
 ]

@@ -10,7 +10,16 @@ import httpx
 
 from blockfs.registry._errors import RegistryError
 from blockfs.registry._hosts import Endpoint
-from blockfs.registry._tls import ssl_context
+from blockfs.registry._tls import default_ssl_context, ssl_context
+
+
+def warm_up() -> None:
+    """Do now what the first request of a process would: load the system's CA
+    certificates and the HTTP client's code. A long-running process (the snapshotter's
+    daemon, the NBD server) calls it at start, in a thread, so that its first pull does
+    not read them from a cold page cache."""
+    default_ssl_context()
+    httpx.Client(verify=default_ssl_context()).close()
 
 
 class ClientPool:

@@ -4,6 +4,7 @@ what a TLS failure that retrying cannot fix means, with the setting that fixes i
 from __future__ import annotations
 
 import ssl
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -47,11 +48,28 @@ def settings_location(ep: Endpoint, hosts_dir: Path | None) -> str:
     )
 
 
+_default_lock = threading.Lock()
+_default: ssl.SSLContext | None = None
+
+
+def default_ssl_context() -> ssl.SSLContext:
+    """The system's default client context, made once per process and shared (loading
+    the system's CA certificates takes about 30 ms every time)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = ssl.create_default_context()
+        return _default
+
+
 def ssl_context(ep: Endpoint, hosts_dir: Path | None) -> ssl.SSLContext:
-    """The SSL context for ``ep``: its ``skip_verify``, ``ca`` and first ``client`` pair.
+    """The SSL context for ``ep``: its ``skip_verify``, ``ca`` and first ``client`` pair
+    (the shared default one when it has none of them).
 
     Raises :class:`RegistryTLSError` naming the file that cannot be loaded.
     """
+    if not (ep.skip_verify or ep.ca or ep.client_certs):
+        return default_ssl_context()
     where = settings_location(ep, hosts_dir)
     context = ssl.create_default_context()
     if ep.skip_verify:

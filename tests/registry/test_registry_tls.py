@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 from blockfs.oci import Manifest, Reference, sha256_digest
@@ -20,6 +22,7 @@ from blockfs.registry import (
     RegistryClient,
     RegistryTLSError,
 )
+from blockfs.registry._tls import default_ssl_context, ssl_context
 from tests.helpers.cli import blockfs
 from tests.helpers.registry import FAST_RETRY, TokenServer, push_image, unique_repository
 from tests.helpers.tls import PKI, CertKey, combined_pem, issue, make_ca, make_pki
@@ -406,3 +409,19 @@ def test_the_registrys_ca_setting_also_covers_its_token_server(token_behind_tls,
     )
     with client_for(hosts) as c:
         assert c.read_range(ref, sha256_digest(LAYER), 10, 20) == LAYER[10:30]
+
+
+def test_endpoints_without_tls_settings_share_one_context_and_the_others_get_their_own(
+    pki, tmp_path
+):
+    # Loading the system's CA certificates costs about 30 ms: done once per process for
+    # every endpoint that needs nothing else, never for one with settings of its own.
+    plain = HostsConfig(None).endpoints("a.example")[0]
+    other = HostsConfig(None).endpoints("b.example:5000")[0]
+    assert ssl_context(plain, None) is ssl_context(other, None) is default_ssl_context()
+    skip = attrs.evolve(plain, skip_verify=True)
+    with_ca = attrs.evolve(plain, ca=(str(pki.ca.cert),))
+    assert ssl_context(skip, None) is not default_ssl_context()
+    assert ssl_context(skip, None).verify_mode == ssl.CERT_NONE
+    assert default_ssl_context().verify_mode == ssl.CERT_REQUIRED
+    assert ssl_context(with_ca, None) is not default_ssl_context()
