@@ -35,6 +35,7 @@ from blockfs.estargz._source import (
     CountingSource,
     FileBlobSource,
     StreamingBlobSource,
+    TailBlobSource,
     read_coalesced,
 )
 from blockfs.estargz._toc import DEFAULT_LIMITS, Limits, clean_name, make_toc, parse_toc
@@ -70,6 +71,7 @@ __all__ = [
     "TOCDigestMismatch",
     "TOCError",
     "TOCTooLargeError",
+    "TailBlobSource",
     "TruncatedBlobError",
     "VerifyReport",
     "build",

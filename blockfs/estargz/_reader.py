@@ -38,7 +38,7 @@ from blockfs.estargz._model import (
     Compression,
     Entry,
 )
-from blockfs.estargz._source import BlobSource
+from blockfs.estargz._source import BlobSource, read_tail
 from blockfs.estargz._toc import DEFAULT_LIMITS, Limits, parse_toc
 
 __all__ = ["BlobReader", "Piece", "VerifyReport", "verify_piece"]
@@ -189,12 +189,12 @@ class BlobReader:
         stargz blobs) be read unchecked; otherwise reading them fails.
         """
         name = source.name
-        size = source.size
         # One request for the footer and, usually, the TOC before it: a round trip costs
-        # more than the bytes of a tail that reaches further back than the TOC.
-        tail_size = min(max(MAX_FOOTER_SIZE, TOC_TAIL_GUESS), size)
+        # more than the bytes of a tail that reaches further back than the TOC. A registry
+        # blob reads it as a suffix range, which needs no size (no HEAD first).
+        tail, size = read_tail(source, max(MAX_FOOTER_SIZE, TOC_TAIL_GUESS))
+        tail_size = len(tail)
         tail_start = size - tail_size
-        tail = source.read_range(tail_start, tail_size)
         footer = parse_footer(tail[-MAX_FOOTER_SIZE:], size, layer=name)
         if footer.kind == "zstd":
             toc_start, toc_size = footer.toc_offset, footer.toc_compressed_size

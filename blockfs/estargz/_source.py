@@ -54,6 +54,25 @@ class StreamingBlobSource(BlobSource, Protocol):
         ...
 
 
+@runtime_checkable
+class TailBlobSource(BlobSource, Protocol):
+    """A source that reads its end without knowing its size first (a registry blob)."""
+
+    def read_tail(self, length: int) -> tuple[bytes, int]:
+        """The last ``length`` bytes (all, if the blob is shorter) and the blob's size."""
+        ...
+
+
+def read_tail(source: BlobSource, length: int) -> tuple[bytes, int]:
+    """The last ``length`` bytes of ``source`` (all, if it is shorter) and its size: one
+    request where the source can (no size asked first), else its size and a range."""
+    if isinstance(source, TailBlobSource):
+        return source.read_tail(length)
+    size = source.size
+    take = min(length, size)
+    return source.read_range(size - take, take), size
+
+
 def read_range_streaming(
     source: BlobSource, offset: int, length: int, on_bytes: Callable[[int, bytes], None]
 ) -> bytes:
@@ -146,6 +165,11 @@ class CountingSource:
         data = read_range_streaming(self.inner, offset, length, on_bytes)
         self._count(data)
         return data
+
+    def read_tail(self, length: int) -> tuple[bytes, int]:
+        data, size = read_tail(self.inner, length)
+        self._count(data)
+        return data, size
 
     def _count(self, data: bytes) -> None:
         with self._lock:

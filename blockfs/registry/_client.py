@@ -77,6 +77,11 @@ class _ContentRange:
     total: int | None
 
 
+# How much of a whole-blob answer to a suffix range request is read to find its end; a
+# blob larger than this is read with its size asked first (RegistryBlobSource.read_tail).
+MAX_WHOLE_TAIL = 64 << 20
+
+
 def _parse_content_range(value: str | None) -> _ContentRange | None:
     """``bytes START-END/TOTAL`` (TOTAL may be ``*``), or None if malformed."""
     if not value:
@@ -422,6 +427,58 @@ class RegistryClient:
             )
 
         headers = {"Range": f"bytes={offset}-{last}"}
+        return self._transport.call(
+            target,
+            lambda ep: self._transport.exchange(
+                ep, target, "GET", take, path=path, headers=headers
+            ),
+        )
+
+    def read_tail(self, repository: RepositoryLike, digest: str, length: int) -> tuple[bytes, int]:
+        """The last ``length`` bytes of blob ``digest`` (all of it if shorter) and the
+        blob's size, in one request: a suffix ``Range`` (``bytes=-LENGTH``), which needs
+        no size, so no ``HEAD`` first.
+
+        A 206 must say where its bytes sit and the whole size (Content-Range); a 200 (a
+        server that ignores Range) is read to its end, with a warning once per host. A
+        registry whose answer gives no size raises :class:`RegistryProtocolError`.
+        """
+        if length <= 0:
+            raise ValueError(f"invalid tail length {length}")
+        target = self._blob_target(repository, digest)
+        path = f"/{target.repository}/blobs/{digest}"
+
+        def take(response: httpx.Response, ep: Endpoint) -> tuple[bytes, int]:
+            if response.status_code == 206:
+                got = _parse_content_range(response.headers.get("content-range"))
+                if got is None or got.total is None:
+                    raise target.error(
+                        RegistryProtocolError,
+                        "a 206 to a suffix range without the blob's size in Content-Range",
+                        ep.host,
+                    )
+                if got.end != got.total - 1 or got.end - got.start + 1 != min(length, got.total):
+                    raise Transient(
+                        target.error(
+                            RegistryProtocolError,
+                            f"asked for the last {length} bytes, got {got.start}-{got.end} "
+                            f"of {got.total}",
+                            ep.host,
+                        )
+                    )
+                return _exact_body(response, got.end - got.start + 1, target, ep.host), got.total
+            if response.status_code == 200:
+                self._warn_full_body(ep.host)
+                whole = _read_limited(response, MAX_WHOLE_TAIL, target, ep.host)
+                return whole[-length:], len(whole)
+            raise target.error(
+                RegistryProtocolError,
+                f"HTTP {response.status_code} to a suffix range request",
+                ep.host,
+                status=response.status_code,
+            )
+
+        headers = {"Range": f"bytes=-{length}"}
         return self._transport.call(
             target,
             lambda ep: self._transport.exchange(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
 from blockfs.oci import Reference, validate_digest
 from blockfs.registry._client import RegistryClient, RepositoryLike, repository_of
-from blockfs.registry._errors import RangeNotSatisfiable
+from blockfs.registry._errors import RangeNotSatisfiable, RegistryProtocolError
+
+log = logging.getLogger(__name__)
 
 
 class RegistryBlobSource:
@@ -53,6 +56,28 @@ class RegistryBlobSource:
                     (self._registry, self._repository), self._digest
                 )
             return self._size
+
+    def read_tail(self, length: int) -> tuple[bytes, int]:
+        """The last ``length`` bytes (all, if the blob is shorter) and the blob's size
+        (``blockfs.estargz.TailBlobSource``): one request, without a ``HEAD`` when the size
+        is not known yet; a registry that cannot answer a suffix range is asked for the
+        size first."""
+        if self._size is None:
+            try:
+                data, size = self._client.read_tail(
+                    (self._registry, self._repository), self._digest, length
+                )
+            except (RegistryProtocolError, RangeNotSatisfiable) as e:
+                # Some servers answer a suffix range with 416 or nonsense; the size and a
+                # plain range then say the same in two requests (an empty blob, too).
+                log.info("suffix range refused (%s); asking for the blob's size first", e)
+            else:
+                with self._lock:
+                    self._size = size
+                return data, size
+        size = self.size
+        take = min(length, size)
+        return self.read_range(size - take, take), size
 
     def read_range(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset``; raises if the blob has fewer."""

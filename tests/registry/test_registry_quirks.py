@@ -115,3 +115,39 @@ def test_redirected_blob_reads_keep_range_drop_credentials_and_survive_expiry(tm
         assert store.signatures_issued == len(blob_gets) >= 4
         # A cached URL is reused: fewer trips to the registry than reads.
         assert len(blob_gets) < 10
+
+
+def test_a_tail_read_is_one_suffix_range_request_and_gives_the_size(registry, blob, tmp_path):
+    ref, data = blob
+    proxy = HTTPProxy(registry.url)
+    try:
+        with RegistryClient(
+            hosts_through(tmp_path, registry.host, proxy.url), retry=FAST_RETRY
+        ) as c:
+            digest = sha256_digest(data)
+            assert c.read_tail(ref, digest, 1000) == (data[-1000:], len(data))
+            assert c.read_tail(ref, digest, 10 * len(data)) == (data, len(data))
+            source = RegistryBlobSource(c, ref, digest)
+            assert source.read_tail(4096) == (data[-4096:], len(data))
+            assert source.size == len(data)  # known from the tail read: no HEAD
+        assert [(m, h.get("Range")) for m, _, h in proxy.requests] == [
+            ("GET", "bytes=-1000"),
+            ("GET", f"bytes=-{10 * len(data)}"),
+            ("GET", "bytes=-4096"),
+        ]
+    finally:
+        proxy.close()
+
+
+def test_a_tail_read_from_a_registry_that_ignores_range_reads_to_the_end(registry, blob, tmp_path):
+    ref, data = blob
+    proxy = HTTPProxy(registry.url, strip_range=True)
+    try:
+        with RegistryClient(
+            hosts_through(tmp_path, registry.host, proxy.url), retry=FAST_RETRY
+        ) as c:
+            source = RegistryBlobSource(c, ref, sha256_digest(data))
+            assert source.read_tail(3000) == (data[-3000:], len(data))
+            assert source.size == len(data)
+    finally:
+        proxy.close()
