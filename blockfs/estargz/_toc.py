@@ -724,7 +724,8 @@ class _EntryParser:
                 open_digest = digest
                 open_digest_index = digest_index
                 chunk_offset = get("chunkOffset", 0)
-                if chunk_offset != 0:
+                if type(chunk_offset) is not int or chunk_offset != 0:
+                    # (0.0 and False equal 0 too, but are not the integer JSON demands.)
                     fail("the first piece of a file must start at file offset 0", name)
                 size = get("chunkSize", 0)
                 if type(size) is not int or not 0 <= size <= max_file:
