@@ -6,7 +6,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from blockfs.estargz._errors import TruncatedBlobError
 
@@ -41,7 +41,6 @@ class BlobSource(Protocol):
         ...
 
 
-@runtime_checkable
 class StreamingBlobSource(BlobSource, Protocol):
     """A source whose reads can be watched as their bytes arrive (a registry blob)."""
 
@@ -54,7 +53,6 @@ class StreamingBlobSource(BlobSource, Protocol):
         ...
 
 
-@runtime_checkable
 class TailBlobSource(BlobSource, Protocol):
     """A source that reads its end without knowing its size first (a registry blob)."""
 
@@ -66,8 +64,10 @@ class TailBlobSource(BlobSource, Protocol):
 def read_tail(source: BlobSource, length: int) -> tuple[bytes, int]:
     """The last ``length`` bytes of ``source`` (all, if it is shorter) and its size: one
     request where the source can (no size asked first), else its size and a range."""
-    if isinstance(source, TailBlobSource):
-        return source.read_tail(length)
+    # Looked up on the class: isinstance() with a protocol would read ``size``, which is
+    # a HEAD request for a registry blob of unknown size, the very request saved here.
+    if hasattr(type(source), "read_tail"):
+        return cast(TailBlobSource, source).read_tail(length)
     size = source.size
     take = min(length, size)
     return source.read_range(size - take, take), size
@@ -78,8 +78,8 @@ def read_range_streaming(
 ) -> bytes:
     """``source.read_range(offset, length)``, with ``on_bytes`` seeing the bytes as they
     arrive where the source can tell (else once, all of them, at the end)."""
-    if isinstance(source, StreamingBlobSource):
-        return source.read_range_streaming(offset, length, on_bytes)
+    if hasattr(type(source), "read_range_streaming"):
+        return cast(StreamingBlobSource, source).read_range_streaming(offset, length, on_bytes)
     data = source.read_range(offset, length)
     on_bytes(0, data)
     return data

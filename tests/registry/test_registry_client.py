@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from blockfs.estargz import BlobReader, BlobSource, CountingSource, read_coalesced
+from blockfs.estargz import BlobSource, read_coalesced
 from blockfs.oci import Descriptor, Index, Manifest, Platform, Reference, sha256_digest
 from blockfs.oci import media_types as mt
 from blockfs.registry import (
@@ -17,7 +17,6 @@ from blockfs.registry import (
     RegistryClient,
 )
 from tests.helpers.registry import FAST_RETRY, HTTPProxy, push_image, unique_repository
-from tests.helpers.testdata import TESTDATA
 
 
 @pytest.fixture
@@ -225,16 +224,3 @@ def test_push_blob_refuses_a_size_that_does_not_match_the_data(client, registry)
     ref = Reference.parse(f"{registry.host}/{unique_repository('size')}")
     with pytest.raises(ValueError, match="size 5"):
         client.push_blob(ref, sha256_digest(b"abc"), 5, b"abc")
-
-
-def test_opening_an_estargz_blob_of_unknown_size_costs_one_request(registry, tmp_path):
-    # The footer and the TOC come with one suffix range read: no HEAD for the size.
-    blob = (TESTDATA / "gzip-64k.esgz").read_bytes()
-    with RegistryClient(plain_http=True, retry=FAST_RETRY, trust_env=False) as c:
-        ref = Reference.parse(f"{registry.host}/{unique_repository('tail')}:v1")
-        push_image(c, ref, [blob])
-        source = CountingSource(RegistryBlobSource(c, ref, sha256_digest(blob)))
-        reader = BlobReader.open(source)
-        assert source.requests == 1
-        assert source.size == len(blob)
-        assert reader.toc.lookup("etc/passwd") is not None

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from blockfs.estargz import BlobReader, CountingSource
 from blockfs.oci import Reference, sha256_digest
 from blockfs.registry import CredentialStore, HostsConfig, RegistryBlobSource, RegistryClient
 from tests.helpers.registry import (
@@ -19,6 +20,7 @@ from tests.helpers.registry import (
     start_registry,
     unique_repository,
 )
+from tests.helpers.testdata import TESTDATA
 
 
 def hosts_through(tmp_path, namespace, proxy_url):
@@ -149,5 +151,25 @@ def test_a_tail_read_from_a_registry_that_ignores_range_reads_to_the_end(registr
             source = RegistryBlobSource(c, ref, sha256_digest(data))
             assert source.read_tail(3000) == (data[-3000:], len(data))
             assert source.size == len(data)
+    finally:
+        proxy.close()
+
+
+def test_opening_an_estargz_blob_of_unknown_size_costs_one_request(registry, client, tmp_path):
+    # The footer and the TOC come with one suffix range read, counted at the registry's
+    # door: no HEAD for the size, which the reader learns from that answer.
+    blob = (TESTDATA / "gzip-64k.esgz").read_bytes()
+    ref = Reference.parse(f"{registry.host}/{unique_repository('tail')}:v1")
+    push_image(client, ref, [blob])
+    proxy = HTTPProxy(registry.url)
+    try:
+        with RegistryClient(
+            hosts_through(tmp_path, registry.host, proxy.url), retry=FAST_RETRY
+        ) as c:
+            source = CountingSource(RegistryBlobSource(c, ref, sha256_digest(blob)))
+            reader = BlobReader.open(source)
+            assert source.size == len(blob)
+            assert reader.toc.lookup("etc/passwd") is not None
+        assert [m for m, _, _ in proxy.requests] == ["GET"]
     finally:
         proxy.close()
