@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from tools.chaos import _cycles, _recovery
-from tools.chaos._stack import containerd_stack, lazy_image, leftovers, pull, remove_image
+from tools.chaos._stack import (
+    containerd_stack,
+    lazy_image,
+    leftovers,
+    pull,
+    remove_image,
+    wait_until,
+)
+from tools.local_containerd import mounts_under
 from tools.local_registry import registry_available
 
 pytestmark = [
@@ -39,6 +47,8 @@ def test_leftovers_sees_a_pulled_image_until_it_is_removed(tmp_path: Path) -> No
     # layer directories and snapshots, gone once the image is removed.
     with lazy_image(tmp_path, print, files=4) as image, containerd_stack(print) as stack:
         pull(stack, image.ref)
+        # The layers are mounted in the background once the pull has indexed them.
+        assert wait_until(lambda: len(mounts_under(stack.work / "root")) >= 2, timeout=60)
         left = leftovers(stack)
         assert sum(item.startswith("mount ") for item in left) >= 2, left
         assert sum(item.startswith("layer dir ") for item in left) == 2, left

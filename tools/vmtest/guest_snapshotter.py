@@ -193,7 +193,11 @@ def check_stack(stack: BlockfsContainerd, ref: str, expected: dict[str, str], la
     done = subprocess.run(pull, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if done.returncode != 0:
         raise CheckFailed(f"blockfs image pull failed: {done.stderr.strip()[-2000:]}")
-    say(f"blockfs image pull: {layers} layers mounted lazily in {time.monotonic() - started:.1f} s")
+    say(f"blockfs image pull: {layers} layers pulled lazily in {time.monotonic() - started:.1f} s")
+    # The snapshotter attaches and mounts the layers in the background once the pull has
+    # indexed them (a container's Prepare would wait for them).
+    wait_for_message(stack, "mounted layer", layers, time.monotonic() + 120)
+    say(f"the layers were mounted {time.monotonic() - started:.1f} s after the pull began")
     if not any("attached with nbd" in m for m in log_messages(stack)):
         raise CheckFailed("blockfs-snapshotter did not choose the kernel NBD path")
     mounts = layer_mounts(stack)
