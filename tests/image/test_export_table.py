@@ -106,7 +106,9 @@ def test_unknown_or_unsafe_export_names_are_refused(tmp_path):
     assert table.names() == ["l"]
 
 
-def test_forget_over_the_control_socket_drops_the_served_export(tmp_path):
+def serve_one_layer(tmp_path, **config):
+    """A server process's layers (in this process) with one export ``l`` indexed, and
+    its control socket."""
     path = TESTDATA / "gzip-64k.esgz"
     index_layer(
         BlobReader.open(FileBlobSource(path)),
@@ -117,8 +119,15 @@ def test_forget_over_the_control_socket_drops_the_served_export(tmp_path):
     )
     control = tmp_path / "ctl.sock"
     served = ServedLayers(
-        ServerConfig(root=tmp_path / "layers", cache_dir=tmp_path / "cache", control=control)
+        ServerConfig(
+            root=tmp_path / "layers", cache_dir=tmp_path / "cache", control=control, **config
+        )
     )
+    return served, control
+
+
+def test_forget_over_the_control_socket_drops_the_served_export(tmp_path):
+    served, control = serve_one_layer(tmp_path)
     try:
         served.exports.open("l")
         assert list(query_stats(str(control))["layers"]) == ["l"]
@@ -131,23 +140,7 @@ def test_forget_over_the_control_socket_drops_the_served_export(tmp_path):
 
 
 def test_open_over_the_control_socket_opens_the_export_and_starts_its_prefetch(tmp_path):
-    path = TESTDATA / "gzip-64k.esgz"
-    index_layer(
-        BlobReader.open(FileBlobSource(path)),
-        tmp_path / "layers" / "l",
-        name="l",
-        source={"type": "file", "path": str(path)},
-        bytes_fetched=0,
-    )
-    control = tmp_path / "ctl.sock"
-    served = ServedLayers(
-        ServerConfig(
-            root=tmp_path / "layers",
-            cache_dir=tmp_path / "cache",
-            control=control,
-            background_fetch=True,
-        )
-    )
+    served, control = serve_one_layer(tmp_path, background_fetch=True)
     try:
         assert query_stats(str(control))["layers"] == {}
         open_export(str(control), "l")  # no read of it yet
