@@ -133,7 +133,7 @@ def run(config: SnapshotterConfig, stop: threading.Event) -> None:
         watchdog.start()
         pulls: PullServer | None = None
         try:
-            pulls = PullServer(config.pull_socket, registry, layers.sources)
+            pulls = PullServer(config.pull_socket, registry, layers)
             threading.Thread(target=warm_up, name="registry-warm-up", daemon=True).start()
             log.info(
                 "serving containerd snapshots API",

@@ -34,7 +34,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -466,16 +466,24 @@ class LayerManager:
         the image's annotation (a layer whose TOC differs is not used; one no snapshot
         ever uses is released by the next reconcile).
         """
+        self.read_ahead({digest: sibling_source(layer, digest) for digest in layer.image_layers})
+
+    def read_ahead(self, sources: Mapping[str, SourceSpec]) -> None:
+        """Read the footer and TOC of each layer blob (digest -> source) in the
+        background, then index, attach and mount it, unless that is under way or done.
+
+        A pull calls this as soon as it has the manifest, so that the reads overlap its
+        other requests; containerd's Prepares then find the layers read or indexed.
+        """
         self._start_server_soon()
         with self._lock:
-            for digest in layer.image_layers:
+            for digest, spec in sources.items():
                 name = layer_name(digest)
                 if name in self._ahead or (self.layer_dir(name) / LAYER_JSON).exists():
                     continue
                 while len(self._ahead) >= MAX_AHEAD:
                     oldest = next(iter(self._ahead))
                     self._ahead.pop(oldest).cancel()
-                spec = sibling_source(layer, digest)
                 future = self._ahead_pool.submit(self._read_toc, name, spec, None)
                 future.add_done_callback(functools.partial(self._then_attach, name))
                 self._ahead[name] = future

@@ -139,10 +139,17 @@ class ResolvedImage:
 
 
 def resolve_image(
-    registry: RegistryClient, ref: Reference, platform: Platform | None = None
+    registry: RegistryClient,
+    ref: Reference,
+    platform: Platform | None = None,
+    *,
+    on_manifest: Callable[[Manifest], None] | None = None,
 ) -> ResolvedImage:
-    """Fetch ``ref``'s manifest for ``platform`` and its config, and check that they agree."""
+    """Fetch ``ref``'s manifest for ``platform`` and its config, and check that they
+    agree; ``on_manifest`` gets the manifest before the config is fetched."""
     manifest_descriptor, manifest = registry.get_image_manifest(ref, platform)
+    if on_manifest is not None:
+        on_manifest(manifest)
     config_bytes = registry.get_blob(ref, manifest.config.digest)
     config = ImageConfig.from_bytes(config_bytes)
     if len(config.diff_ids) != len(manifest.layers):

@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from blockfs.errors import BlockfsError
-from blockfs.image import BlobSources
-from blockfs.oci import Platform, Reference
+from blockfs.oci import Manifest, Platform, Reference
 from snapshotter.ctrclient import ContainerdClient
+from snapshotter.layers import LayerManager
 from snapshotter.pull import PulledLayer, pull_image, resolve_image
-from snapshotter.remote import RegistrySettings
+from snapshotter.remote import TOC_DIGEST_LABEL, RegistrySettings
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +64,14 @@ def _request(line: bytes) -> dict[str, Any]:
 
 
 class PullServer:
-    """Serves pulls on ``path`` in threads of its own until :meth:`close`; registry
-    clients come from ``sources`` (the layers' own, so that a pull's connections serve
-    the footer and TOC reads that follow)."""
+    """Serves pulls on ``path`` in threads of its own until :meth:`close`. Registry
+    clients come from ``layers``' sources, so that a pull's connections serve the footer
+    and TOC reads that follow, and ``layers`` reads those as soon as the manifest is in."""
 
-    def __init__(self, path: Path, registry: RegistrySettings, sources: BlobSources) -> None:
+    def __init__(self, path: Path, registry: RegistrySettings, layers: LayerManager) -> None:
         self.path = path
         self.registry = registry
-        self._sources = sources
+        self._layers = layers
         self._closed = threading.Event()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.unlink(missing_ok=True)
@@ -128,13 +128,28 @@ class PullServer:
             raise PullRequestError(str(e)) from None
         plain_http = bool(request.get("plain_http", False))
         hosts_dir = request.get("hosts_dir") or self.registry.hosts_dir
-        registry = self._sources.client(
+        registry = self._layers.sources.client(
             plain_http=plain_http,
             hosts_dir=hosts_dir if hosts_dir is not None and Path(hosts_dir).is_dir() else None,
             docker_config=self.registry.docker_config,
         )
         log.info("pull requested", extra={"ref": str(ref), "namespace": request["namespace"]})
-        image = resolve_image(registry, ref, wanted)
+
+        def read_ahead(manifest: Manifest) -> None:
+            # The eStargz layers' footers and TOCs come while the config is fetched and
+            # containerd stores it; each layer's Prepare then finds its TOC read. The
+            # sources are those the Prepares' labels give (snapshotter.remote).
+            self._layers.read_ahead(
+                {
+                    layer.digest: self.registry.spec(
+                        ref.with_digest(layer.digest), plain_http=plain_http, size=layer.size
+                    )
+                    for layer in manifest.layers
+                    if layer.annotations.get(TOC_DIGEST_LABEL)
+                }
+            )
+
+        image = resolve_image(registry, ref, wanted, on_manifest=read_ahead)
 
         def report(layer: PulledLayer) -> None:
             send({"layer": {"digest": layer.digest, "lazy": layer.lazy, "size": layer.size}})

@@ -10,7 +10,7 @@ import http.server
 import io
 import threading
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -115,6 +115,11 @@ class CountingProxy:
         # The Range header of each blob GET, per digest ("" for a whole-blob GET).
         self.blob_ranges: dict[str, list[str]] = {}
         self.total_bytes = 0
+        # Every request as it arrives: (method, path, Range header or "").
+        self.arrived: list[tuple[str, str, str]] = []
+        # Called with each request's (method, path, Range) before it is forwarded; it may
+        # hold the request by not returning.
+        self.before: Callable[[str, str, str], None] | None = None
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -147,6 +152,12 @@ class CountingProxy:
         self._server.server_close()
 
     def _forward(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        request = (handler.command, urllib.parse.urlsplit(handler.path).path,
+                   handler.headers.get("Range", ""))  # fmt: skip
+        with self._lock:
+            self.arrived.append(request)
+        if self.before is not None:
+            self.before(*request)
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else None
         headers = {

@@ -296,6 +296,38 @@ def test_a_pull_the_daemon_cannot_do_fails_with_its_reason(stack: Stack, images:
     assert stack.ctr("images", "ls", "-q") == ""
 
 
+def test_the_daemon_reads_the_layers_tocs_while_the_config_comes(
+    stack: Stack, images: Images
+) -> None:
+    lazy = images.lazy
+    layers = {f"/blobs/{layer.digest}" for layer in lazy.layers}
+    held: list[bool] = []
+
+    def hold_the_config(method: str, path: str, range_: str) -> None:
+        # The config is the one whole blob GET that is not a layer's: hold it until every
+        # layer's footer and TOC have been asked for (or 10 s), and note which it was.
+        if method != "GET" or "/blobs/" not in path or range_ or path.endswith(tuple(layers)):
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            asked = {p for m, p, r in images.proxy.arrived if m == "GET" and r}
+            if all(any(p.endswith(layer) for p in asked) for layer in layers):
+                held.append(True)
+                return
+            time.sleep(0.01)
+        held.append(False)
+
+    images.proxy.before = hold_the_config
+    try:
+        assert stack.pull(lazy).count(": lazy (") == 2
+    finally:
+        images.proxy.before = None
+    assert held == [True]
+    assert stack.run(lazy, "toc-ahead", "/bin/busybox", "echo", "hello") == "hello\n"
+    remove_image(stack, lazy)
+    assert_clean(stack)
+
+
 def test_plain_and_mixed_images_run_through_the_fallback(stack: Stack, images: Images) -> None:
     plain, mixed = images.plain, images.mixed
     assert stack.pull(plain).count(": unpacked (") == 2
