@@ -121,6 +121,7 @@ class ExportTable:
         image = LayerImage(
             name, layer_dir / INDEX_FILE, extents, reader, self.cache,
             on_demand_fetch=self._demand, policy=self.fetch,
+            prioritized_end=record.prefetch_end or 0,
             trace=_trace_log(self.trace / name) if self.trace is not None else None,
         )  # fmt: skip
         self._demand()

@@ -130,12 +130,16 @@ class LayerImage:
         *,
         on_demand_fetch: Callable[[], None] | None = None,
         policy: FetchPolicy = FetchPolicy(),
+        prioritized_end: int = 0,
         trace: Callable[[str], None] | None = None,
     ) -> None:
         """``on_demand_fetch`` is called whenever a read has to fetch from the blob;
-        ``policy`` says what such a read fetches besides what it lacks; ``trace`` gets
-        the name of each file at the first read of its data (metadata reads never count)."""
+        ``policy`` says what such a read fetches besides what it lacks;
+        ``prioritized_end`` is the blob offset where the layer's prioritised files end
+        (its prefetch landmark; 0 for none); ``trace`` gets the name of each file at the
+        first read of its data (metadata reads never count)."""
         self.policy = policy
+        self.prioritized_end = prioritized_end
         self._trace = trace
         self._traced = bytearray(extents.extent_count) if trace is not None else None
         # Extents whose whole file, and directories whose window, a read has planned to
@@ -295,11 +299,18 @@ class LayerImage:
         or cached, so its chunks are not looked at again); and the first time a read
         touches a directory, the files around it in that directory
         (:meth:`_directory_window`).
+
+        A read of the layer's prioritised files guesses nothing beyond them: the image
+        lists what its workload reads, in the order it reads it, so the members along
+        stop at the prioritised region's end, and no directory window is fetched.
         """
         ext = self.extents
         taken = set(needed)
         along: list[int] = []
         limit = min(needed) + self.policy.unit
+        prioritized = max(needed) < self.prioritized_end
+        if prioritized:
+            limit = min(limit, self.prioritized_end)
         j = max(chunks) + 1
         while j < ext.chunk_count:
             chunk = ext.chunk(j)
@@ -317,7 +328,8 @@ class LayerImage:
             span = ext.extent_chunks(i)
             whole = ext.chunk(span[-1]).end - ext.chunk(span[0]).offset
             wanted = [*span] if whole <= self.policy.whole_file_max else []
-            for k in [*wanted, *self._directory_window(i)]:
+            window = [] if prioritized else self._directory_window(i)
+            for k in [*wanted, *window]:
                 chunk = ext.chunk(k)
                 if chunk.offset not in taken and chunk.digest not in self.cache:
                     taken.add(chunk.offset)

@@ -122,8 +122,9 @@ def test_the_rest_of_a_large_file_comes_in_steps_in_blob_order(tmp_path, layer_f
     image.close()
 
 
-def test_the_first_read_in_a_directory_brings_the_files_around_it_in_that_directory(tmp_path):
-    # Two directories of incompressible 40 KB files, one after the other in the blob.
+def two_directories(tmp_path, prioritized=()):
+    """A blob of two directories of incompressible 40 KB files, one after the other, with
+    ``prioritized`` files first; its files by name."""
     rng = random.Random(3)
     files = {f"{d}/f{i:02}": rng.randbytes(40_000) for d in ("other", "pkg") for i in range(12)}
     tar_path = tmp_path / "layer.tar"
@@ -133,7 +134,12 @@ def test_the_first_read_in_a_directory_brings_the_files_around_it_in_that_direct
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     blob = tmp_path / "layer.esgz"
-    build_file(tar_path, blob, BuildOptions(gzip_level=1))
+    build_file(tar_path, blob, BuildOptions(gzip_level=1, prioritized=prioritized))
+    return blob, files
+
+
+def test_the_first_read_in_a_directory_brings_the_files_around_it_in_that_directory(tmp_path):
+    blob, files = two_directories(tmp_path)
     policy = FetchPolicy(unit=0, whole_file_max=0, directory_window=400_000)
     image, toc, emap, source = open_image(blob, tmp_path / "img", policy=policy)
 
@@ -156,4 +162,29 @@ def test_the_first_read_in_a_directory_brings_the_files_around_it_in_that_direct
     image.pread(s, 4096)
     wait_for(lambda: not image._inflight)
     assert not cached("pkg/f00") and not any(cached(f"other/f{i:02}") for i in range(12))
+    image.close()
+
+
+def test_a_read_of_prioritized_files_guesses_nothing_beyond_them(tmp_path):
+    # The image says what its workload reads: pkg/f05 then other/f03, first in the blob.
+    blob, files = two_directories(tmp_path, prioritized=("pkg/f05", "other/f03"))
+    policy = FetchPolicy(unit=400_000, whole_file_max=0, directory_window=400_000)
+    image, toc, emap, source = open_image(blob, tmp_path / "img", policy=policy)
+    assert image.prioritized_end > 0
+
+    def cached() -> set[str]:
+        return {n for n in files if all(c.digest in image.cache for c in toc.lookup(n).chunks)}
+
+    start, size = file_span(emap, toc, "pkg/f05")
+    assert image.pread(start, -(-size // 4096) * 4096)[:size] == files["pkg/f05"]
+    wait_for(lambda: not image._inflight)
+    # The next prioritised file came along (the fetch unit reaches it); nothing past the
+    # region's end, and no window of pkg/'s other files.
+    assert cached() == {"pkg/f05", "other/f03"}
+    assert source.requests == 1
+    # A read outside the region guesses as before: its directory's files around it.
+    start, size = file_span(emap, toc, "pkg/f08")
+    assert image.pread(start, -(-size // 4096) * 4096)[:size] == files["pkg/f08"]
+    wait_for(lambda: not image._inflight)
+    assert {f"pkg/f{i:02}" for i in (7, 9)} <= cached()
     image.close()

@@ -45,6 +45,7 @@ def open_image(blob_path, tmp_path, *, toc_digest=None, cache_bytes=0, policy=No
         BlobChunkReader(source, record.compression),
         cache,
         policy=policy or FetchPolicy.exact(),
+        prioritized_end=record.prefetch_end or 0,
     )
     return image, reader.toc, emap, source
 
