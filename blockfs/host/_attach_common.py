@@ -6,6 +6,7 @@ the NBD server's failures.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -22,6 +23,8 @@ P = ParamSpec("P")
 
 # How long a device or an nbdfuse process may take to become ready, and how often to look.
 READY_TIMEOUT = 30.0
+# EROFS's mount option for reading a backing file with direct I/O (file-backed mounts).
+DIRECT_IO = "directio"
 POLL = 0.02
 
 # How EROFS is mounted: on the nbd device, on the nbdfuse file, or on a loop device over it.
@@ -105,11 +108,36 @@ def push_undo(
     undo.callback(run)
 
 
-def mount_erofs(source: str, mountpoint: str, *, export: str, undo: contextlib.ExitStack) -> None:
+def mount_erofs(
+    source: str,
+    mountpoint: str,
+    *,
+    export: str,
+    undo: contextlib.ExitStack,
+    direct_io: bool = False,
+) -> None:
     """Mount ``source`` (a block device, or a file where the kernel can) read-only as EROFS
-    on ``mountpoint``; ``undo`` gets the unmount."""
+    on ``mountpoint``; ``undo`` gets the unmount.
+
+    ``direct_io`` (a file-backed mount): EROFS reads its file with direct I/O, where its
+    ``directio`` option exists. Through the file's page cache, whose readahead takes the
+    image's blocks in order once reads look sequential, a read of a file would also read
+    the files after it in the image, each a fetch from the registry; with direct I/O,
+    each read is what EROFS asks for, within the file read (its own readahead stops at
+    the file's end), as on a block device.
+    """
     try:
-        mounts.mount(source, mountpoint, "erofs", mounts.MS_RDONLY)
+        try:
+            mounts.mount(
+                source, mountpoint, "erofs", mounts.MS_RDONLY, DIRECT_IO if direct_io else None
+            )
+        except mounts.MountError as e:
+            if not direct_io or e.errno != errno.EINVAL:
+                raise
+            # An EROFS without the option: the file's page cache reads ahead.
+            log.info("EROFS has no %s option here: %s is read through its page cache",
+                     DIRECT_IO, source)  # fmt: skip
+            mounts.mount(source, mountpoint, "erofs", mounts.MS_RDONLY)
     except mounts.MountError as e:
         raise ErofsMountError(source, e, export=export, mountpoint=mountpoint) from e
     push_undo(undo, mounts.umount, mountpoint)

@@ -124,7 +124,7 @@ def attach(
     )
     if mount_method != "loop":
         try:
-            mount_erofs(image, mountpoint, export=export, undo=undo)
+            mount_erofs(image, mountpoint, export=export, undo=undo, direct_io=True)
             return made(image, image, "file-backed")
         except ErofsMountError as e:
             # ENOTBLK: this kernel's EROFS only mounts block devices (no file-backed mounts).

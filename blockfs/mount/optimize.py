@@ -48,7 +48,6 @@ from blockfs.convert import (
     rewrite_with_profile,
 )
 from blockfs.errors import BlockfsError
-from blockfs.host import mounts
 from blockfs.host.attach import AUTO, AttachChoice
 from blockfs.host.sandbox import SandboxResult, SandboxSpec, run_sandboxed
 from blockfs.mount.image import ImageMount, ImageMountError, mount_image, umount_image
@@ -58,7 +57,6 @@ log = logging.getLogger("blockfs.optimize")
 
 DEFAULT_PERIOD = 10.0
 _STAGING_TAG = "profile"
-_MS_REMOUNT = 32
 _UNMOUNT_ATTEMPTS = 20
 
 
@@ -253,7 +251,6 @@ def profile_workload(
             trace=str(work / "trace"),
         )
         try:
-            _no_readahead(mounted)
             progress.note(f"running {workload.describe()} for up to {period:g} s")
             outcome = run_sandboxed(
                 SandboxSpec(str(work / "rootfs"), workload.argv, workload.env, workload.cwd,
@@ -288,31 +285,6 @@ def _outcome_json(outcome: SandboxResult) -> dict[str, Any]:
         "timed_out": outcome.timed_out,
         "seconds": round(outcome.seconds, 3),
     }
-
-
-def _no_readahead(mounted: ImageMount) -> None:
-    """Remount each file-backed EROFS layer with ``directio``.
-
-    A file-backed EROFS mount reads its backing file (nbdfuse's) through that file's page
-    cache, whose readahead, once reads look sequential, also reads the extents of the
-    files that follow: the trace would name files the workload never read. With direct
-    I/O each request is what EROFS asked for. (Kernel NBD devices need nothing: EROFS
-    reads a file's blocks with its own readahead, bounded by the file. A loop device,
-    where file-backed mounts are missing, cannot be changed here.)
-    """
-    for layer in mounted.layers:
-        attachment = layer.attachment
-        if attachment is None or attachment.mount_method != "file-backed":
-            continue
-        try:
-            mounts.mount("", layer.path, "erofs", mounts.MS_RDONLY | _MS_REMOUNT, "directio")
-        except mounts.MountError as e:
-            log.warning(
-                "cannot remount layer %s with directio (%s): readahead may add files that "
-                "follow those read to the profile",
-                layer.digest,
-                e,
-            )
 
 
 def _unmount(mounted: ImageMount, root: str) -> None:
