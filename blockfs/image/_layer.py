@@ -29,6 +29,9 @@ PREFETCH_BATCH = 4 << 20
 # bytes each of their requests asks for.
 BACKGROUND_FETCHERS = 4
 BACKGROUND_STEP = 1 << 20
+# How far from a file read, in directory windows of compressed span, the files fetched
+# around it may lie (large files passed over still cost the search a look).
+WINDOW_REACH = 4
 # Times a member is fetched, in all, before bytes that fail verification fail the read: a
 # 206 body damaged on the way must not become a permanent I/O error, but bytes that are
 # wrong at the source are not fetched for ever.
@@ -337,9 +340,17 @@ class LayerImage:
         return along, later
 
     def _directory_window(self, i: int) -> list[int]:
-        """The chunks of the files of extent ``i``'s directory around it in the blob (up to
-        half the policy's ``directory_window`` of compressed span on each side, each file
-        whole or not at all), the first time a read touches that directory; else none."""
+        """The chunks of the files of extent ``i``'s directory around it in the blob, the
+        first time a read touches that directory; else none.
+
+        On each side, files are taken whole, nearest first, until they add up to half the
+        policy's ``directory_window`` of compressed span. A file larger than the fetch
+        unit is passed over: fetched on a guess, it would cost more time on the link than
+        the round trip it might save (the unit is about the link's bandwidth-delay
+        product); a process that needs it pays one round trip and then gets it at full
+        speed. The search on each side ends where the directory does, or
+        :data:`WINDOW_REACH` times the window away in the blob.
+        """
         half = self.policy.directory_window // 2
         if half <= 0:
             return []
@@ -348,17 +359,27 @@ class LayerImage:
         if directory in self._dirs_planned:
             return []
         self._dirs_planned.add(directory)
+        own = ext.extent_chunks(i)
+        if not own:
+            return []
+        reach = WINDOW_REACH * self.policy.directory_window
+        low, high = ext.chunk(own[0]).offset - reach, ext.chunk(own[-1]).end + reach
         chunks: list[int] = []
         for step in (1, -1):
-            span = 0
+            taken = 0
             j = i + step
             while 0 <= j < ext.extent_count and os.path.dirname(ext.extent_name(j)) == directory:
-                own = ext.extent_chunks(j)
-                if own:
-                    span += ext.chunk(own[-1]).end - ext.chunk(own[0]).offset
-                    if span > half:
+                span = ext.extent_chunks(j)
+                if span:
+                    first, last = ext.chunk(span[0]), ext.chunk(span[-1])
+                    if first.offset < low or last.end > high:
                         break
-                    chunks.extend(own)
+                    size = last.end - first.offset
+                    if size <= self.policy.unit:
+                        taken += size
+                        if taken > half:
+                            break
+                        chunks.extend(span)
                 j += step
         return chunks
 

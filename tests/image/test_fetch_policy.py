@@ -122,11 +122,12 @@ def test_the_rest_of_a_large_file_comes_in_steps_in_blob_order(tmp_path, layer_f
     image.close()
 
 
-def two_directories(tmp_path, prioritized=()):
-    """A blob of two directories of incompressible 40 KB files, one after the other, with
-    ``prioritized`` files first; its files by name."""
+def two_directories(tmp_path, prioritized=(), large=()):
+    """A blob of two directories of incompressible 40 KB files (200 KB for those in
+    ``large``), one after the other, with ``prioritized`` files first; its files by name."""
     rng = random.Random(3)
-    files = {f"{d}/f{i:02}": rng.randbytes(40_000) for d in ("other", "pkg") for i in range(12)}
+    names = [f"{d}/f{i:02}" for d in ("other", "pkg") for i in range(12)]
+    files = {name: rng.randbytes(200_000 if name in large else 40_000) for name in names}
     tar_path = tmp_path / "layer.tar"
     with tarfile.open(tar_path, "w") as tar:
         for name, data in files.items():
@@ -140,7 +141,7 @@ def two_directories(tmp_path, prioritized=()):
 
 def test_the_first_read_in_a_directory_brings_the_files_around_it_in_that_directory(tmp_path):
     blob, files = two_directories(tmp_path)
-    policy = FetchPolicy(unit=0, whole_file_max=0, directory_window=400_000)
+    policy = FetchPolicy(unit=50_000, whole_file_max=0, directory_window=400_000)
     image, toc, emap, source = open_image(blob, tmp_path / "img", policy=policy)
 
     def cached(name: str) -> bool:
@@ -162,6 +163,20 @@ def test_the_first_read_in_a_directory_brings_the_files_around_it_in_that_direct
     image.pread(s, 4096)
     wait_for(lambda: not image._inflight)
     assert not cached("pkg/f00") and not any(cached(f"other/f{i:02}") for i in range(12))
+    image.close()
+
+
+def test_the_directory_window_passes_over_files_larger_than_the_fetch_unit(tmp_path):
+    blob, files = two_directories(tmp_path, large=("pkg/f04", "pkg/f06"))
+    policy = FetchPolicy(unit=100_000, whole_file_max=0, directory_window=400_000)
+    image, toc, emap, _ = open_image(blob, tmp_path / "img", policy=policy)
+    start, size = file_span(emap, toc, "pkg/f05")
+    assert image.pread(start, -(-size // 4096) * 4096)[:size] == files["pkg/f05"]
+    wait_for(lambda: not image._inflight)
+    came = {n for n in files if all(c.digest in image.cache for c in toc.lookup(n).chunks)}
+    # The small files on both sides came, the large ones between them did not.
+    assert {"pkg/f02", "pkg/f03", "pkg/f07", "pkg/f08"} <= came
+    assert not came & {"pkg/f04", "pkg/f06"}
     image.close()
 
 
