@@ -6,7 +6,8 @@ Example ``/etc/blockfs/config.toml`` (every key is optional; these are the defau
     address = "/var/lib/blockfs/run/snapshotter.sock"   # default: ROOT/run/snapshotter.sock
     hosts_dir = "/etc/containerd/certs.d"               # registry hosts.toml files
     cache_size = "10G"                                  # chunk cache limit on disk
-    prefetch = true                                     # fetch prioritised files at mount
+    prefetch = true                                     # fetch prioritised files at mount,
+                                                        # and a pulled image's command
     background_fetch = false                            # then fetch the rest of each layer
     attach = "auto"                                     # "auto", "nbd" or "nbdfuse"
     log_level = "info"                                  # "debug", "info", "warning", "error"
@@ -127,7 +128,11 @@ class SnapshotterConfig:
     )
     prefetch: bool = attrs.field(
         default=True,
-        metadata=_key(_bool, "fetch a layer's prioritised files when it is mounted (default: on)"),
+        metadata=_key(
+            _bool,
+            "fetch a layer's prioritised files when it is mounted, and the command of an "
+            "image pulled through the daemon (default: on)",
+        ),
     )
     background_fetch: bool = attrs.field(
         default=False,

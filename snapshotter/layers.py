@@ -34,7 +34,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -66,11 +66,14 @@ from blockfs.image import (
     LayerRecord,
     ServerConfig,
     SourceSpec,
+    fetch_range,
+    find_command,
     forget_export,
     index_layer,
     open_export,
     query_stats,
 )
+from blockfs.oci import ProcessConfig
 from snapshotter.remote import RemoteLayer, layer_name, sibling_source
 from snapshotter.store import mounts_under
 
@@ -487,6 +490,61 @@ class LayerManager:
                 future = self._ahead_pool.submit(self._read_toc, name, spec, None)
                 future.add_done_callback(functools.partial(self._then_attach, name))
                 self._ahead[name] = future
+
+    def fetch_command_ahead(self, digests: Sequence[str], process: ProcessConfig) -> None:
+        """Fetch, in the background, the executable a container of an image starts with
+        (its Entrypoint and Cmd, looked up as ``execvp`` would in its layers).
+
+        ``digests`` are the image's layers, top first, whose footers and TOCs
+        :meth:`read_ahead` is reading. The executable is found in those TOCs (no layer
+        needs to be mounted), its layer is indexed if it is not yet, and the NBD server
+        fetches its members in one request while the pull goes on: it is the first file
+        a container reads, often a large one, and without this its first page fault
+        would wait for it. Nothing happens without the prefetch setting, or when a TOC
+        was not read ahead.
+        """
+        if not self.server.config.prefetch:
+            return
+        with self._lock:
+            futures = [self._ahead.get(layer_name(d)) for d in digests]
+        if not futures or any(f is None for f in futures):
+            return
+        names = [layer_name(d) for d in digests]
+        with contextlib.suppress(RuntimeError):  # shut down meanwhile
+            self._ahead_pool.submit(
+                self._fetch_command, names, [f for f in futures if f is not None], process
+            )
+
+    def _fetch_command(
+        self, names: Sequence[str], futures: Sequence[Future[_Resolved]], process: ProcessConfig
+    ) -> None:
+        try:
+            resolved = [f.result() for f in futures]
+        except Exception:
+            return  # the layer's own Prepare reads its TOC again and says why it fails
+        found = find_command([r.reader.toc for r in resolved], process)
+        span = None if found is None else found.span
+        if found is None or span is None:
+            log.debug("no command to fetch ahead", extra={"argv": list(process.argv)})
+            return
+        name = names[found.layer]
+        with self.holding(name):
+            if not (self.layer_dir(name) / LAYER_JSON).exists():
+                try:
+                    self._write_index(name, resolved[found.layer])
+                except (LayerUnavailable, OSError):
+                    self._teardown(name)
+                    return  # its own Prepare tries again and says why
+        try:
+            self._ensure_server()
+            fetch_range(str(self.control_socket), name, *span)
+        except (ControlError, NBDServerError) as e:
+            log.info("cannot fetch the command ahead", extra={"layer": name, "error": str(e)})
+            return
+        log.info(
+            "fetching the command ahead",
+            extra={"layer": name, "file": found.entry.name, "bytes": span[1] - span[0]},
+        )
 
     def _then_attach(self, name: str, toc: Future[_Resolved]) -> None:
         if toc.cancelled() or toc.exception() is not None:

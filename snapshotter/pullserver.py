@@ -150,6 +150,10 @@ class PullServer:
             )
 
         image = resolve_image(registry, ref, wanted, on_manifest=read_ahead)
+        # The image's command is the first file a container of it reads.
+        self._layers.fetch_command_ahead(
+            [layer.digest for layer in reversed(image.manifest.layers)], image.config.process
+        )
 
         def report(layer: PulledLayer) -> None:
             send({"layer": {"digest": layer.digest, "lazy": layer.lazy, "size": layer.size}})

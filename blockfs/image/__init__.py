@@ -3,6 +3,7 @@
 from blockfs.image._control import (
     ControlError,
     ControlServer,
+    fetch_range,
     forget_export,
     open_export,
     query_stats,
@@ -39,6 +40,7 @@ from blockfs.image._sources import (
     open_blob,
     registry_source_spec,
 )
+from blockfs.image._stack import FoundFile, find_command, find_file
 
 __all__ = [
     "EXTENTS_FILE",
@@ -56,6 +58,7 @@ __all__ = [
     "ExtentMap",
     "ExtentMapError",
     "FetchPolicy",
+    "FoundFile",
     "ImageReadError",
     "LayerImage",
     "LayerRecord",
@@ -69,7 +72,10 @@ __all__ = [
     "blob_source_spec",
     "check_export_name",
     "docker_config_path",
+    "fetch_range",
     "file_source_spec",
+    "find_command",
+    "find_file",
     "forget_export",
     "index_layer",
     "open_blob",

@@ -1,11 +1,12 @@
 """A tiny unix-socket endpoint that reports the statistics of the layers a process serves.
 
 The NBD server process runs it in a thread; ``blockfs layer stats`` and the snapshotter's
-metrics read it. One request per connection: a line ``VERB [NAME]``, answered with one
+metrics read it. One request per connection: a line ``VERB [ARG...]``, answered with one
 JSON document. Verbs: ``stats [NAME]`` (statistics of one export or all), ``open NAME``
 (open an export before its first read, so that its prefetch starts while the layer is
-still being attached) and ``forget NAME`` (drop a released export from the server's
-memory).
+still being attached), ``fetch NAME START END`` (fetch the members of the blob range
+``[START, END)`` in the background, as a prefetch does) and ``forget NAME`` (drop a
+released export from the server's memory).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 
 from blockfs.errors import BlockfsError
 
-Handler = Callable[[str | None], dict[str, Any]]
+# Called with the words after the verb; a wrong number of them is a TypeError, reported.
+Handler = Callable[..., dict[str, Any]]
 
 
 class ControlError(BlockfsError):
@@ -28,7 +30,8 @@ class ControlError(BlockfsError):
 
 
 class ControlServer:
-    """Answers ``VERB [NAME]`` with ``handlers[VERB](NAME)`` as JSON on the unix socket ``path``."""
+    """Answers ``VERB [ARG...]`` with ``handlers[VERB](*ARGS)`` as JSON on the unix socket
+    ``path``."""
 
     def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
         self.path = path
@@ -56,7 +59,7 @@ class ControlServer:
                     if handler is None:
                         reply: dict[str, Any] = {"error": f"unknown request {line[:1]}"}
                     else:
-                        reply = handler(line[1] if len(line) > 1 else None)
+                        reply = handler(*line[1:])
                 except Exception as exc:  # report, never kill the serving thread
                     reply = {"error": str(exc)}
                 with contextlib.suppress(OSError):
@@ -76,6 +79,12 @@ def query_stats(path: str, name: str | None = None, timeout: float = 5.0) -> dic
 def open_export(path: str, name: str, timeout: float = 5.0) -> None:
     """Tell the server at ``path`` to open export ``name`` now (its prefetch starts)."""
     _request(path, f"open {name}", timeout)
+
+
+def fetch_range(path: str, name: str, start: int, end: int, timeout: float = 5.0) -> None:
+    """Tell the server at ``path`` to fetch the members of export ``name`` whose compressed
+    bytes lie in ``[start, end)`` in the background (opening the export if need be)."""
+    _request(path, f"fetch {name} {start} {end}", timeout)
 
 
 def forget_export(path: str, name: str, timeout: float = 5.0) -> None:

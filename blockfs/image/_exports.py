@@ -159,6 +159,16 @@ class ExportTable:
             self._stop.wait(self.background_idle - quiet)
         return False
 
+    def fetch_range(self, name: str, start: int, end: int) -> None:
+        """Fetch the members of export ``name`` (opened if need be) whose compressed bytes
+        lie in ``[start, end)``, in a thread of its own, as a prefetch: one request per
+        16 MiB, and a read of one of them waits for it."""
+        image = self.open(name)
+        threading.Thread(
+            target=image.prefetch, args=(end, self._stop), kwargs={"start": start},
+            name=f"fetch-{name}", daemon=True,
+        ).start()  # fmt: skip
+
     def forget(self, name: str) -> None:
         """Drop export ``name`` from memory (its directory is left alone)."""
         with self._lock:

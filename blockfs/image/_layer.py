@@ -588,8 +588,10 @@ class LayerImage:
         stop: threading.Event | None = None,
         *,
         pace: Callable[[], bool] | None = None,
+        start: int = 0,
     ) -> int:
-        """Fetch into the cache every chunk whose member starts below blob offset ``end``.
+        """Fetch into the cache every chunk whose member starts in blob offsets
+        ``[start, end)``.
 
         Without ``pace`` (the prioritised files, as a layer opens), every member is
         claimed at once and fetched with as few requests as the reader makes (one per
@@ -601,13 +603,13 @@ class LayerImage:
         on-demand reads.
         """
         if pace is None:
-            region = [off for batch in self._uncached_batches(end, stop) for off in batch]
+            region = [off for batch in self._uncached_batches(start, end, stop) for off in batch]
             owned, _ = self._claim(region)
             with contextlib.suppress(BlockfsError):
                 self._fetch_claimed(owned)
             return sum(1 for f in owned.values() if f.exception() is None)
         fetched = 0
-        for batch in self._uncached_batches(end, stop):
+        for batch in self._uncached_batches(start, end, stop):
             if not pace():
                 break
             try:
@@ -617,8 +619,10 @@ class LayerImage:
                 continue
         return fetched
 
-    def _uncached_batches(self, end: int, stop: threading.Event | None) -> Iterator[list[int]]:
-        """Offsets of the members below ``end`` not cached yet, in batches of about
+    def _uncached_batches(
+        self, start: int, end: int, stop: threading.Event | None
+    ) -> Iterator[list[int]]:
+        """Offsets of the members in ``[start, end)`` not cached yet, in batches of about
         :data:`PREFETCH_BATCH` compressed bytes (looked at as each batch is asked for)."""
         batch: list[int] = []
         batch_bytes = 0
@@ -628,6 +632,8 @@ class LayerImage:
                 return
             if off >= end:
                 break
+            if off < start:
+                continue
             members = self.extents.chunks_in_member(off)
             if all(self.extents.chunk(k).digest in self.cache for k in members):
                 continue

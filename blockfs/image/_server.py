@@ -130,19 +130,30 @@ class ServedLayers:
         self.control = (
             ControlServer(
                 str(config.control),
-                {"stats": self.exports.stats, "open": self._open, "forget": self._forget},
+                {
+                    "stats": self.exports.stats,
+                    "open": self._open,
+                    "fetch": self._fetch,
+                    "forget": self._forget,
+                },
             )
             if config.control
             else None
         )
 
-    def _open(self, name: str | None) -> dict[str, Any]:
+    def _open(self, name: str | None = None) -> dict[str, Any]:
         if name is None:
             return {"error": "open needs an export name"}
         self.exports.open(name)
         return {"opened": name}
 
-    def _forget(self, name: str | None) -> dict[str, Any]:
+    def _fetch(self, name: str = "", start: str = "", end: str = "") -> dict[str, Any]:
+        if not (name and start.isdigit() and end.isdigit()):
+            return {"error": "fetch needs an export name and a blob range: fetch NAME START END"}
+        self.exports.fetch_range(name, int(start), int(end))
+        return {"fetching": name, "start": int(start), "end": int(end)}
+
+    def _forget(self, name: str | None = None) -> dict[str, Any]:
         if name is None:
             return {"error": "forget needs an export name"}
         self.exports.forget(name)

@@ -104,23 +104,22 @@ class Overrides:
 
 def workload_of(config: ImageConfig, overrides: Overrides = Overrides()) -> Workload:
     """The workload an image config describes, with ``overrides`` applied."""
-    settings = config.to_json().get("config") or {}
-    entrypoint = _strings(settings.get("Entrypoint"))
-    cmd = _strings(settings.get("Cmd"))
+    process = config.process
+    entrypoint, cmd = list(process.entrypoint), list(process.cmd)
     if overrides.entrypoint is not None:
         entrypoint = [overrides.entrypoint] if overrides.entrypoint else []
         cmd = []
     if overrides.cmd is not None:
         cmd = list(overrides.cmd)
     env: dict[str, str] = {}
-    for item in [*_strings(settings.get("Env")), *overrides.env]:
+    for item in [*process.env, *overrides.env]:
         key, sep, value = item.partition("=")
         if not key or not sep:
             raise OptimizeError(f"environment entry {item!r} is not KEY=VALUE")
         env.pop(key, None)
         env[key] = value
-    workdir = overrides.workdir if overrides.workdir is not None else settings.get("WorkingDir")
-    user = overrides.user if overrides.user is not None else settings.get("User")
+    workdir = overrides.workdir if overrides.workdir is not None else process.working_dir
+    user = overrides.user if overrides.user is not None else process.user
     argv = [*entrypoint, *cmd]
     if not argv:
         raise OptimizeError(
@@ -130,14 +129,6 @@ def workload_of(config: ImageConfig, overrides: Overrides = Overrides()) -> Work
     if not workdir.startswith("/"):
         raise OptimizeError(f"the working directory {workdir!r} must be absolute")
     return Workload(argv, [f"{k}={v}" for k, v in env.items()], workdir, str(user or ""))
-
-
-def _strings(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    return [str(v) for v in value]
 
 
 @attrs.frozen

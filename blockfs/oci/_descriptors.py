@@ -382,6 +382,43 @@ def _deep_copy(value: Mapping[str, Any]) -> dict[str, Any]:
     return copy.deepcopy(dict(value))
 
 
+def _strings(value: Any) -> tuple[str, ...]:
+    # Lenient, as runtimes are: a bare string is one item.
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(str(v) for v in value)
+    raise InvalidDocument(f"image config: expected a list of strings, not {value!r}")
+
+
+@attrs.frozen
+class ProcessConfig:
+    """What an image config says to run: the Entrypoint, Cmd, Env, WorkingDir and User of
+    its ``config`` object (empty where it says nothing)."""
+
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    working_dir: str = ""
+    user: str = ""
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        """The command a container runs unless told otherwise: Entrypoint, then Cmd."""
+        return (*self.entrypoint, *self.cmd)
+
+    def env_value(self, key: str) -> str | None:
+        """The value of ``key`` in Env (the last entry for it), or None."""
+        value = None
+        for item in self.env:
+            name, sep, rest = item.partition("=")
+            if sep and name == key:
+                value = rest
+        return value
+
+
 @attrs.frozen(slots=True, hash=False)
 class ImageConfig:
     """An image config: the whole JSON object is kept, with accessors for what we use."""
@@ -424,6 +461,20 @@ class ImageConfig:
         if rootfs is None:
             return ()
         return get_str_list(as_object(rootfs, "image config rootfs"), "diff_ids", "rootfs")
+
+    @property
+    def process(self) -> ProcessConfig:
+        """What the config says to run."""
+        settings = self._data.get("config") or {}
+        if not isinstance(settings, Mapping):
+            raise InvalidDocument("image config: 'config' must be an object")
+        return ProcessConfig(
+            entrypoint=_strings(settings.get("Entrypoint")),
+            cmd=_strings(settings.get("Cmd")),
+            env=_strings(settings.get("Env")),
+            working_dir=str(settings.get("WorkingDir") or ""),
+            user=str(settings.get("User") or ""),
+        )
 
     @property
     def platform(self) -> Platform:

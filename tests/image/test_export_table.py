@@ -13,6 +13,7 @@ from blockfs.image import (
     LayerStateError,
     ServedLayers,
     ServerConfig,
+    fetch_range,
     forget_export,
     index_layer,
     open_export,
@@ -153,5 +154,26 @@ def test_open_over_the_control_socket_opens_the_export_and_starts_its_prefetch(t
             time.sleep(0.05)
         with pytest.raises(ControlError, match="not an indexed layer"):
             open_export(str(control), "missing")
+    finally:
+        served.close()
+
+
+def test_fetch_over_the_control_socket_fetches_one_file_in_one_request(tmp_path):
+    served, control = serve_one_layer(tmp_path)
+    try:
+        toc = BlobReader.open(FileBlobSource(TESTDATA / "gzip-64k.esgz")).toc
+        chunks = toc.lookup("usr/lib/libbig.so").chunks
+        start, end = chunks[0].offset, max(c.end for c in chunks)
+        fetch_range(str(control), "l", start, end)  # opens the export, no read of it
+        deadline = time.monotonic() + 30
+        while not all(c.digest in served.cache for c in chunks):
+            assert time.monotonic() < deadline, "the file was not fetched"
+            time.sleep(0.05)
+        stats = query_stats(str(control), "l")["layers"]["l"]
+        assert stats["range_requests"] == 1
+        # Nothing outside the range came.
+        assert stats["members_fetched"] == len({c.offset for c in chunks})
+        with pytest.raises(ControlError, match="fetch NAME START END"):
+            fetch_range(str(control), "l", -1, end)
     finally:
         served.close()

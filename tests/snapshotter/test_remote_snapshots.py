@@ -328,6 +328,42 @@ def test_the_daemon_reads_the_layers_tocs_while_the_config_comes(
     assert_clean(stack)
 
 
+def test_a_pull_fetches_the_image_command_before_a_container_runs(
+    stack: Stack, images: Images
+) -> None:
+    lazy = images.lazy  # Cmd /bin/busybox, the whole of its bottom layer
+    busybox_layer = lazy.layers[0].digest
+    images.proxy.reset()
+    stack.pull(lazy)
+    deadline = time.monotonic() + 30
+    while not (
+        fetched := [
+            r
+            for r in stack.snapshotter.log_records()
+            if r.get("msg") == "fetching the command ahead"
+        ]
+    ):
+        assert time.monotonic() < deadline, "the daemon did not fetch the command"
+        time.sleep(0.05)
+    [record] = fetched[-1:]
+    assert record["file"] == "bin/busybox"
+    assert record["layer"] == f"sha256-{busybox_layer.split(':')[1]}"
+    # One range request for the whole executable, besides the footer and TOC read.
+    while images.proxy.blob_bytes.get(busybox_layer, 0) < record["bytes"]:
+        assert time.monotonic() < deadline, images.proxy.blob_ranges
+        time.sleep(0.05)
+    # (The footer and TOC read is the one that ends at the blob's end.)
+    tail = f"-{len(lazy.layers[0].blob) - 1}"
+    ranges = images.proxy.blob_ranges[busybox_layer]
+    assert len([r for r in ranges if not r.endswith(tail)]) == 1, ranges
+    before = images.proxy.blob_bytes[busybox_layer]
+    # The container finds it cached: its layer costs no more requests.
+    assert stack.run(lazy, "command-ahead", "/bin/busybox", "echo", "hello") == "hello\n"
+    assert images.proxy.blob_bytes[busybox_layer] == before
+    remove_image(stack, lazy)
+    assert_clean(stack)
+
+
 def test_plain_and_mixed_images_run_through_the_fallback(stack: Stack, images: Images) -> None:
     plain, mixed = images.plain, images.mixed
     assert stack.pull(plain).count(": unpacked (") == 2

@@ -1,0 +1,123 @@
+"""Where a path of an image lies, found in its layers' TOCs as overlayfs would find it in
+the mounted layers: the files a container will read can be named before any layer is
+mounted.
+
+The layers are given top first. A name is taken from the highest layer that has it,
+unless a layer above hides it: a whiteout (``.wh.NAME``) of it or of a directory above
+it, an opaque marker (``.wh..wh..opq``) in a directory above it, or something other than
+a directory where one of its parent directories should be. Symbolic links are followed
+in every component, as path resolution does (relative to the directory holding them,
+or from the root), up to :data:`MAX_SYMLINKS`.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Sequence
+
+import attrs
+
+from blockfs.estargz import TOC, Entry
+from blockfs.oci import ProcessConfig
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+# As Linux's path resolution (MAXSYMLINKS).
+MAX_SYMLINKS = 40
+# runc's PATH when the image sets none.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@attrs.frozen
+class FoundFile:
+    """A regular file of a stacked image: the index of its layer (0 is the top) and its
+    TOC entry (for a hard link, the entry that holds the data)."""
+
+    layer: int
+    entry: Entry
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        """The compressed range ``[start, end)`` of its data in the layer's blob; None for
+        an empty file."""
+        chunks = self.entry.chunks
+        if not chunks:
+            return None
+        return chunks[0].offset, max(c.end for c in chunks)
+
+
+def find_file(tocs: Sequence[TOC], path: str) -> FoundFile | None:
+    """The regular file that absolute ``path`` names in the image of ``tocs`` (top layer
+    first); None when it names nothing, or something other than a regular file."""
+    pending = _parts(path)
+    resolved: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        found = _lookup(tocs, "/".join([*resolved, part]))
+        if found is None:
+            return None
+        if found.entry.type == "symlink":
+            links += 1
+            if links > MAX_SYMLINKS:
+                return None
+            target = found.entry.link_name
+            if target.startswith("/"):
+                resolved = []
+            pending = _parts(target) + pending
+        elif pending:
+            if found.entry.type != "dir":
+                return None
+            resolved.append(part)
+        else:
+            return found if found.entry.type == "reg" else None
+    return None
+
+
+def find_command(tocs: Sequence[TOC], process: ProcessConfig) -> FoundFile | None:
+    """The executable a container of the image starts with, unless told otherwise: the
+    first word of Entrypoint and Cmd, looked up as ``execvp`` does (a name without a
+    slash in each directory of the image's PATH; a relative path from WorkingDir)."""
+    if not process.argv or not process.argv[0]:
+        return None
+    command = process.argv[0]
+    if "/" in command:
+        return find_file(tocs, posixpath.join("/", process.working_dir or "/", command))
+    search = process.env_value("PATH")
+    for directory in (DEFAULT_PATH if search is None else search).split(":"):
+        found = find_file(tocs, posixpath.join("/", directory or ".", command))
+        if found is not None and found.entry.mode & 0o111:
+            return found
+    return None
+
+
+def _parts(path: str) -> list[str]:
+    return [p for p in path.split("/") if p not in ("", ".")]
+
+
+def _lookup(tocs: Sequence[TOC], name: str) -> FoundFile | None:
+    """The entry at ``name`` (a path whose directories are resolved) in the highest layer
+    that has it and that nothing above hides."""
+    parts = name.split("/")
+    for layer, toc in enumerate(tocs):
+        nodes = toc.nodes
+        entry = nodes.get(name)
+        if entry is not None:
+            return FoundFile(layer, entry)
+        # Does this layer hide the name in the layers below?
+        for depth in range(len(parts)):
+            above = "/".join(parts[:depth])
+            if posixpath.join(above, WHITEOUT_PREFIX + parts[depth]) in nodes:
+                return None
+            if depth < len(parts) - 1:
+                directory = posixpath.join(above, parts[depth])
+                if posixpath.join(directory, OPAQUE_MARKER) in nodes:
+                    return None
+                holder = nodes.get(directory)
+                if holder is not None and holder.type != "dir":
+                    return None
+    return None
