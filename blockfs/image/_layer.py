@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Protocol
 
 import attrs
@@ -475,29 +475,71 @@ class LayerImage:
 
     def _fetch_quietly(self, owned: dict[int, Future[dict[str, bytes]]]) -> None:
         """Fetch the claimed members in blob order, in steps of about
-        :data:`BACKGROUND_STEP` compressed bytes, one after another: a read waiting for an
-        early part of a large file gets it after the first step, not after the whole file.
+        :data:`BACKGROUND_STEP` compressed bytes: a read waiting for an early part of a
+        large file gets it after the first step, not after the whole file, and a read
+        that needs a member of a step not begun takes it over.
+
+        Each step's request goes out once the first half of the step before it is in,
+        not once all of it is: the link carries the next step's first bytes while the
+        last members of this one arrive and are decoded and verified, instead of
+        standing idle for a round trip and a decode between steps.
         """
         steps: list[dict[int, Future[dict[str, bytes]]]] = [{}]
-        size = 0
+        sizes = [0]
         for off in sorted(owned):
-            if size >= BACKGROUND_STEP:
+            if sizes[-1] >= BACKGROUND_STEP:
                 steps.append({})
-                size = 0
+                sizes.append(0)
             steps[-1][off] = owned[off]
             first = self.extents.chunk(self.extents.chunks_in_member(off)[0])
-            size += first.end - first.offset
+            sizes[-1] += first.end - first.offset
+        running: list[threading.Thread] = []
+        failed: list[BaseException] = []
         for i, step in enumerate(steps):
-            try:
-                self._fetch_claimed(step)
-            except BlockfsError:
-                continue  # its futures carry the error; the next step goes on
-            except BaseException as exc:
-                for rest in steps[i + 1 :]:
-                    self._fetch_claimed_failed(
-                        rest, ImageReadError(f"layer {self.name}: background fetch: {exc}")
-                    )
-                raise
+            if failed:
+                self._fetch_claimed_failed(
+                    step, ImageReadError(f"layer {self.name}: background fetch: {failed[0]}")
+                )
+                continue
+            halfway = self._first_half(step, sizes[i])
+            thread = threading.Thread(
+                target=self._fetch_step, args=(step, failed), name=f"fetch-{self.name}",
+                daemon=True,
+            )  # fmt: skip
+            thread.start()
+            running.append(thread)
+            if i + 1 < len(steps):
+                # The next step waits until this one is half in (or over).
+                _wait_until_settled(halfway, thread)
+        for thread in running:
+            thread.join()
+        if failed:
+            raise failed[0]
+
+    def _fetch_step(
+        self, step: dict[int, Future[dict[str, bytes]]], failed: list[BaseException]
+    ) -> None:
+        try:
+            self._fetch_claimed(step)
+        except BlockfsError:
+            pass  # its futures carry the error; the next step goes on
+        except BaseException as exc:
+            failed.append(exc)
+
+    def _first_half(
+        self, step: dict[int, Future[dict[str, bytes]]], size: int
+    ) -> list[Future[dict[str, bytes]]]:
+        """The futures of the members that make the first half of ``step`` (``size``
+        compressed bytes)."""
+        half: list[Future[dict[str, bytes]]] = []
+        done = 0
+        for off in sorted(step):
+            if done >= size // 2:
+                break
+            first = self.extents.chunk(self.extents.chunks_in_member(off)[0])
+            done += first.end - first.offset
+            half.append(step[off])
+        return half
 
     def _fetch_claimed_failed(
         self, owned: dict[int, Future[dict[str, bytes]]], error: BlockfsError
@@ -645,6 +687,15 @@ class LayerImage:
                 batch, batch_bytes = [], 0
         if batch:
             yield batch
+
+
+def _wait_until_settled(
+    futures: Sequence[Future[dict[str, bytes]]], thread: threading.Thread
+) -> None:
+    """Return once every one of ``futures`` is settled, or ``thread`` has ended."""
+    pending = [f for f in futures if not f.done()]
+    while pending and thread.is_alive():
+        pending = list(wait(pending, timeout=0.05).not_done)
 
 
 def _after_attempts(error: FormatError, attempts: int) -> FormatError:

@@ -157,3 +157,43 @@ def test_a_read_takes_over_a_member_the_background_has_not_begun_to_fetch(tmp_pa
     assert image.stats.members_fetched == len(members)
     assert image.pread(start, -(-size // 4096) * 4096)[:size] == data
     image.close()
+
+
+def test_the_next_step_of_a_background_fetch_goes_out_before_the_step_before_it_ends(
+    tmp_path, layer_files
+):
+    class Recording(HeldStream):
+        def __init__(self) -> None:
+            super().__init__()
+            self.offsets: list[int] = []
+
+        def read_range_streaming(self, offset, length, on_bytes):
+            self.offsets.append(offset)
+            return super().read_range_streaming(offset, length, on_bytes)
+
+    source = Recording()
+    image, toc, emap, _ = open_image(BLOB, tmp_path, source=source, policy=FetchPolicy())
+    name = "usr/lib/libbig.so"
+    start, _ = file_span(emap, toc, name)
+    read = threading.Thread(target=image.pread, args=(start, 4096))
+    read.start()
+    try:
+        # Every request stops before its last piece. The read's own request (its member
+        # first) and the first step of the rest of the file go out; then, once the first
+        # half of that step is in, the second step, though the first has not ended.
+        deadline = time.monotonic() + 30
+        while len(source.offsets) < 3:
+            assert time.monotonic() < deadline, f"requests: {source.offsets}"
+            time.sleep(0.01)
+        read.join(30)
+        assert not read.is_alive()  # its own member came before its request's end
+    finally:
+        source.release.set()
+        read.join(30)
+    chunks = toc.lookup(name).chunks
+    deadline = time.monotonic() + 30
+    while not all(c.digest in image.cache for c in chunks):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert image.pread(start, 4096) == layer_files[name][:4096]
+    image.close()
