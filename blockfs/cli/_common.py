@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from blockfs.defaults import CHUNK_SIZE
+
 if TYPE_CHECKING:
     from blockfs.image import BlobSources
     from blockfs.oci import Platform
@@ -103,13 +105,22 @@ def size_arg(text: str) -> int:
     return _count(text, least=0)
 
 
+def build_args(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that write eStargz blobs: compression and chunking."""
+    p.add_argument("--zstd", action="store_true", help="compress with zstd instead of gzip")
+    p.add_argument(
+        "--chunk-size", type=positive_size_arg, default=CHUNK_SIZE, metavar="N",
+        help=f"bytes of a file per chunk, the least a lazy read fetches (default {CHUNK_SIZE})",
+    )  # fmt: skip
+    p.add_argument(
+        "--min-chunk-size", type=size_arg, default=0, metavar="N",
+        help="put small files together in one compressed member up to N bytes (default 0)",
+    )  # fmt: skip
+
+
 # The argparse type of options that several commands declare, by destination: every
 # command refuses a bad value the same way, when the command line is parsed.
-SHARED_TYPES = {
-    "toc_digest": digest_arg,
-    "chunk_size": positive_size_arg,
-    "min_chunk_size": size_arg,
-}
+SHARED_TYPES = {"toc_digest": digest_arg}
 
 
 def check_shared_options(parser: argparse.ArgumentParser) -> None:

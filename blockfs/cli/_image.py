@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockfs.cli import _optimize
 from blockfs.cli._common import (
+    build_args,
     platform_arg,
     print_json,
     registry_args,
@@ -40,9 +41,7 @@ def register(groups: Any, *, plugins: bool = True) -> None:
     )
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
-    p.add_argument("--zstd", action="store_true", help="compress with zstd instead of gzip")
-    p.add_argument("--chunk-size", type=int, default=4 << 20, metavar="N")
-    p.add_argument("--min-chunk-size", type=int, default=0, metavar="N")
+    build_args(p)
     p.add_argument(
         "--prioritize", action="append", default=[], metavar="PATH",
         help="a file the workload reads first (repeatable, in access order)",

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from blockfs.cli._common import DEFAULT_ROOT, print_json, registry_args, state_args
+from blockfs.cli._common import DEFAULT_ROOT, build_args, print_json, registry_args, state_args
 
 if TYPE_CHECKING:
     from blockfs.estargz import BlobReader, Entry
@@ -24,9 +24,7 @@ def register(groups: Any) -> None:
     p = cmds.add_parser("build", help="convert a tar (plain, gzip or zstd) to eStargz")
     p.add_argument("input", metavar="IN.tar")
     p.add_argument("output", metavar="OUT")
-    p.add_argument("--zstd", action="store_true", help="compress with zstd instead of gzip")
-    p.add_argument("--chunk-size", type=int, default=4 << 20, metavar="N")
-    p.add_argument("--min-chunk-size", type=int, default=0, metavar="N")
+    build_args(p)
     p.add_argument(
         "--prioritize", action="append", default=[], metavar="PATH",
         help="a file the workload reads first (repeatable, in access order)",

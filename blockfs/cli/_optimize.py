@@ -7,11 +7,10 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from blockfs.cli._common import (
+    build_args,
     platform_arg,
-    positive_size_arg,
     registry_args,
     registry_client,
-    size_arg,
 )
 from blockfs.cli._layer import attach_argument
 
@@ -34,9 +33,7 @@ def register(cmds: Any) -> None:
     )
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
-    p.add_argument("--zstd", action="store_true", help="compress with zstd instead of gzip")
-    p.add_argument("--chunk-size", type=positive_size_arg, default=4 << 20, metavar="N")
-    p.add_argument("--min-chunk-size", type=size_arg, default=0, metavar="N")
+    build_args(p)
     p.add_argument(
         "--platform", metavar="OS/ARCH[/VARIANT]", default=None, type=platform_arg,
         help="the platform to take from a multi-platform index (default: this host's)",

@@ -24,6 +24,7 @@ import attrs
 from blockfs.convert._errors import ConvertError
 from blockfs.convert._locations import ImageLocation, Transfer, resolve_image
 from blockfs.convert._progress import Progress, ProgressTask, SilentProgress
+from blockfs.defaults import CHUNK_SIZE
 from blockfs.estargz import (
     BlobReader,
     BuildOptions,
@@ -76,7 +77,7 @@ class ConvertOptions:
     """
 
     compression: Compression = "gzip"
-    chunk_size: int = 4 << 20
+    chunk_size: int = CHUNK_SIZE
     min_chunk_size: int = 0
     prioritized: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     platform: Platform | None = None

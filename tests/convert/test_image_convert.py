@@ -193,3 +193,20 @@ def test_convert_options_reach_the_writer(source_layout, tmp_path):
     assert reader.prefetch_range() is not None
     assert len(reader.toc.lookup("app/main").chunks) > 1
     assert json.loads(layout.read_blob(result.config.digest))["rootfs"]["diff_ids"]
+
+
+def test_files_are_cut_into_1_mib_chunks_unless_told(tmp_path):
+    def big_file(tree: Path) -> None:
+        (tree / "big").write_bytes(random.Random(7).randbytes((5 << 20) // 2))
+
+    make_layout(tmp_path / "src", [big_file])
+    blockfs("image", "convert", f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'out'}:v1")
+    blockfs(
+        "image", "convert", "--chunk-size", str(2 << 20),
+        f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'two'}:v1",
+    )  # fmt: skip
+    for out, sizes in (("out", [1 << 20, 1 << 20, 1 << 19]), ("two", [2 << 20, 1 << 19])):
+        manifest, _, layout = read_image(tmp_path / out, "v1")
+        [layer] = manifest.layers
+        toc = BlobReader.open(FileBlobSource(layout.blob_path(layer.digest))).toc
+        assert [c.size for c in toc.lookup("big").chunks] == sizes, out

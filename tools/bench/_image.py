@@ -240,7 +240,7 @@ class ImageBench:
         target = f">= 50%: {verdict(ratio, WARM_RATIO_TARGET, at_least=True)}"
         table = report.table(
             f"Warm sequential read of the whole export with `nbdcopy URI null:`: one "
-            f"{size / MiB:.0f} MiB file in 4 MiB chunks (the default), image of "
+            f"{size / MiB:.0f} MiB file in 4 MiB chunks (the reference builder's), image of "
             f"{image_size / MiB:.1f} MiB; MB/s of image",
             "server",
             "MB/s",
