@@ -471,9 +471,12 @@ class LayerManager:
         """
         self.read_ahead({digest: sibling_source(layer, digest) for digest in layer.image_layers})
 
-    def read_ahead(self, sources: Mapping[str, SourceSpec]) -> None:
+    def read_ahead(
+        self, sources: Mapping[str, SourceSpec], tails: Mapping[str, int] | None = None
+    ) -> None:
         """Read the footer and TOC of each layer blob (digest -> source) in the
         background, then index, attach and mount it, unless that is under way or done.
+        ``tails`` gives, by digest, how many bytes at a blob's end hold them, where known.
 
         A pull calls this as soon as it has the manifest, so that the reads overlap its
         other requests; containerd's Prepares then find the layers read or indexed.
@@ -487,7 +490,8 @@ class LayerManager:
                 while len(self._ahead) >= MAX_AHEAD:
                     oldest = next(iter(self._ahead))
                     self._ahead.pop(oldest).cancel()
-                future = self._ahead_pool.submit(self._read_toc, name, spec, None)
+                tail = (tails or {}).get(digest)
+                future = self._ahead_pool.submit(self._read_toc, name, spec, None, tail)
                 future.add_done_callback(functools.partial(self._then_attach, name))
                 self._ahead[name] = future
 
@@ -567,10 +571,12 @@ class LayerManager:
         # Not holding the layer: its Prepare, which only needs the index, goes on meanwhile.
         self._mount_in_background(name)
 
-    def _read_toc(self, name: str, spec: SourceSpec, toc_digest: str | None) -> _Resolved:
+    def _read_toc(
+        self, name: str, spec: SourceSpec, toc_digest: str | None, tail: int | None = None
+    ) -> _Resolved:
         source = CountingSource(self.sources.open(spec))
         try:
-            reader = BlobReader.open(source, toc_digest=toc_digest)
+            reader = BlobReader.open(source, toc_digest=toc_digest, tail_size=tail)
         except BlockfsError as e:
             raise LayerUnavailable(
                 f"cannot read the layer's footer and TOC: {e}", layer=name
@@ -586,7 +592,7 @@ class LayerManager:
                 if resolved.reader.toc_digest == layer.toc_digest:
                     log.debug("using the footer and TOC resolved ahead", extra={"layer": name})
                     return resolved
-        return self._read_toc(name, layer.source, layer.toc_digest)
+        return self._read_toc(name, layer.source, layer.toc_digest, layer.toc_tail)
 
     # -- internals -----------------------------------------------------------------------
 

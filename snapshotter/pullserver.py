@@ -38,7 +38,7 @@ from blockfs.oci import Manifest, Platform, Reference
 from snapshotter.ctrclient import ContainerdClient
 from snapshotter.layers import LayerManager
 from snapshotter.pull import PulledLayer, pull_image, resolve_image
-from snapshotter.remote import TOC_DIGEST_LABEL, RegistrySettings
+from snapshotter.remote import TOC_DIGEST_LABEL, RegistrySettings, toc_tail
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +139,21 @@ class PullServer:
             # The eStargz layers' footers and TOCs come while the config is fetched and
             # containerd stores it; each layer's Prepare then finds its TOC read. The
             # sources are those the Prepares' labels give (snapshotter.remote).
+            estargz = [
+                layer for layer in manifest.layers if layer.annotations.get(TOC_DIGEST_LABEL)
+            ]
             self._layers.read_ahead(
                 {
                     layer.digest: self.registry.spec(
                         ref.with_digest(layer.digest), plain_http=plain_http, size=layer.size
                     )
-                    for layer in manifest.layers
-                    if layer.annotations.get(TOC_DIGEST_LABEL)
-                }
+                    for layer in estargz
+                },
+                {
+                    layer.digest: tail
+                    for layer in estargz
+                    if (tail := toc_tail(layer.annotations)) is not None
+                },
             )
 
         image = resolve_image(registry, ref, wanted, on_manifest=read_ahead)

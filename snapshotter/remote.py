@@ -32,6 +32,7 @@ from blockfs.oci import annotations as oci_annotations
 # The chainID the snapshot is to be committed as; its presence asks for a remote snapshot.
 TARGET_LABEL = "containerd.io/snapshot.ref"
 TOC_DIGEST_LABEL = oci_annotations.ESTARGZ_TOC_DIGEST
+TOC_TAIL_LABEL = oci_annotations.ESTARGZ_TOC_TAIL
 # Set on the snapshots committed lazily, as the reference snapshotter does.
 REMOTE_LABEL = "containerd.io/snapshot/remote"
 REMOTE_VALUE = "true"
@@ -99,6 +100,8 @@ class RemoteLayer:
 
     ``image_layers`` are the digests of the image's later layers, as far as the labels
     list them (their TOCs may be fetched ahead); each shares the source's repository.
+    ``toc_tail`` is how many bytes at the blob's end hold its TOC and footer, when the
+    image says (:data:`TOC_TAIL_LABEL`).
     """
 
     digest: str
@@ -106,6 +109,7 @@ class RemoteLayer:
     source: SourceSpec
     labeller: str
     image_layers: tuple[str, ...] = ()
+    toc_tail: int | None = None
 
 
 def remote_layer(labels: Mapping[str, str], settings: RegistrySettings) -> RemoteLayer:
@@ -152,7 +156,14 @@ def remote_layer(labels: Mapping[str, str], settings: RegistrySettings) -> Remot
         source=settings.spec(ref.with_digest(digest), plain_http=plain_http, size=size),
         labeller=labeller,
         image_layers=later,
+        toc_tail=toc_tail(labels),
     )
+
+
+def toc_tail(annotations: Mapping[str, str]) -> int | None:
+    """The TOC tail size that a layer's annotations (or Prepare labels) give, if any."""
+    text = annotations.get(TOC_TAIL_LABEL, "")
+    return int(text) if text.isdigit() and len(text) < 20 else None
 
 
 def sibling_source(layer: RemoteLayer, digest: str) -> SourceSpec:

@@ -2,7 +2,13 @@
 registry, so that blockfs can mount it lazily.
 """
 
-from blockfs.convert._convert import ConvertOptions, ConvertResult, LayerConversion, convert_image
+from blockfs.convert._convert import (
+    ConvertOptions,
+    ConvertResult,
+    LayerConversion,
+    convert_image,
+    converted_annotations,
+)
 from blockfs.convert._errors import ConvertError
 from blockfs.convert._locations import (
     ImageLocation,
@@ -40,6 +46,7 @@ __all__ = [
     "SilentProgress",
     "Transfer",
     "convert_image",
+    "converted_annotations",
     "open_location",
     "profile_from_traces",
     "read_trace",

@@ -28,6 +28,7 @@ from blockfs.defaults import CHUNK_SIZE
 from blockfs.estargz import (
     BlobReader,
     BuildOptions,
+    BuildResult,
     FileBlobSource,
     FormatError,
     build,
@@ -49,6 +50,7 @@ from blockfs.oci import media_types as mt
 _STALE_ANNOTATIONS = frozenset(
     {
         ann.ESTARGZ_TOC_DIGEST,
+        ann.ESTARGZ_TOC_TAIL,
         ann.ESTARGZ_UNCOMPRESSED_SIZE,
         ann.ZSTD_CHUNKED_MANIFEST_CHECKSUM,
         ann.ZSTD_CHUNKED_MANIFEST_POSITION,
@@ -244,7 +246,7 @@ def _convert_layer(
     media_type = mt.OCI_LAYER_ZSTD if options.compression == "zstd" else mt.OCI_LAYER_GZIP
     annotations: Mapping[str, str] = {
         **{k: v for k, v in layer.annotations.items() if k not in _STALE_ANNOTATIONS},
-        **result.annotations,
+        **converted_annotations(result),
     }
     converted = Descriptor(media_type, result.blob_digest, result.blob_size, annotations)
     upload = progress.task(f"{label} store", result.blob_size)
@@ -255,6 +257,13 @@ def _convert_layer(
     upload.finish(transfer)
     outcome = LayerConversion(layer, converted, "converted", transfer, reason, prioritized)
     return outcome, result.diff_id
+
+
+def converted_annotations(result: BuildResult) -> dict[str, str]:
+    """The annotations of a layer descriptor for the blob of ``result``: the writer's (TOC
+    digest, uncompressed size, zstd:chunked position) and the TOC tail size
+    (:data:`blockfs.oci.annotations.ESTARGZ_TOC_TAIL`)."""
+    return {**result.annotations, ann.ESTARGZ_TOC_TAIL: str(result.blob_size - result.toc_offset)}
 
 
 def _present(tar: IO[bytes], names: tuple[str, ...]) -> tuple[str, ...]:

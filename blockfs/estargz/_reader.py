@@ -180,19 +180,26 @@ class BlobReader:
         toc_digest: str | None = None,
         limits: Limits = DEFAULT_LIMITS,
         allow_unverified: bool = False,
+        tail_size: int | None = None,
     ) -> BlobReader:
         """Read the footer and TOC of the blob in ``source`` and check them.
 
         Fetches only the tail of the blob and the TOC. If ``toc_digest`` is given, the
         sha256 of the TOC JSON must equal it (:class:`TOCDigestMismatch` otherwise).
         ``allow_unverified`` lets pieces that have no digest at all (possible only in legacy
-        stargz blobs) be read unchecked; otherwise reading them fails.
+        stargz blobs) be read unchecked; otherwise reading them fails. ``tail_size``, when
+        known (an image's ``toc.tail`` annotation), is how many bytes at the end hold the
+        TOC and footer: they are read exactly, instead of a guess. A wrong one costs a
+        second request or a few bytes more, never a wrong TOC.
         """
         name = source.name
         # One request for the footer and, usually, the TOC before it: a round trip costs
         # more than the bytes of a tail that reaches further back than the TOC. A registry
         # blob reads it as a suffix range, which needs no size (no HEAD first).
-        tail, size = read_tail(source, max(MAX_FOOTER_SIZE, TOC_TAIL_GUESS))
+        guess = TOC_TAIL_GUESS
+        if tail_size is not None and tail_size > 0:
+            guess = min(tail_size, limits.max_toc_bytes + MAX_FOOTER_SIZE)
+        tail, size = read_tail(source, max(MAX_FOOTER_SIZE, guess))
         tail_size = len(tail)
         tail_start = size - tail_size
         footer = parse_footer(tail[-MAX_FOOTER_SIZE:], size, layer=name)

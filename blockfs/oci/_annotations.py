@@ -6,6 +6,11 @@ from __future__ import annotations
 REF_NAME = "org.opencontainers.image.ref.name"
 # sha256 of an eStargz layer's uncompressed TOC JSON; the only way a layer is trusted lazily.
 ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+# Decimal bytes at the end of an eStargz layer that hold its TOC and footer, written by
+# blockfs's conversions: a lazy reader fetches exactly those, in one request, instead of
+# guessing. Under containerd's snapshot prefix, so that containerd passes it to a remote
+# snapshotter's Prepare as it passes the TOC digest.
+ESTARGZ_TOC_TAIL = "containerd.io/snapshot/blockfs/toc.tail"
 # Decimal size of an eStargz layer once decompressed (for containers/storage).
 ESTARGZ_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
 # zstd:chunked layers: sha256 and position of the compressed TOC frame.

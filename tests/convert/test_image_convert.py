@@ -82,6 +82,8 @@ def test_converted_layers_verify_and_config_diff_ids_are_their_uncompressed_dige
         assert reader.verify().ok
         assert gunzipped_digest(blob) == diff_id
         assert int(layer.annotations[ann.ESTARGZ_UNCOMPRESSED_SIZE]) > 0
+        # The bytes that hold the TOC and footer, for a reader to fetch in one go.
+        assert int(layer.annotations[ann.ESTARGZ_TOC_TAIL]) == layer.size - reader.toc_offset
 
 
 def test_convert_reports_progress_lines_on_stderr_when_not_a_terminal(source_layout, tmp_path):

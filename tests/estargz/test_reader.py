@@ -131,6 +131,18 @@ def test_a_toc_longer_than_the_tail_costs_one_more_request(
     assert source.bytes_read == source.size - reader.toc_offset
 
 
+def test_a_known_tail_size_is_read_exactly_in_one_request(blob: str) -> None:
+    reader, source = _open(blob)
+    exact = source.size - reader.toc_offset
+    for hint, requests in ((exact, 1), (exact // 2, 2), (exact + 1000, 1)):
+        source = CountingSource(FileBlobSource(VECTORS / blob))
+        reader = BlobReader.open(source, tail_size=hint)
+        assert reader.toc_digest == _meta(blob, "build")["tocDigest"], hint
+        # Wrong hints cost a request or a few bytes more, never the TOC.
+        assert source.requests == requests, hint
+        assert source.bytes_read == max(hint, exact), hint
+
+
 def test_normalised_entries_equal_the_reference_listing(blob: str) -> None:
     reader, _ = _open(blob)
     reported = _meta(blob, "verify")["entries"]

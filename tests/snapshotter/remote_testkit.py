@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 import grpc
 
+from blockfs.convert import converted_annotations
 from blockfs.estargz import BuildOptions, build
 from blockfs.oci import Descriptor, ImageConfig, Manifest, Reference, host_platform
 from blockfs.oci import media_types as mt
@@ -45,7 +46,7 @@ def estargz_layer(tar: bytes, *, prioritized: Sequence[str] = ()) -> Layer:
     out = io.BytesIO()
     options = BuildOptions(prioritized=tuple(prioritized), gzip_level=1)
     result = build(io.BytesIO(tar), out, options)
-    return Layer(out.getvalue(), result.diff_id, result.annotations)
+    return Layer(out.getvalue(), result.diff_id, converted_annotations(result))
 
 
 def gzip_layer(tar: bytes) -> Layer:

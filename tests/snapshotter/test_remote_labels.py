@@ -27,6 +27,7 @@ from snapshotter.remote import (
     CRI_LAYER_DIGEST_LABEL,
     TARGET_LABEL,
     TOC_DIGEST_LABEL,
+    TOC_TAIL_LABEL,
     NoRemoteSource,
     RegistrySettings,
     layer_name,
@@ -88,6 +89,15 @@ def test_blockfs_labels_carry_size_and_plain_http() -> None:
     assert layer.source["size"] == 1234 and layer.source["plain_http"] is True
     # A hosts directory that does not exist is no configuration.
     assert layer.source["hosts_dir"] is None
+
+
+@pytest.mark.parametrize(
+    ("value", "tail"), [("4096", 4096), (None, None), ("", None), ("-5", None), ("1e3", None)]
+)
+def test_the_toc_tail_label_is_taken_when_it_is_a_size(value: str | None, tail: int | None) -> None:
+    # containerd hands it over with the TOC digest, from the layer's annotation.
+    labels = cri_labels() if value is None else cri_labels(**{TOC_TAIL_LABEL: value})
+    assert remote_layer(labels, RegistrySettings()).toc_tail == tail
 
 
 def test_cri_labels_win_over_blockfs_labels() -> None:

@@ -302,6 +302,7 @@ def test_the_daemon_reads_the_layers_tocs_while_the_config_comes(
     lazy = images.lazy
     layers = {f"/blobs/{layer.digest}" for layer in lazy.layers}
     held: list[bool] = []
+    images.proxy.reset()
 
     def hold_the_config(method: str, path: str, range_: str) -> None:
         # The config is the one whole blob GET that is not a layer's: hold it until every
@@ -323,6 +324,12 @@ def test_the_daemon_reads_the_layers_tocs_while_the_config_comes(
     finally:
         images.proxy.before = None
     assert held == [True]
+    # Each footer and TOC came in one request of exactly the size the image gives.
+    for layer in lazy.layers:
+        tail = int(layer.annotations["containerd.io/snapshot/blockfs/toc.tail"])
+        [first, *_] = images.proxy.blob_ranges[layer.digest]
+        size = len(layer.blob)
+        assert first in (f"bytes=-{tail}", f"bytes={size - tail}-{size - 1}"), first
     assert stack.run(lazy, "toc-ahead", "/bin/busybox", "echo", "hello") == "hello\n"
     remove_image(stack, lazy)
     assert_clean(stack)
