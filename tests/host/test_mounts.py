@@ -4,6 +4,7 @@ in this namespace uses a mount: real tmpfs, bind and overlay mounts, ``unshare -
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import time
@@ -191,3 +192,36 @@ def test_many_users_are_cut_short() -> None:
     )
     assert "pid 7 (x)" in str(error) and "pid 8 (x)" not in str(error)
     assert str(error).endswith("and 4 more")
+
+
+def test_a_kernel_without_erofs_directio_gets_a_buffered_mount(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Mocked: this kernel has the option; one whose EROFS lacks it (EINVAL for an
+    # unknown option) cannot exist here. The real mount with it is proven end to end by
+    # tests/e2e/test_image_optimize.py (no readahead past the prioritised files).
+    from blockfs.host import _attach_common
+
+    calls: list[str | None] = []
+
+    def mount(source: str, target: str, fstype: str, flags: int = 0, data: str | None = None):
+        calls.append(data)
+        if data == _attach_common.DIRECT_IO:
+            raise mounts.MountError(errno.EINVAL, f"cannot mount {source}")
+
+    monkeypatch.setattr(_attach_common.mounts, "mount", mount)
+    undo = contextlib.ExitStack()
+    _attach_common.mount_erofs("img", "/mnt", export="e", undo=undo, direct_io=True)
+    undo.pop_all()  # the unmount it registered is not run: nothing was mounted
+    assert calls == [_attach_common.DIRECT_IO, None]
+    # Any other refusal is the error, not a reason to try without the option.
+    calls.clear()
+
+    def refuse(source: str, target: str, fstype: str, flags: int = 0, data: str | None = None):
+        calls.append(data)
+        raise mounts.MountError(errno.ENOENT, f"cannot mount {source}")
+
+    monkeypatch.setattr(_attach_common.mounts, "mount", refuse)
+    with pytest.raises(_attach_common.ErofsMountError):
+        _attach_common.mount_erofs("img", "/mnt", export="e", undo=undo, direct_io=True)
+    assert calls == [_attach_common.DIRECT_IO]
