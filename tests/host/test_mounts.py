@@ -209,7 +209,7 @@ def test_a_kernel_without_erofs_directio_gets_a_buffered_mount(
         if data == _attach_common.DIRECT_IO:
             raise mounts.MountError(errno.EINVAL, f"cannot mount {source}")
 
-    monkeypatch.setattr(_attach_common.mounts, "mount", mount)
+    monkeypatch.setattr(mounts, "mount", mount)
     undo = contextlib.ExitStack()
     _attach_common.mount_erofs("img", "/mnt", export="e", undo=undo, direct_io=True)
     undo.pop_all()  # the unmount it registered is not run: nothing was mounted
@@ -221,7 +221,7 @@ def test_a_kernel_without_erofs_directio_gets_a_buffered_mount(
         calls.append(data)
         raise mounts.MountError(errno.ENOENT, f"cannot mount {source}")
 
-    monkeypatch.setattr(_attach_common.mounts, "mount", refuse)
+    monkeypatch.setattr(mounts, "mount", refuse)
     with pytest.raises(_attach_common.ErofsMountError):
         _attach_common.mount_erofs("img", "/mnt", export="e", undo=undo, direct_io=True)
     assert calls == [_attach_common.DIRECT_IO]
