@@ -1,10 +1,33 @@
 import shutil
 import tarfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from blockfs.image import LayerImage
 from tests.helpers.testdata import TESTDATA
+
+
+@pytest.fixture(autouse=True)
+def _close_layer_images(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close every LayerImage a test opens, once its fetches have ended (up to 30 s): a
+    test's background fetches must not run on into the next test."""
+    opened: list[LayerImage] = []
+    init = LayerImage.__init__
+
+    def register(self: LayerImage, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+        opened.append(self)
+
+    monkeypatch.setattr(LayerImage, "__init__", register)
+    yield
+    deadline = time.monotonic() + 30
+    for image in opened:
+        while image._inflight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        image.close()
 
 
 @pytest.fixture(scope="session")
