@@ -13,7 +13,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, TypeVar
 from urllib.parse import quote, urljoin
 
 import attrs
@@ -49,6 +49,8 @@ from blockfs.registry._hosts import Endpoint, HostsConfig
 from blockfs.registry._retry import RetryPolicy, Transient
 from blockfs.registry._target import Target
 from blockfs.registry._transport import HeadRejected, Transport
+
+T = TypeVar("T")
 
 log = logging.getLogger("blockfs.registry")
 
@@ -385,53 +387,39 @@ class RegistryClient:
             raise ValueError(f"invalid range: offset {offset}, length {length}")
         if length == 0:
             return b""
-        target = self._blob_target(repository, digest)
-        path = f"/{target.repository}/blobs/{digest}"
         last = offset + length - 1
         beyond = f"range [{offset}, {offset + length}) ends past the end of the blob"
 
-        def take(response: httpx.Response, ep: Endpoint) -> bytes:
-            if response.status_code == 206:
-                got = _parse_content_range(response.headers.get("content-range"))
-                if got is None:
-                    raise Transient(
-                        target.error(RegistryProtocolError, "206 without a Content-Range", ep.host)
+        def partial(
+            response: httpx.Response, got: _ContentRange | None, target: Target, host: str
+        ) -> bytes:
+            if got is None:
+                raise Transient(
+                    target.error(RegistryProtocolError, "206 without a Content-Range", host)
+                )
+            if (got.start, got.end) != (offset, last):
+                if got.start == offset and got.total is not None and got.end == got.total - 1:
+                    raise target.error(RangeNotSatisfiable, f"{beyond} ({got.total} bytes)", host)
+                raise Transient(
+                    target.error(
+                        RegistryProtocolError,
+                        f"asked for bytes {offset}-{last}, got {got.start}-{got.end}",
+                        host,
                     )
-                if (got.start, got.end) != (offset, last):
-                    if got.start == offset and got.total is not None and got.end == got.total - 1:
-                        raise target.error(
-                            RangeNotSatisfiable, f"{beyond} ({got.total} bytes)", ep.host
-                        )
-                    raise Transient(
-                        target.error(
-                            RegistryProtocolError,
-                            f"asked for bytes {offset}-{last}, got {got.start}-{got.end}",
-                            ep.host,
-                        )
-                    )
-                return _exact_body(response, length, target, ep.host, on_bytes)
-            if response.status_code == 200:
-                self._warn_full_body(ep.host)
-                total = _content_length(response)
-                if total is not None and total < offset + length:
-                    raise target.error(RangeNotSatisfiable, f"{beyond} ({total} bytes)", ep.host)
-                data = _slice_body(response, offset, length, target, ep.host)
-                if on_bytes is not None:
-                    on_bytes(0, data)
-                return data
-            raise target.error(
-                RegistryProtocolError,
-                f"HTTP {response.status_code} to a range request",
-                ep.host,
-                status=response.status_code,
-            )
+                )
+            return _exact_body(response, length, target, host, on_bytes)
 
-        headers = {"Range": f"bytes={offset}-{last}"}
-        return self._transport.call(
-            target,
-            lambda ep: self._transport.exchange(
-                ep, target, "GET", take, path=path, headers=headers
-            ),
+        def whole(response: httpx.Response, target: Target, host: str) -> bytes:
+            total = _content_length(response)
+            if total is not None and total < offset + length:
+                raise target.error(RangeNotSatisfiable, f"{beyond} ({total} bytes)", host)
+            data = _slice_body(response, offset, length, target, host)
+            if on_bytes is not None:
+                on_bytes(0, data)
+            return data
+
+        return self._ranged_get(
+            repository, digest, f"bytes={offset}-{last}", "a range request", partial, whole
         )
 
     def read_tail(self, repository: RepositoryLike, digest: str, length: int) -> tuple[bytes, int]:
@@ -445,44 +433,68 @@ class RegistryClient:
         """
         if length <= 0:
             raise ValueError(f"invalid tail length {length}")
-        target = self._blob_target(repository, digest)
-        path = f"/{target.repository}/blobs/{digest}"
 
-        def take(response: httpx.Response, ep: Endpoint) -> tuple[bytes, int]:
+        def partial(
+            response: httpx.Response, got: _ContentRange | None, target: Target, host: str
+        ) -> tuple[bytes, int]:
+            if got is None or got.total is None:
+                raise target.error(
+                    RegistryProtocolError,
+                    "a 206 to a suffix range without the blob's size in Content-Range",
+                    host,
+                )
+            if got.end != got.total - 1 or got.end - got.start + 1 != min(length, got.total):
+                raise Transient(
+                    target.error(
+                        RegistryProtocolError,
+                        f"asked for the last {length} bytes, got {got.start}-{got.end} "
+                        f"of {got.total}",
+                        host,
+                    )
+                )
+            return _exact_body(response, got.end - got.start + 1, target, host), got.total
+
+        def whole(response: httpx.Response, target: Target, host: str) -> tuple[bytes, int]:
+            data = _read_limited(response, MAX_WHOLE_TAIL, target, host)
+            return data[-length:], len(data)
+
+        return self._ranged_get(
+            repository, digest, f"bytes=-{length}", "a suffix range request", partial, whole
+        )
+
+    def _ranged_get(
+        self,
+        repository: RepositoryLike,
+        digest: str,
+        range_value: str,
+        what: str,
+        partial: Callable[[httpx.Response, _ContentRange | None, Target, str], T],
+        whole: Callable[[httpx.Response, Target, str], T],
+    ) -> T:
+        """GET blob ``digest`` with ``Range: range_value``: a 206 goes to ``partial`` with
+        its parsed Content-Range, a 200 (a server that ignores Range; warned about once
+        per host) to ``whole``; any other status is an error about ``what``."""
+        target = self._blob_target(repository, digest)
+
+        def take(response: httpx.Response, ep: Endpoint) -> T:
             if response.status_code == 206:
                 got = _parse_content_range(response.headers.get("content-range"))
-                if got is None or got.total is None:
-                    raise target.error(
-                        RegistryProtocolError,
-                        "a 206 to a suffix range without the blob's size in Content-Range",
-                        ep.host,
-                    )
-                if got.end != got.total - 1 or got.end - got.start + 1 != min(length, got.total):
-                    raise Transient(
-                        target.error(
-                            RegistryProtocolError,
-                            f"asked for the last {length} bytes, got {got.start}-{got.end} "
-                            f"of {got.total}",
-                            ep.host,
-                        )
-                    )
-                return _exact_body(response, got.end - got.start + 1, target, ep.host), got.total
+                return partial(response, got, target, ep.host)
             if response.status_code == 200:
                 self._warn_full_body(ep.host)
-                whole = _read_limited(response, MAX_WHOLE_TAIL, target, ep.host)
-                return whole[-length:], len(whole)
+                return whole(response, target, ep.host)
             raise target.error(
                 RegistryProtocolError,
-                f"HTTP {response.status_code} to a suffix range request",
+                f"HTTP {response.status_code} to {what}",
                 ep.host,
                 status=response.status_code,
             )
 
-        headers = {"Range": f"bytes=-{length}"}
+        path = f"/{target.repository}/blobs/{digest}"
         return self._transport.call(
             target,
             lambda ep: self._transport.exchange(
-                ep, target, "GET", take, path=path, headers=headers
+                ep, target, "GET", take, path=path, headers={"Range": range_value}
             ),
         )
 
