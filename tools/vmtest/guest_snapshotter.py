@@ -133,9 +133,22 @@ def log_messages(stack: BlockfsContainerd) -> list[str]:
 def wait_for_message(stack: BlockfsContainerd, text: str, count: int, deadline: float) -> None:
     while sum(text in m for m in log_messages(stack)) < count:
         if time.monotonic() > deadline:
-            say(f"blockfs-snapshotter's log ends with:\n{stack.snapshotter.log()[-3000:]}")
+            say(f"blockfs-snapshotter's log, one line per record:\n{log_summary(stack)}")
+            nbdkit = stack.snapshotter.root / "run" / "nbdkit.log"
+            if nbdkit.is_file():
+                say(f"the NBD server's log ends with:\n{read_text(str(nbdkit))[-3000:]}")
             raise CheckFailed(f"blockfs-snapshotter did not log {text!r} {count} times")
         time.sleep(0.2)
+
+
+def log_summary(stack: BlockfsContainerd) -> str:
+    """Every record of the daemon's log, shortened to its time, message and layer (the
+    whole log of a slow guest is too long to show, and its tail too short to explain)."""
+    lines = []
+    for r in stack.snapshotter.log_records():
+        where = r.get("layer") or r.get("target") or r.get("error") or ""
+        lines.append(f"{str(r.get('time', ''))[11:23]} {r.get('msg', '')} {str(where)[:80]}")
+    return "\n".join(lines)
 
 
 def reachable(stack: BlockfsContainerd, deadline: float) -> float:
