@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from socket import socket as Socket
@@ -35,8 +34,6 @@ DEFAULT_DEAD_CONN_TIMEOUT = 30 * 24 * 3600
 # connection dead and requeues it; 0 would mean the block layer's 30 s, far too short for
 # a read that fetches chunks from a slow registry.
 DEFAULT_REQUEST_TIMEOUT = 3600
-# Held while a device is configured and mounted: one at a time in a process (attach).
-_CONNECTING = threading.Lock()
 
 
 def available() -> bool:
@@ -85,32 +82,28 @@ def attach(
     """
     sockets, info = _handshaken_sockets(socket, export, connections)
     read_only = _handshake.NBD_FLAG_HAS_FLAGS | _handshake.NBD_FLAG_READ_ONLY
-    # One device at a time: two connected at the same moment on a freshly loaded nbd.ko
-    # (Linux 6.1, the VM test) left the first device's first read unanswered, and its
-    # mount hung for good (docs/design.md, "Attaching with nbd.ko").
-    with _CONNECTING:
-        try:
-            request = _netlink.ConnectRequest(
-                size_bytes=info.size,
-                block_size=BLOCK_SIZE,
-                server_flags=info.transmission_flags | read_only,
-                timeout=request_timeout,
-                dead_conn_timeout=dead_conn_timeout,
-                socket_fds=[s.fileno() for s in sockets],
-                backend=backend_identifier(export),
-            )
-            with _open_netlink(export) as nl:
-                index = nl.connect(request)
-        except _netlink.NetlinkError as e:
-            raise AttachError(f"cannot configure an NBD device: {e}", export=export) from e
-        finally:
-            # The kernel holds its own references to the sockets now.
-            for s in sockets:
-                s.close()
-        device = f"/dev/nbd{index}"
-        push_undo(undo, _disconnect, index)
-        _wait_for_block_device(device, export)
-        mount_erofs(device, mountpoint, export=export, undo=undo)
+    try:
+        request = _netlink.ConnectRequest(
+            size_bytes=info.size,
+            block_size=BLOCK_SIZE,
+            server_flags=info.transmission_flags | read_only,
+            timeout=request_timeout,
+            dead_conn_timeout=dead_conn_timeout,
+            socket_fds=[s.fileno() for s in sockets],
+            backend=backend_identifier(export),
+        )
+        with _open_netlink(export) as nl:
+            index = nl.connect(request)
+    except _netlink.NetlinkError as e:
+        raise AttachError(f"cannot configure an NBD device: {e}", export=export) from e
+    finally:
+        # The kernel holds its own references to the sockets now.
+        for s in sockets:
+            s.close()
+    device = f"/dev/nbd{index}"
+    push_undo(undo, _disconnect, index)
+    _wait_for_block_device(device, export)
+    mount_erofs(device, mountpoint, export=export, undo=undo)
     return BackendMount(device, device, "block", len(sockets))
 
 

@@ -6,16 +6,11 @@ the VM test with a real kernel proves the kernel accepts them.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import sys
-import threading
-import time
 
 import pytest
 from attach_testkit import nbd_ko_present
 
-from blockfs.host import _handshake, kernel_nbd
 from blockfs.host import _netlink as nl
 
 # The hand-written byte expectations below are in the host's (little-endian) byte order.
@@ -165,53 +160,3 @@ def test_without_nbd_ko_the_nbd_family_is_not_found() -> None:
 
     assert caught.value.errno == 2
     assert "'nbd'" in str(caught.value)
-
-
-def test_devices_are_connected_and_mounted_one_at_a_time(
-    monkeypatch: pytest.MonkeyPatch, tmp_path
-) -> None:
-    # Mocked: nbd.ko is missing here (the VM test attaches for real, two layers at once).
-    # Two attaches from two threads must not overlap between the kernel's connect and the
-    # end of the mount (see docs/design.md, "Attaching with nbd.ko").
-    inside = 0
-    most = 0
-    guard = threading.Lock()
-    devices = iter(range(2))
-
-    class Netlink:
-        def connect(self, request: object) -> int:
-            nonlocal inside, most
-            with guard:
-                inside += 1
-                most = max(most, inside)
-            return next(devices)
-
-    def mount(device: str, mountpoint: str, **kwargs: object) -> None:
-        nonlocal inside
-        time.sleep(0.2)  # the mount's first reads
-        with guard:
-            inside -= 1
-
-    def sockets(path: str, export: str, connections: int) -> object:
-        info = _handshake.ExportInfo(name=export, size=4096, transmission_flags=0)
-        return [socket.socket()], info
-
-    monkeypatch.setattr(kernel_nbd, "_handshaken_sockets", sockets)
-    monkeypatch.setattr(
-        kernel_nbd, "_open_netlink", lambda export: contextlib.nullcontext(Netlink())
-    )
-    monkeypatch.setattr(kernel_nbd, "_wait_for_block_device", lambda device, export: None)
-    monkeypatch.setattr(kernel_nbd, "mount_erofs", mount)
-
-    def attach(n: int) -> None:
-        kernel_nbd.attach(
-            "sock", f"e{n}", str(tmp_path / f"m{n}"), connections=1, dead_conn_timeout=1,
-            request_timeout=1, undo=contextlib.ExitStack(),
-        )  # fmt: skip
-
-    threads = [threading.Thread(target=attach, args=(n,)) for n in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert most == 1
