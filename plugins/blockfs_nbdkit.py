@@ -13,6 +13,8 @@ directory; required), ``cache_max`` (bytes on disk, default 10G), ``memory_cache
 from __future__ import annotations
 
 import errno
+import faulthandler
+import signal
 from typing import Any
 
 import nbdkit  # exists only inside nbdkit's embedded interpreter
@@ -41,6 +43,8 @@ def after_fork() -> None:
     # Threads (control socket, prefetch) must start after nbdkit has forked.
     global _served
     _served = ServedLayers(ServerConfig.from_params(_params))
+    # kill -USR1 writes every Python thread's stack to nbdkit's log: what a hung read waits on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def cleanup() -> None:

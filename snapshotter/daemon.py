@@ -8,6 +8,7 @@ containerd and the kernel, so stopping the daemon never disturbs a running conta
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -181,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # kill -USR1 writes every thread's stack to stderr (the log), for a daemon that hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         run(config, stop)
     except BlockfsError as e:

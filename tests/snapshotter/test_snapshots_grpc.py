@@ -260,6 +260,29 @@ def test_sigterm_stops_the_daemon_cleanly_with_json_logs() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def test_sigusr1_makes_the_daemon_and_its_nbd_server_write_every_thread_stack() -> None:
+    work = short_tempdir("bfs-usr1-")
+    try:
+        with start_snapshotter(work / "root", work / "s.sock") as d:
+            server = wait_for_server_pid(d)
+            nbdkit_log = work / "root" / "run" / "nbdkit.log"
+            deadline = time.monotonic() + 30
+            for pid, log in ((d.process.pid, d.log), (server, nbdkit_log.read_text)):
+                os.kill(pid, signal.SIGUSR1)
+                # faulthandler's dump: a header per thread, then its frames, newest first.
+                while not ("Thread 0x" in log() and 'File "' in log()):
+                    assert time.monotonic() < deadline, f"no stacks from pid {pid}:\n{log()}"
+                    time.sleep(0.05)
+            assert "snapshotter/daemon.py" in d.log()
+            assert "blockfs/" in nbdkit_log.read_text()
+            # Both go on serving.
+            with d.channel() as ch:
+                Client(ch, "x").Prepare(pb.PrepareSnapshotRequest(key="k"))
+            assert Path(f"/proc/{server}").exists() and d.process.poll() is None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def test_restarted_daemon_serves_the_snapshots_of_a_killed_one() -> None:
     work = short_tempdir("bfs-kill-")
     try:

@@ -21,6 +21,7 @@ installed. Everything runs in the guest, on its loopback and unix sockets:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -108,6 +109,7 @@ def run_and_verify(
             argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=_RUN_TIMEOUT
         )
     except subprocess.TimeoutExpired as e:
+        show_hang(stack)
         raise CheckFailed(f"container {name} did not finish within {_RUN_TIMEOUT:.0f} s") from e
     took = time.monotonic() - started
     if done.returncode != 0:
@@ -133,12 +135,29 @@ def log_messages(stack: BlockfsContainerd) -> list[str]:
 def wait_for_message(stack: BlockfsContainerd, text: str, count: int, deadline: float) -> None:
     while sum(text in m for m in log_messages(stack)) < count:
         if time.monotonic() > deadline:
-            say(f"blockfs-snapshotter's log, one line per record:\n{log_summary(stack)}")
-            nbdkit = stack.snapshotter.root / "run" / "nbdkit.log"
-            if nbdkit.is_file():
-                say(f"the NBD server's log ends with:\n{read_text(str(nbdkit))[-3000:]}")
+            show_hang(stack)
             raise CheckFailed(f"blockfs-snapshotter did not log {text!r} {count} times")
         time.sleep(0.2)
+
+
+def show_hang(stack: BlockfsContainerd) -> None:
+    """Show what a step that never finished waits on: the daemon's log, then every thread
+    of the daemon and of nbdkit (SIGUSR1 makes both write their Python stacks to their
+    logs) and the kernel's blocked tasks (sysrq w)."""
+    say(f"blockfs-snapshotter's log, one line per record:\n{log_summary(stack)}")
+    nbdkit = stack.snapshotter.root / "run" / "nbdkit.log"
+    seen = {"daemon": len(stack.snapshotter.log()), "nbdkit": len(read_text(str(nbdkit)))}
+    seen_kernel = len(kernel_log())
+    with contextlib.suppress(OSError):
+        os.kill(stack.snapshotter.process.pid, signal.SIGUSR1)
+    with contextlib.suppress(OSError, CheckFailed):
+        os.kill(nbdkit_pid(stack), signal.SIGUSR1)
+    with contextlib.suppress(OSError), open("/proc/sysrq-trigger", "w") as sysrq:
+        sysrq.write("w")
+    time.sleep(2)
+    say(f"blockfs-snapshotter's threads:\n{stack.snapshotter.log()[seen['daemon'] :]}")
+    say(f"the NBD server's log since:\n{read_text(str(nbdkit))[seen['nbdkit'] :][-12000:]}")
+    say("the kernel's blocked tasks:\n" + "\n".join(kernel_log()[seen_kernel:]))
 
 
 def log_summary(stack: BlockfsContainerd) -> str:
