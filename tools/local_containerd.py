@@ -106,6 +106,14 @@ class Containerd:
             )  # fmt: skip
         return [CTR, "--address", str(self.address), "--namespace", self.namespace, *args]
 
+    def answers(self) -> bool:
+        """Whether ``ctr version`` gets an answer within 10 s (a slow machine, an emulated
+        one above all, may take longer while containerd starts: not an answer yet)."""
+        try:
+            return self.ctr("version", check=False, timeout=10).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
     def ctr(
         self, *args: str, check: bool = True, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
@@ -234,7 +242,7 @@ def start_containerd(
     )
     try:
         deadline = time.monotonic() + start_timeout
-        while daemon.ctr("version", check=False, timeout=10).returncode != 0:
+        while not daemon.answers():
             if process.poll() is not None or time.monotonic() > deadline:
                 raise ContainerdProcessError(f"containerd did not start:\n{daemon.log()[-4000:]}")
             time.sleep(0.1)
