@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,6 +159,68 @@ def show_hang(stack: BlockfsContainerd) -> None:
     say(f"blockfs-snapshotter's threads:\n{stack.snapshotter.log()[seen['daemon'] :]}")
     say(f"the NBD server's log since:\n{read_text(str(nbdkit))[seen['nbdkit'] :][-12000:]}")
     say("the kernel's blocked tasks:\n" + "\n".join(kernel_log()[seen_kernel:]))
+    say("the NBD devices' requests in flight:\n" + nbd_requests_in_flight())
+    with contextlib.suppress(CheckFailed):
+        say(f"nbdkit's sockets and threads:\n{native_state(nbdkit_pid(stack))}")
+
+
+def nbd_requests_in_flight() -> str:
+    """What debugfs says each configured /dev/nbdN is waiting for (``tasks``: the
+    requests sent and not answered)."""
+    debugfs = "/sys/kernel/debug"
+    if not os.path.isdir(f"{debugfs}/nbd"):
+        subprocess.run(["mount", "-t", "debugfs", "debugfs", debugfs], check=False)
+    lines = []
+    for name in sorted(os.listdir(f"{debugfs}/nbd") if os.path.isdir(f"{debugfs}/nbd") else []):
+        for what in ("tasks", "flags", "timeout"):
+            lines.append(f"{name}/{what}: {read_text(f'{debugfs}/nbd/{name}/{what}')!r}")
+        lines.append(f"{name} scheduler: {read_text(f'/sys/block/{name}/queue/scheduler')}")
+        # blk-mq's view: each hardware queue's state, its dispatch list and busy requests,
+        # the scheduler's queues and the requeue list; where a request that was never
+        # answered waits.
+        top = f"{debugfs}/block/{name}"
+        for root, _, files in sorted(os.walk(top)):
+            for f in sorted(files):
+                text = read_text(os.path.join(root, f))
+                if text and not text.startswith("(") and f not in ("io_poll", "poll_stat"):
+                    lines.append(f"{os.path.relpath(os.path.join(root, f), top)}: {text!r}")
+    return "\n".join(lines) or "(no nbd entries in debugfs)"
+
+
+def native_state(pid: int) -> str:
+    """The unix sockets of ``pid`` with their queues (``ss``), and every thread's C
+    stack (``gdb``), for a server that answers nothing while no Python code of it runs."""
+    out = []
+    for argv in (
+        ["ss", "-xpe"],
+        ["gdb", "-p", str(pid), "-batch", "-nx", "-ex", "thread apply all bt 30"],
+    ):
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            text = done.stdout + done.stderr
+        except (OSError, subprocess.TimeoutExpired) as e:
+            text = f"({argv[0]}: {e})"
+        if argv[0] == "gdb":
+            text = _same_stacks_once(text)
+        out.append(f"$ {' '.join(argv)}\n{text[-20000:]}")
+    return "\n".join(out)
+
+
+def _same_stacks_once(gdb_output: str) -> str:
+    """gdb's ``thread apply all bt``, each distinct stack once with the threads that share
+    it (a server of many connections has many idle workers alike)."""
+    groups: dict[str, list[str]] = {}
+    for block in re.split(r"\n(?=Thread \d+ )", gdb_output):
+        head, _, frames = block.partition("\n")
+        if not head.startswith("Thread "):
+            continue
+        # Frame numbers and arguments differ between alike threads; the calls do not.
+        calls = re.sub(r"\(.*?\) at ", "() at ", re.sub(r"0x[0-9a-f]+ in ", "", frames))
+        groups.setdefault(calls, []).append(head.split(" (")[0])
+    return "\n".join(
+        f"{len(heads)} thread(s): {', '.join(heads[:40])}\n{calls}"
+        for calls, heads in groups.items()
+    )
 
 
 def log_summary(stack: BlockfsContainerd) -> str:
