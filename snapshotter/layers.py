@@ -124,7 +124,7 @@ class LayerManager:
         cache_size: int = 10 << 30,
         prefetch: bool = False,
         background_fetch: bool = False,
-        connections: int = 4,
+        connections: int | None = None,
     ) -> None:
         self.root = Path(root).absolute()
         self.layers_dir = self.root / LAYERS_DIR

@@ -197,7 +197,7 @@ def attach_and_mount(
     state_dir: str,
     mode: AttachChoice = AUTO,
     dead_conn_timeout: int = DEFAULT_DEAD_CONN_TIMEOUT,
-    connections: int = 4,
+    connections: int | None = None,
     request_timeout: int = DEFAULT_REQUEST_TIMEOUT,
     mount_method: nbdfuse.FileMountMethod | None = None,
     relay: bool = True,
@@ -206,14 +206,22 @@ def attach_and_mount(
 
     Returns once ``mountpoint`` is a read-only EROFS mount. ``state_dir`` is a private
     directory for this attachment. ``mode`` AUTO picks one for this host (a mode given is
-    used as it is, without checking that this host has it). In nbdfuse mode,
-    ``mount_method`` forces the file-backed mount or the loop device (default: file-backed
-    when the kernel supports it), and ``relay`` False connects nbdfuse to the server
-    directly instead of through a relay that survives the server (for measurements). On
-    failure everything done so far is undone.
+    used as it is, without checking that this host has it). ``connections`` to the server
+    default to the mode's own (``kernel_nbd.DEFAULT_CONNECTIONS``,
+    ``nbdfuse.DEFAULT_CONNECTIONS``). In nbdfuse mode, ``mount_method`` forces the
+    file-backed mount or the loop device (default: file-backed when the kernel supports
+    it), and ``relay`` False connects nbdfuse to the server directly instead of through a
+    relay that survives the server (for measurements). On failure everything done so far
+    is undone.
     """
     if mode is AUTO:
         mode = choose_mode(AUTO)
+    if connections is None:
+        connections = (
+            kernel_nbd.DEFAULT_CONNECTIONS
+            if mode is AttachMode.KERNEL_NBD
+            else nbdfuse.DEFAULT_CONNECTIONS
+        )
     if connections < 1:
         raise ValueError("connections must be at least 1")
     if mount_method is not None and mode is not AttachMode.NBDFUSE:

@@ -34,6 +34,14 @@ DEFAULT_DEAD_CONN_TIMEOUT = 30 * 24 * 3600
 # connection dead and requeues it; 0 would mean the block layer's 30 s, far too short for
 # a read that fetches chunks from a slow registry.
 DEFAULT_REQUEST_TIMEOUT = 3600
+# Connections a device gets by default. One: on Debian 12's kernel (6.1) a device with
+# several connections (so several blk-mq hardware queues) now and then loses a read,
+# which blk-mq shows started and in flight while no connection carries it and the server
+# is idle; the read then waits until the device is disconnected. The VM test met it in
+# about one run in three with the host's CPUs busy, and not in 8 runs since with one
+# connection (docs/vm-test.md). One connection still carries many requests at once:
+# nbdkit serves each of its requests on a thread of its own.
+DEFAULT_CONNECTIONS = 1
 
 
 def available() -> bool:
@@ -77,8 +85,8 @@ def attach(
 ) -> BackendMount:
     """Configure a free ``/dev/nbdN`` for ``export`` and mount it on ``mountpoint``.
 
-    The device gets ``connections`` connections if the server allows multi-conn, else
-    one. ``undo`` gets the disconnect and the unmount.
+    The device gets ``connections`` connections (:data:`DEFAULT_CONNECTIONS` says why
+    one is the default) if the server allows multi-conn, else one. ``undo`` gets the disconnect and the unmount.
     """
     sockets, info = _handshaken_sockets(socket, export, connections)
     read_only = _handshake.NBD_FLAG_HAS_FLAGS | _handshake.NBD_FLAG_READ_ONLY

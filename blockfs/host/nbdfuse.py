@@ -55,6 +55,8 @@ _nudges: dict[str, threading.Thread] = {}
 _nudges_lock = threading.Lock()
 # fusectl: one directory per FUSE connection, each with an ``abort`` file.
 _FUSECTL = "/sys/fs/fuse/connections"
+# nbdfuse's connections to the server (its -C), by default.
+DEFAULT_CONNECTIONS = 4
 _MINOR_BITS = 20
 
 

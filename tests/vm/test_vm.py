@@ -31,7 +31,7 @@ TIMEOUT = 600
 GUEST_LINES = [
     r"\[guest .*\] guest kernel: Linux \S+",
     r"/dev/nbd0 attached by blockfs: blockfs\.host\.attach\.attach_and_mount, netlink "
-    r"NBD_CMD_CONNECT with \d+ connections, dead-connection timeout \d+ s",
+    r"NBD_CMD_CONNECT with 1 connection\(s\), dead-connection timeout \d+ s",
     r"EROFS mounted: /dev/nbd0 on /mnt/layer type erofs \(ro",
     r"overlay mounted: overlay on /mnt/merged type overlay",
     r"checksums verified: \d+ files",

@@ -191,7 +191,7 @@ def run_checks(ctl: Control, relay: Relay, config: dict[str, Any]) -> None:
     att = attach.attach_and_mount(RELAY_SOCKET, export, LAYER_MOUNT, state_dir=STATE_DIR, mode=mode)
     say(
         f"{att.device} attached by blockfs: blockfs.host.attach.attach_and_mount, netlink "
-        f"NBD_CMD_CONNECT with {att.connections} connections, dead-connection timeout "
+        f"NBD_CMD_CONNECT with {att.connections} connection(s), dead-connection timeout "
         f"{attach.DEFAULT_DEAD_CONN_TIMEOUT} s, request timeout {attach.DEFAULT_REQUEST_TIMEOUT} s"
     )
     if att.device != "/dev/nbd0":
