@@ -86,7 +86,8 @@ def attach(
     """Configure a free ``/dev/nbdN`` for ``export`` and mount it on ``mountpoint``.
 
     The device gets ``connections`` connections (:data:`DEFAULT_CONNECTIONS` says why
-    one is the default) if the server allows multi-conn, else one. ``undo`` gets the disconnect and the unmount.
+    one is the default) if the server allows multi-conn, else one. ``undo`` gets the
+    disconnect and the unmount.
     """
     sockets, info = _handshaken_sockets(socket, export, connections)
     read_only = _handshake.NBD_FLAG_HAS_FLAGS | _handshake.NBD_FLAG_READ_ONLY
