@@ -38,7 +38,7 @@ DEFAULT_REQUEST_TIMEOUT = 3600
 # several connections (so several blk-mq hardware queues) now and then loses a read,
 # which blk-mq shows started and in flight while no connection carries it and the server
 # is idle; the read then waits until the device is disconnected. The VM test met it in
-# about one run in three with the host's CPUs busy, and not in 8 runs since with one
+# about one run in three with the host's CPUs busy, and not in 13 runs since with one
 # connection (docs/vm-test.md). One connection still carries many requests at once:
 # nbdkit serves each of its requests on a thread of its own.
 DEFAULT_CONNECTIONS = 1
