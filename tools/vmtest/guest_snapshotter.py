@@ -147,8 +147,9 @@ def show_hang(stack: BlockfsContainerd) -> None:
     logs) and the kernel's blocked tasks (sysrq w)."""
     say(f"blockfs-snapshotter's log, one line per record:\n{log_summary(stack)}")
     nbdkit = stack.snapshotter.root / "run" / "nbdkit.log"
-    seen = {"daemon": len(stack.snapshotter.log()), "nbdkit": len(read_text(str(nbdkit)))}
-    seen_kernel = len(kernel_log())
+    daemon_seen = len(stack.snapshotter.log())
+    nbdkit_seen = len(read_text(str(nbdkit)))
+    kernel_seen = len(kernel_log())
     with contextlib.suppress(OSError):
         os.kill(stack.snapshotter.process.pid, signal.SIGUSR1)
     with contextlib.suppress(OSError, CheckFailed):
@@ -156,22 +157,27 @@ def show_hang(stack: BlockfsContainerd) -> None:
     with contextlib.suppress(OSError), open("/proc/sysrq-trigger", "w") as sysrq:
         sysrq.write("w")
     time.sleep(2)
-    say(f"blockfs-snapshotter's threads:\n{stack.snapshotter.log()[seen['daemon'] :]}")
-    say(f"the NBD server's log since:\n{read_text(str(nbdkit))[seen['nbdkit'] :][-12000:]}")
-    say("the kernel's blocked tasks:\n" + "\n".join(kernel_log()[seen_kernel:]))
-    say("the NBD devices' requests in flight:\n" + nbd_requests_in_flight())
+    say(f"blockfs-snapshotter's threads:\n{stack.snapshotter.log()[daemon_seen:]}")
+    say(f"the NBD server's log since:\n{read_text(str(nbdkit))[nbdkit_seen:][-12000:]}")
+    say("the kernel's blocked tasks:\n" + "\n".join(kernel_log()[kernel_seen:]))
+    say("the NBD devices in the kernel:\n" + nbd_device_state())
     with contextlib.suppress(CheckFailed):
         say(f"nbdkit's sockets and threads:\n{native_state(nbdkit_pid(stack))}")
 
 
-def nbd_requests_in_flight() -> str:
-    """What debugfs says each configured /dev/nbdN is waiting for (``tasks``: the
-    requests sent and not answered)."""
+def nbd_device_state() -> str:
+    """What debugfs says of each configured /dev/nbdN: the nbd driver's own entries (its
+    receiving task, flags and request timeout) and blk-mq's, which show each request the
+    device has started and not completed."""
     debugfs = "/sys/kernel/debug"
     if not os.path.isdir(f"{debugfs}/nbd"):
         subprocess.run(["mount", "-t", "debugfs", "debugfs", debugfs], check=False)
+    try:
+        names = sorted(os.listdir(f"{debugfs}/nbd"))
+    except OSError:
+        names = []  # no debugfs, or nbd.ko made no entries
     lines = []
-    for name in sorted(os.listdir(f"{debugfs}/nbd") if os.path.isdir(f"{debugfs}/nbd") else []):
+    for name in names:
         for what in ("tasks", "flags", "timeout"):
             lines.append(f"{name}/{what}: {read_text(f'{debugfs}/nbd/{name}/{what}')!r}")
         lines.append(f"{name} scheduler: {read_text(f'/sys/block/{name}/queue/scheduler')}")
@@ -188,8 +194,9 @@ def nbd_requests_in_flight() -> str:
 
 
 def native_state(pid: int) -> str:
-    """The unix sockets of ``pid`` with their queues (``ss``), and every thread's C
-    stack (``gdb``), for a server that answers nothing while no Python code of it runs."""
+    """Every unix socket with its queues (``ss``: the kernel's ends of NBD connections
+    belong to no process, so all are listed), and every C stack of ``pid``'s threads
+    (``gdb``), for a server that answers nothing while no Python code of it runs."""
     out = []
     for argv in (
         ["ss", "-xpe"],
@@ -198,10 +205,10 @@ def native_state(pid: int) -> str:
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
             text = done.stdout + done.stderr
+            if argv[0] == "gdb":
+                text = _same_stacks_once(text) or text  # gdb's own words if no stacks
         except (OSError, subprocess.TimeoutExpired) as e:
             text = f"({argv[0]}: {e})"
-        if argv[0] == "gdb":
-            text = _same_stacks_once(text)
         out.append(f"$ {' '.join(argv)}\n{text[-20000:]}")
     return "\n".join(out)
 
