@@ -71,6 +71,7 @@ from blockfs.image import (
     forget_export,
     index_layer,
     open_export,
+    preload_export,
     query_stats,
 )
 from blockfs.oci import ProcessConfig
@@ -472,16 +473,22 @@ class LayerManager:
         self.read_ahead({digest: sibling_source(layer, digest) for digest in layer.image_layers})
 
     def read_ahead(
-        self, sources: Mapping[str, SourceSpec], tails: Mapping[str, int] | None = None
+        self,
+        sources: Mapping[str, SourceSpec],
+        tails: Mapping[str, int] | None = None,
+        prefetch_ends: Mapping[str, int] | None = None,
     ) -> None:
         """Read the footer and TOC of each layer blob (digest -> source) in the
         background, then index, attach and mount it, unless that is under way or done.
-        ``tails`` gives, by digest, how many bytes at a blob's end hold them, where known.
+        ``tails`` gives, by digest, how many bytes at a blob's end hold them, where known;
+        ``prefetch_ends`` where its prioritised files end: with the prefetch setting,
+        the NBD server starts reading them at once, while the TOC comes.
 
         A pull calls this as soon as it has the manifest, so that the reads overlap its
         other requests; containerd's Prepares then find the layers read or indexed.
         """
         self._start_server_soon()
+        preloads: dict[str, tuple[SourceSpec, int]] = {}
         with self._lock:
             for digest, spec in sources.items():
                 name = layer_name(digest)
@@ -494,6 +501,25 @@ class LayerManager:
                 future = self._ahead_pool.submit(self._read_toc, name, spec, None, tail)
                 future.add_done_callback(functools.partial(self._then_attach, name))
                 self._ahead[name] = future
+                end = (prefetch_ends or {}).get(digest)
+                if end and self.server.config.prefetch:
+                    preloads[name] = (spec, end)
+        if preloads:
+            threading.Thread(
+                target=self._preload, args=(preloads,), name="preload", daemon=True
+            ).start()
+
+    def _preload(self, preloads: Mapping[str, tuple[SourceSpec, int]]) -> None:
+        """Have the NBD server read each layer's prioritised region (name -> (source,
+        end)) before the layer is indexed (``blockfs.image._preload``)."""
+        try:
+            self._ensure_server()
+            for name, (spec, end) in preloads.items():
+                if preload_export(str(self.control_socket), name, spec, end):
+                    log.debug("preloading the prioritised files", extra={"layer": name, "end": end})
+        except (ControlError, NBDServerError) as e:
+            # The layer's prefetch fetches them once it is indexed, as without a preload.
+            log.info("cannot preload the prioritised files", extra={"error": str(e)})
 
     def fetch_command_ahead(self, digests: Sequence[str], process: ProcessConfig) -> None:
         """Fetch, in the background, the executable a container of an image starts with

@@ -38,7 +38,7 @@ from blockfs.oci import Manifest, Platform, Reference
 from snapshotter.ctrclient import ContainerdClient
 from snapshotter.layers import LayerManager
 from snapshotter.pull import PulledLayer, pull_image, resolve_image
-from snapshotter.remote import TOC_DIGEST_LABEL, RegistrySettings, toc_tail
+from snapshotter.remote import TOC_DIGEST_LABEL, RegistrySettings, prefetch_end, toc_tail
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,8 @@ class PullServer:
 
         def read_ahead(manifest: Manifest) -> None:
             # The eStargz layers' footers and TOCs come while the config is fetched and
-            # containerd stores it; each layer's Prepare then finds its TOC read. The
+            # containerd stores it; each layer's Prepare then finds its TOC read. Their
+            # prioritised files, where the image says where they end, come meanwhile. The
             # sources are those the Prepares' labels give (snapshotter.remote).
             estargz = [
                 layer for layer in manifest.layers if layer.annotations.get(TOC_DIGEST_LABEL)
@@ -153,6 +154,11 @@ class PullServer:
                     layer.digest: tail
                     for layer in estargz
                     if (tail := toc_tail(layer.annotations)) is not None
+                },
+                {
+                    layer.digest: end
+                    for layer in estargz
+                    if (end := prefetch_end(layer.annotations, layer.size)) is not None
                 },
             )
 

@@ -33,6 +33,7 @@ from blockfs.oci import annotations as oci_annotations
 TARGET_LABEL = "containerd.io/snapshot.ref"
 TOC_DIGEST_LABEL = oci_annotations.ESTARGZ_TOC_DIGEST
 TOC_TAIL_LABEL = oci_annotations.ESTARGZ_TOC_TAIL
+PREFETCH_END_LABEL = oci_annotations.ESTARGZ_PREFETCH_END
 # Set on the snapshots committed lazily, as the reference snapshotter does.
 REMOTE_LABEL = "containerd.io/snapshot/remote"
 REMOTE_VALUE = "true"
@@ -162,7 +163,17 @@ def remote_layer(labels: Mapping[str, str], settings: RegistrySettings) -> Remot
 
 def toc_tail(annotations: Mapping[str, str]) -> int | None:
     """The TOC tail size that a layer's annotations (or Prepare labels) give, if any."""
-    text = annotations.get(TOC_TAIL_LABEL, "")
+    return _size(annotations.get(TOC_TAIL_LABEL, ""))
+
+
+def prefetch_end(annotations: Mapping[str, str], blob_size: int) -> int | None:
+    """Where a layer's prioritised files end, as its annotations give it, if inside the
+    blob of ``blob_size`` bytes."""
+    end = _size(annotations.get(PREFETCH_END_LABEL, ""))
+    return end if end is not None and 0 < end < blob_size else None
+
+
+def _size(text: str) -> int | None:
     return int(text) if text.isdigit() and len(text) < 20 else None
 
 

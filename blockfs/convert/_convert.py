@@ -51,6 +51,7 @@ _STALE_ANNOTATIONS = frozenset(
     {
         ann.ESTARGZ_TOC_DIGEST,
         ann.ESTARGZ_TOC_TAIL,
+        ann.ESTARGZ_PREFETCH_END,
         ann.ESTARGZ_UNCOMPRESSED_SIZE,
         ann.ZSTD_CHUNKED_MANIFEST_CHECKSUM,
         ann.ZSTD_CHUNKED_MANIFEST_POSITION,
@@ -261,9 +262,16 @@ def _convert_layer(
 
 def converted_annotations(result: BuildResult) -> dict[str, str]:
     """The annotations of a layer descriptor for the blob of ``result``: the writer's (TOC
-    digest, uncompressed size, zstd:chunked position) and the TOC tail size
-    (:data:`blockfs.oci.annotations.ESTARGZ_TOC_TAIL`)."""
-    return {**result.annotations, ann.ESTARGZ_TOC_TAIL: str(result.blob_size - result.toc_offset)}
+    digest, uncompressed size, zstd:chunked position), the TOC tail size
+    (:data:`blockfs.oci.annotations.ESTARGZ_TOC_TAIL`) and, when files are prioritised,
+    where they end (:data:`blockfs.oci.annotations.ESTARGZ_PREFETCH_END`)."""
+    converted = {
+        **result.annotations,
+        ann.ESTARGZ_TOC_TAIL: str(result.blob_size - result.toc_offset),
+    }
+    if result.prefetch_end is not None:
+        converted[ann.ESTARGZ_PREFETCH_END] = str(result.prefetch_end)
+    return converted
 
 
 def _present(tar: IO[bytes], names: tuple[str, ...]) -> tuple[str, ...]:

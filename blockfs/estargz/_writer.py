@@ -132,6 +132,9 @@ class BuildResult:
     toc_frame_digest: str = ""
     toc_compressed_size: int = 0
     toc_uncompressed_size: int = 0
+    # Where the prioritised files end (the offset of the prefetch landmark's member), when
+    # some file data is prioritised.
+    prefetch_end: int | None = None
 
     @property
     def annotations(self) -> dict[str, str]:
@@ -498,6 +501,7 @@ class _BlobWriter:
         self._members = members
         self._options = options
         self._entries: list[_TOCEntry] = []
+        self._prefetch_landmark: _TOCEntry | None = None
         # The reference writes a user or group name only when it differs from the last one
         # written for the same ID; readers carry names forward by ID.
         self._last_user: dict[int, str] = {}
@@ -536,8 +540,12 @@ class _BlobWriter:
         info.mode = 0
         self._members.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
         toc = _TOCEntry(name=name, type="reg", size=len(LANDMARK_CONTENT))
+        # Only a region with file data in it is worth a request of its own.
+        holds_data = any(e.member >= 0 for e in self._entries)
         # Its own member, even with a minimum chunk size: its offset marks the prefetch end.
         self._payload(toc, lambda n: LANDMARK_CONTENT[:n], own_member=True)
+        if name == PREFETCH_LANDMARK and holds_data:
+            self._prefetch_landmark = toc
 
     def _payload(self, first: _TOCEntry, read: Callable[[int], bytes], *, own_member: bool) -> None:
         """Write a regular file's payload in chunks, each at a member start (see _start_chunk).
@@ -652,6 +660,9 @@ class _BlobWriter:
             toc_frame_digest=frame_digest,
             toc_compressed_size=frame_size,
             toc_uncompressed_size=len(toc_json) if frame_size else 0,
+            prefetch_end=None
+            if self._prefetch_landmark is None
+            else self._prefetch_landmark.offset,
         )
 
 

@@ -6,6 +6,7 @@ from blockfs.image._control import (
     fetch_range,
     forget_export,
     open_export,
+    preload_export,
     query_stats,
 )
 from blockfs.image._exports import ExportTable, SourceOpener
@@ -81,6 +82,7 @@ __all__ = [
     "open_blob",
     "open_export",
     "parse_size",
+    "preload_export",
     "query_stats",
     "registry_source_spec",
 ]

@@ -5,12 +5,15 @@ metrics read it. One request per connection: a line ``VERB [ARG...]``, answered 
 JSON document. Verbs: ``stats [NAME]`` (statistics of one export or all), ``open NAME``
 (open an export before its first read, so that its prefetch starts while the layer is
 still being attached), ``fetch NAME START END`` (fetch the members of the blob range
-``[START, END)`` in the background, as a prefetch does) and ``forget NAME`` (drop a
+``[START, END)`` in the background, as a prefetch does), ``preload NAME END SPEC`` (read
+the prioritised region ``[0, END)`` of the blob of a layer not indexed yet, the source
+spec as base64 of its JSON; see ``blockfs.image._preload``) and ``forget NAME`` (drop a
 released export from the server's memory).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -20,6 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 from blockfs.errors import BlockfsError
+
+# The longest request line (a preload's source spec, encoded, is the longest).
+MAX_LINE = 16384
 
 # Called with the words after the verb; a wrong number of them is a TypeError, reported.
 Handler = Callable[..., dict[str, Any]]
@@ -54,7 +60,7 @@ class ControlServer:
             with conn:
                 conn.settimeout(5)
                 try:
-                    line = conn.makefile("rb").readline(4096).decode("utf-8", "replace").split()
+                    line = conn.makefile("rb").readline(MAX_LINE).decode("utf-8", "replace").split()
                     handler = self.handlers.get(line[0]) if line else None
                     if handler is None:
                         reply: dict[str, Any] = {"error": f"unknown request {line[:1]}"}
@@ -85,6 +91,26 @@ def fetch_range(path: str, name: str, start: int, end: int, timeout: float = 5.0
     """Tell the server at ``path`` to fetch the members of export ``name`` whose compressed
     bytes lie in ``[start, end)`` in the background (opening the export if need be)."""
     _request(path, f"fetch {name} {start} {end}", timeout)
+
+
+def preload_export(
+    path: str, name: str, spec: dict[str, Any], end: int, timeout: float = 5.0
+) -> bool:
+    """Tell the server at ``path`` to read ``[0, end)`` of the blob of source ``spec``
+    now, for export ``name`` once it is indexed; False if it has no use for it."""
+    encoded = base64.urlsafe_b64encode(json.dumps(spec, separators=(",", ":")).encode())
+    return bool(_request(path, f"preload {name} {end} {encoded.decode()}", timeout)["preloading"])
+
+
+def decode_spec(text: str) -> dict[str, Any]:
+    """The source spec that :func:`preload_export` encoded."""
+    try:
+        spec = json.loads(base64.urlsafe_b64decode(text.encode()))
+    except ValueError as exc:
+        raise ControlError(f"not an encoded source spec: {text[:80]!r}") from exc
+    if not isinstance(spec, dict):
+        raise ControlError("a source spec is a JSON object")
+    return spec
 
 
 def forget_export(path: str, name: str, timeout: float = 5.0) -> None:

@@ -21,6 +21,7 @@ from blockfs.cache import ChunkCache
 from blockfs.estargz import BlobSource, CountingSource
 from blockfs.image._extents import ExtentMap
 from blockfs.image._layer import FetchPolicy, LayerImage
+from blockfs.image._preload import PRELOAD_TTL, Preload, PreloadedSource
 from blockfs.image._reader import BlobChunkReader
 from blockfs.image._record import (
     EXTENTS_FILE,
@@ -36,11 +37,28 @@ BACKGROUND_IDLE = 1.0
 
 
 class _Served:
-    def __init__(self, record: LayerRecord, image: LayerImage, source: CountingSource) -> None:
+    def __init__(
+        self,
+        record: LayerRecord,
+        image: LayerImage,
+        source: CountingSource,
+        preload: Preload | None = None,
+    ) -> None:
         self.record = record
         self.image = image
         self.source = source
+        self.preload = preload
         self.prefetch_thread: threading.Thread | None = None
+
+    def close(self) -> None:
+        if self.preload is not None:
+            self.preload.release()
+        self.image.close()
+
+
+def _blob_of(spec: SourceSpec) -> tuple[Any, ...]:
+    """What names the blob of a source spec (the digest is in the reference)."""
+    return (spec.get("type"), spec.get("ref"), spec.get("path"))
 
 
 def _trace_log(path: Path) -> Callable[[str], None]:
@@ -86,6 +104,7 @@ class ExportTable:
         self.fetch = fetch
         self._lock = threading.Lock()
         self._served: dict[str, _Served] = {}
+        self._preloads: dict[str, Preload] = {}
         self._stop = threading.Event()
         # When a read last had to fetch, or a layer was opened (a container starting).
         self._last_demand = time.monotonic()
@@ -112,12 +131,43 @@ class ExportTable:
                 self._served[name] = served
             return served.image
 
+    def preload(self, name: str, spec: SourceSpec, end: int) -> bool:
+        """Start reading ``[0, end)`` of the blob of ``spec``, the prioritised region of
+        the layer that will be export ``name``, before that layer is indexed (see
+        ``blockfs.image._preload``); its prefetch takes the bytes when it opens. False
+        (nothing done) without the prefetch setting, or when the export is open or
+        preloading already."""
+        check_export_name(name)
+        if not self.prefetch or end <= 0:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            for stale in [n for n, p in self._preloads.items() if now - p.started > PRELOAD_TTL]:
+                self._preloads.pop(stale).release()
+            if name in self._served or name in self._preloads:
+                return False
+            source = CountingSource(self.open_source(spec))
+            self._preloads[name] = Preload(source, end, _blob_of(spec))
+        return True
+
     def _load(self, name: str) -> _Served:
         layer_dir = self.root / name
         record = LayerRecord.load(layer_dir)
         extents = ExtentMap.load(layer_dir / EXTENTS_FILE)
-        source = CountingSource(self.open_source(record.source))
-        reader = BlobChunkReader(source, record.compression)
+        preload = self._preloads.pop(name, None)
+        if preload is not None and (
+            preload.blob != _blob_of(record.source) or not record.prefetch_end or preload.failed
+        ):
+            preload.release()
+            preload = None
+        source = (
+            preload.source
+            if preload is not None
+            else CountingSource(self.open_source(record.source))
+        )
+        reader = BlobChunkReader(
+            source if preload is None else PreloadedSource(source, preload), record.compression
+        )
         image = LayerImage(
             name, layer_dir / INDEX_FILE, extents, reader, self.cache,
             on_demand_fetch=self._demand, policy=self.fetch,
@@ -125,23 +175,26 @@ class ExportTable:
             trace=_trace_log(self.trace / name) if self.trace is not None else None,
         )  # fmt: skip
         self._demand()
-        served = _Served(record, image, source)
+        served = _Served(record, image, source, preload)
         prefetch_end = record.prefetch_end if self.prefetch else None
         if prefetch_end or self.background_fetch:
             served.prefetch_thread = threading.Thread(
                 target=self._warm,
-                args=(image, prefetch_end, record.blob_size if self.background_fetch else None),
+                args=(served, prefetch_end, record.blob_size if self.background_fetch else None),
                 name=f"prefetch-{name}",
                 daemon=True,
             )
             served.prefetch_thread.start()
         return served
 
-    def _warm(self, image: LayerImage, prefetch_end: int | None, fetch_end: int | None) -> None:
+    def _warm(self, served: _Served, prefetch_end: int | None, fetch_end: int | None) -> None:
         """Fetch the prioritized files first, then (background fetch) the rest of the layer,
         one layer at a time and only while no read of any layer has to fetch."""
+        image = served.image
         if prefetch_end:
             image.prefetch(prefetch_end, self._stop)
+        if served.preload is not None:
+            served.preload.release()  # its bytes are in the cache now, or failed
         if fetch_end:
             with self._background_slot:
                 image.prefetch(fetch_end, self._stop, pace=self._wait_until_idle)
@@ -173,8 +226,11 @@ class ExportTable:
         """Drop export ``name`` from memory (its directory is left alone)."""
         with self._lock:
             served = self._served.pop(name, None)
+            preload = self._preloads.pop(name, None)
+        if preload is not None:
+            preload.release()
         if served is not None:
-            served.image.close()
+            served.close()
 
     def stats(self, name: str | None = None) -> dict[str, Any]:
         """Per-export statistics: bytes fetched (indexing included), chunk and cache counters."""
@@ -198,7 +254,11 @@ class ExportTable:
         with self._lock:
             served = list(self._served.values())
             self._served.clear()
+            preloads = list(self._preloads.values())
+            self._preloads.clear()
+        for p in preloads:
+            p.release()
         for s in served:
-            s.image.close()
+            s.close()
         if self._own_sources is not None:
             self._own_sources.close()

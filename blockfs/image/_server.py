@@ -14,7 +14,7 @@ import attrs
 
 from blockfs.cache import ChunkCache
 from blockfs.errors import BlockfsError
-from blockfs.image._control import ControlServer
+from blockfs.image._control import ControlServer, decode_spec
 from blockfs.image._exports import ExportTable
 from blockfs.image._layer import FetchPolicy
 from blockfs.registry import warm_up
@@ -134,6 +134,7 @@ class ServedLayers:
                     "stats": self.exports.stats,
                     "open": self._open,
                     "fetch": self._fetch,
+                    "preload": self._preload,
                     "forget": self._forget,
                 },
             )
@@ -152,6 +153,13 @@ class ServedLayers:
             return {"error": "fetch needs an export name and a blob range: fetch NAME START END"}
         self.exports.fetch_range(name, int(start), int(end))
         return {"fetching": name, "start": int(start), "end": int(end)}
+
+    def _preload(self, name: str = "", end: str = "", spec: str = "") -> dict[str, Any]:
+        if not (name and end.isdigit() and spec):
+            return {
+                "error": "preload needs an export name, an end and a spec: preload NAME END SPEC"
+            }
+        return {"preloading": self.exports.preload(name, decode_spec(spec), int(end))}
 
     def _forget(self, name: str | None = None) -> dict[str, Any]:
         if name is None:

@@ -11,6 +11,10 @@ ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 # guessing. Under containerd's snapshot prefix, so that containerd passes it to a remote
 # snapshotter's Prepare as it passes the TOC digest.
 ESTARGZ_TOC_TAIL = "containerd.io/snapshot/blockfs/toc.tail"
+# Where an eStargz layer's prioritised files end (the offset of its prefetch landmark's
+# member), also written by blockfs's conversions: a lazy reader can request them, one
+# range from the blob's start, before its TOC is in.
+ESTARGZ_PREFETCH_END = "containerd.io/snapshot/blockfs/prefetch.end"
 # Decimal size of an eStargz layer once decompressed (for containers/storage).
 ESTARGZ_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
 # zstd:chunked layers: sha256 and position of the compressed TOC frame.
