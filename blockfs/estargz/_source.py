@@ -135,14 +135,12 @@ class FileBlobSource:
         self.close()
 
 
-class CountingSource:
-    """Wraps a source and counts the bytes and requests that go through it."""
+class SourceWrapper:
+    """The base of a source that adds something to the reads of ``inner``: the blob's
+    name and size are inner's."""
 
     def __init__(self, inner: BlobSource) -> None:
         self.inner = inner
-        self._lock = threading.Lock()
-        self.bytes_read = 0
-        self.requests = 0
 
     @property
     def name(self) -> str:
@@ -151,6 +149,16 @@ class CountingSource:
     @property
     def size(self) -> int:
         return self.inner.size
+
+
+class CountingSource(SourceWrapper):
+    """Wraps a source and counts the bytes and requests that go through it."""
+
+    def __init__(self, inner: BlobSource) -> None:
+        super().__init__(inner)
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        self.requests = 0
 
     def read_range(self, offset: int, length: int) -> bytes:
         data = self.inner.read_range(offset, length)

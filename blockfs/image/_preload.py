@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Hashable
 
 from blockfs.errors import BlockfsError
-from blockfs.estargz import BlobSource, CountingSource
+from blockfs.estargz import BlobSource, CountingSource, SourceWrapper
 from blockfs.estargz._source import read_range_streaming
 
 # The largest region kept: a longer one is preloaded up to here, the rest prefetched.
@@ -127,21 +127,13 @@ class _Released(BlockfsError):
     """Stops the preload's request once nobody wants its bytes."""
 
 
-class PreloadedSource:
+class PreloadedSource(SourceWrapper):
     """``inner``, except that a streaming read inside ``preload``'s range takes its bytes
     from the preload (once per range)."""
 
     def __init__(self, inner: BlobSource, preload: Preload) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.preload = preload
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
 
     def read_range(self, offset: int, length: int) -> bytes:
         return self.inner.read_range(offset, length)

@@ -19,6 +19,7 @@ from blockfs.estargz import (
     DecompressionError,
     FileBlobSource,
     FormatError,
+    SourceWrapper,
     decompress_spans,
     verify_piece,
 )
@@ -30,12 +31,12 @@ from tests.helpers.testdata import TESTDATA
 NAME = "usr/share/doc/README"
 
 
-class FlippingSource:
+class FlippingSource(SourceWrapper):
     """A real blob source whose responses covering blob offset ``at`` have that byte
     flipped, the first ``times`` times (``None``: every time)."""
 
     def __init__(self, inner: FileBlobSource, at: int, times: int | None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.at = at
         self.times = times
         self.hits = 0  # responses that covered ``at``
@@ -43,14 +44,6 @@ class FlippingSource:
         self.hold = threading.Event()  # set: the first covering response may go
         self.hold.set()
         self._lock = threading.Lock()
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
 
     def read_range(self, offset: int, length: int) -> bytes:
         data = self.inner.read_range(offset, length)

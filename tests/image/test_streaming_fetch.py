@@ -8,7 +8,7 @@ import time
 
 from test_layer_image import file_span, open_image
 
-from blockfs.estargz import FileBlobSource
+from blockfs.estargz import FileBlobSource, SourceWrapper
 from blockfs.image import FetchPolicy
 from tests.helpers.testdata import TESTDATA
 
@@ -16,22 +16,14 @@ BLOB = TESTDATA / "gzip-64k.esgz"
 PIECE = 16 << 10
 
 
-class HeldStream:
+class HeldStream(SourceWrapper):
     """The blob file, streamed in pieces; a request stops before its last piece until
     ``release`` is set, as a long response still on its way would."""
 
     def __init__(self) -> None:
-        self.inner = FileBlobSource(BLOB)
+        super().__init__(FileBlobSource(BLOB))
         self.release = threading.Event()
         self.held = threading.Event()  # a request is waiting for its last piece
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
 
     def read_range(self, offset: int, length: int) -> bytes:
         return self.read_range_streaming(offset, length, None)

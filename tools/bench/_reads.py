@@ -30,6 +30,7 @@ from blockfs.estargz import (
     Chunk,
     CountingSource,
     FileBlobSource,
+    SourceWrapper,
     build,
 )
 from blockfs.image import (
@@ -46,20 +47,12 @@ from tools.bench._report import Machine, Report, progress
 WINDOW = 128 << 10  # the kernel's default readahead
 
 
-class RoundTripSource:
+class RoundTripSource(SourceWrapper):
     """A blob source whose every request first waits ``rtt`` seconds, like a distant registry."""
 
     def __init__(self, inner: BlobSource, rtt: float) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.rtt = rtt
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
 
     def read_range(self, offset: int, length: int) -> bytes:
         time.sleep(self.rtt)
