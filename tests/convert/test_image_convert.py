@@ -84,6 +84,8 @@ def test_converted_layers_verify_and_config_diff_ids_are_their_uncompressed_dige
         assert int(layer.annotations[ann.ESTARGZ_UNCOMPRESSED_SIZE]) > 0
         # The bytes that hold the TOC and footer, for a reader to fetch in one go.
         assert int(layer.annotations[ann.ESTARGZ_TOC_TAIL]) == layer.size - reader.toc_offset
+        # Nothing is prioritised: no region to preload.
+        assert ann.ESTARGZ_PREFETCH_END not in layer.annotations
 
 
 def test_convert_reports_progress_lines_on_stderr_when_not_a_terminal(source_layout, tmp_path):
@@ -192,7 +194,12 @@ def test_convert_options_reach_the_writer(source_layout, tmp_path):
     layout = ImageLayout(tmp_path / "o")
     top = result.layers[1].result
     reader = BlobReader.open(FileBlobSource(layout.blob_path(top.digest)))
-    assert reader.prefetch_range() is not None
+    prefetch = reader.prefetch_range()
+    assert prefetch is not None
+    # The descriptor says where the prioritised region ends, for a preload before the TOC.
+    assert int(top.annotations[ann.ESTARGZ_PREFETCH_END]) == prefetch[1]
+    # The bottom layer holds none of them: no landmark with data before it, no annotation.
+    assert ann.ESTARGZ_PREFETCH_END not in result.layers[0].result.annotations
     assert len(reader.toc.lookup("app/main").chunks) > 1
     assert json.loads(layout.read_blob(result.config.digest))["rootfs"]["diff_ids"]
 

@@ -278,8 +278,11 @@ def test_reader_verifies_the_blob_and_reads_back_every_source_file(
         if built.options.prioritized:
             lm = next(e for e in built.toc() if e["name"] == ".prefetch.landmark")
             assert prefetch == (0, lm["offset"])
+            # The build says where the region ends without its TOC being read.
+            assert built.result.prefetch_end == lm["offset"]
         else:
             assert prefetch is None
+            assert built.result.prefetch_end is None
 
 
 # --- Layout rules ---------------------------------------------------------------------

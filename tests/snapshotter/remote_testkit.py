@@ -3,14 +3,16 @@ registry, and a proxy in front of the registry that counts what it serves."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
 import http.server
 import io
 import threading
+import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -141,6 +143,35 @@ class CountingProxy:
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self._server.server_address[1]}"
+
+    @contextlib.contextmanager
+    def holding(
+        self,
+        which: Callable[[str, str, str], bool],
+        until: Callable[[list[tuple[str, str, str]]], bool],
+        timeout: float = 10.0,
+    ) -> Iterator[list[bool]]:
+        """Hold each request that ``which(method, path, range)`` picks until
+        ``until(requests arrived so far)`` holds, for at most ``timeout`` seconds; the
+        list yielded gets, per request held, whether ``until`` released it."""
+        held: list[bool] = []
+
+        def hold(method: str, path: str, range_: str) -> None:
+            if not which(method, path, range_):
+                return
+            deadline = time.monotonic() + timeout
+            while not until(list(self.arrived)):
+                if time.monotonic() > deadline:
+                    held.append(False)
+                    return
+                time.sleep(0.01)
+            held.append(True)
+
+        self.before = hold
+        try:
+            yield held
+        finally:
+            self.before = None
 
     def reset(self) -> None:
         with self._lock:

@@ -25,12 +25,14 @@ from snapshotter.remote import (
     CRI_IMAGE_LAYERS_LABEL,
     CRI_IMAGE_REF_LABEL,
     CRI_LAYER_DIGEST_LABEL,
+    PREFETCH_END_LABEL,
     TARGET_LABEL,
     TOC_DIGEST_LABEL,
     TOC_TAIL_LABEL,
     NoRemoteSource,
     RegistrySettings,
     layer_name,
+    prefetch_end,
     remote_layer,
     sibling_source,
 )
@@ -98,6 +100,17 @@ def test_the_toc_tail_label_is_taken_when_it_is_a_size(value: str | None, tail: 
     # containerd hands it over with the TOC digest, from the layer's annotation.
     labels = cri_labels() if value is None else cri_labels(**{TOC_TAIL_LABEL: value})
     assert remote_layer(labels, RegistrySettings()).toc_tail == tail
+
+
+@pytest.mark.parametrize(
+    ("value", "end"),
+    [("4096", 4096), (None, None), ("0", None), ("10000", None), ("-5", None), ("x", None)],
+)
+def test_a_prefetch_end_is_taken_when_it_lies_inside_the_blob(
+    value: str | None, end: int | None
+) -> None:
+    annotations = {} if value is None else {PREFETCH_END_LABEL: value}
+    assert prefetch_end(annotations, blob_size=10000) == end
 
 
 def test_cri_labels_win_over_blockfs_labels() -> None:

@@ -58,6 +58,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 BUSYBOX = Path("/bin/busybox")
 BIG_BYTES = 50 << 20
 READ_FILES = 16
+PRIORITISED = ("etc/a", "etc/b")
 FALLBACK_MSG = "remote snapshot not possible; containerd unpacks the layer"
 
 
@@ -70,7 +71,9 @@ class Images:
     sibling: PushedImage  # eStargz: the same busybox layer, then its own /etc/motd
     plain: PushedImage  # gzip only
     mixed: PushedImage  # gzip busybox, eStargz /etc/motd
+    prio: PushedImage  # eStargz: busybox, then PRIORITISED first and 4 MiB not read
     data: dict[str, bytes]  # the files of lazy's second layer, by path
+    prio_data: dict[str, bytes]  # the files of prio's second layer, by path
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +85,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
     data.update({f"data/files/f{i:02}": os.urandom(64 << 10) for i in range(READ_FILES)})
     data_tar = layer_tar(data, modes={"tmp": 0o1777})
     motd = layer_tar({"etc/motd": b"lazy motd\n"})
+    prio_data = {"etc/a": os.urandom(100 << 10), "etc/b": os.urandom(100 << 10)}
+    prio_data["rest"] = os.urandom(4 << 20)
+    prio_tar = layer_tar(dict(prio_data))
     busybox_esgz = estargz_layer(busybox)
     with start_registry(tmp_path_factory.mktemp("registry")) as registry:
         proxy = CountingProxy(registry.url)
@@ -118,7 +124,13 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
                         [gzip_layer(busybox), estargz_layer(motd)],
                         ["/bin/busybox", "cat", "/etc/motd"],
                     ),
+                    prio=push(
+                        "blockfs/prio:1",
+                        [busybox_esgz, estargz_layer(prio_tar, prioritized=PRIORITISED)],
+                        ["/bin/busybox", "sha256sum", *(f"/{p}" for p in PRIORITISED)],
+                    ),
                     data={path: body for path, body in data.items() if body is not None},
+                    prio_data=prio_data,
                 )
         finally:
             proxy.close()
@@ -301,28 +313,23 @@ def test_the_daemon_reads_the_layers_tocs_while_the_config_comes(
 ) -> None:
     lazy = images.lazy
     layers = {f"/blobs/{layer.digest}" for layer in lazy.layers}
-    held: list[bool] = []
     images.proxy.reset()
 
-    def hold_the_config(method: str, path: str, range_: str) -> None:
-        # The config is the one whole blob GET that is not a layer's: hold it until every
-        # layer's footer and TOC have been asked for (or 10 s), and note which it was.
-        if method != "GET" or "/blobs/" not in path or range_ or path.endswith(tuple(layers)):
-            return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            asked = {p for m, p, r in images.proxy.arrived if m == "GET" and r}
-            if all(any(p.endswith(layer) for p in asked) for layer in layers):
-                held.append(True)
-                return
-            time.sleep(0.01)
-        held.append(False)
+    def the_config(method: str, path: str, range_: str) -> bool:
+        # The one whole blob GET that is not a layer's.
+        return (
+            method == "GET"
+            and "/blobs/" in path
+            and not range_
+            and not path.endswith(tuple(layers))
+        )
 
-    images.proxy.before = hold_the_config
-    try:
+    def every_toc_asked(arrived: list[tuple[str, str, str]]) -> bool:
+        asked = {p for m, p, r in arrived if m == "GET" and r}
+        return all(any(p.endswith(layer) for p in asked) for layer in layers)
+
+    with images.proxy.holding(the_config, every_toc_asked) as held:
         assert stack.pull(lazy).count(": lazy (") == 2
-    finally:
-        images.proxy.before = None
     assert held == [True]
     # Each footer and TOC came in one request of exactly the size the image gives.
     for layer in lazy.layers:
@@ -332,6 +339,44 @@ def test_the_daemon_reads_the_layers_tocs_while_the_config_comes(
         assert first in (f"bytes=-{tail}", f"bytes={size - tail}-{size - 1}"), first
     assert stack.run(lazy, "toc-ahead", "/bin/busybox", "echo", "hello") == "hello\n"
     remove_image(stack, lazy)
+    assert_clean(stack)
+
+
+def test_a_pull_preloads_the_prioritised_files_in_one_request_without_waiting_for_the_toc(
+    stack: Stack, images: Images
+) -> None:
+    prio = images.prio
+    layer = prio.layers[1]
+    end = int(layer.annotations["containerd.io/snapshot/blockfs/prefetch.end"])
+    size = len(layer.blob)
+    images.proxy.reset()
+
+    def its_toc(method: str, path: str, range_: str) -> bool:
+        return path.endswith(layer.digest) and range_.endswith(f"-{size - 1}")
+
+    def its_region_asked(arrived: list[tuple[str, str, str]]) -> bool:
+        return any(p.endswith(layer.digest) and r.startswith("bytes=0-") for _, p, r in arrived)
+
+    # The layer's footer and TOC read is held until its region has been asked for.
+    with images.proxy.holding(its_toc, its_region_asked) as held:
+        assert stack.pull(prio).count(": lazy (") == 2
+    assert held == [True]
+    out = stack.run(prio, "prio-1")
+    assert out.split() == [
+        word
+        for path in PRIORITISED
+        for word in (hashlib.sha256(images.prio_data[path]).hexdigest(), f"/{path}")
+    ]
+    # One request brought the region: from the blob's start to its landmark (a prefetch
+    # made once the layer is indexed would start at the first file's member).
+    ranges = byte_ranges(images.proxy.blob_ranges[layer.digest])
+    assert [r for r in ranges if r[0] < end] == [(0, end)], ranges
+    # The layer that prioritises nothing has no region to preload.
+    assert "containerd.io/snapshot/blockfs/prefetch.end" not in prio.layers[0].annotations
+    assert not any(
+        r.startswith("bytes=0-") for r in images.proxy.blob_ranges[prio.layers[0].digest]
+    )
+    remove_image(stack, prio)
     assert_clean(stack)
 
 
