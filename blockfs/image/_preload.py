@@ -33,7 +33,7 @@ PRELOAD_TTL = 60.0
 
 class Preload:
     """Reads ``[0, end)`` of ``source`` in one request, in a thread of its own, keeping
-    the bytes until :meth:`release`."""
+    the bytes until :meth:`release` and the end of every read that took a range."""
 
     def __init__(self, source: CountingSource, end: int, blob: Hashable) -> None:
         self.source = source
@@ -45,6 +45,8 @@ class Preload:
         self._done = False
         self._cond = threading.Condition()
         self._handed: list[tuple[int, int]] = []
+        self._streams = 0  # reads between take and the end of their stream
+        self._released = False
         threading.Thread(target=self._run, name=f"preload-{source.name[-12:]}", daemon=True).start()
 
     def _run(self) -> None:
@@ -72,22 +74,31 @@ class Preload:
                 self._cond.notify_all()
 
     def take(self, offset: int, length: int) -> bool:
-        """Claim ``[offset, offset + length)`` for one read: False if the preload does not
-        cover it, has failed, was released, or handed any of it out before (a read of the
-        same bytes again is a refetch after a failed verification: it goes to the
-        registry)."""
+        """Claim ``[offset, offset + length)`` for one read, which must then :meth:`stream`
+        it: False if the preload does not cover it, has failed, was released, or handed
+        any of it out before (a read of the same bytes again is a refetch after a failed
+        verification: it goes to the registry)."""
         end = offset + length
         with self._cond:
-            if self._buf is None or self._error is not None or end > self.end or offset < 0:
+            if self._released or self._error is not None or end > self.end or offset < 0:
                 return False
             if any(offset < e and s < end for s, e in self._handed):
                 return False
             self._handed.append((offset, end))
+            self._streams += 1
             return True
 
     def stream(self, offset: int, length: int, on_bytes: Callable[[int, bytes], None]) -> bytes:
         """The bytes of a range claimed with :meth:`take`, handed to ``on_bytes`` as they
         arrive; raises the preload's error if it fails first."""
+        try:
+            return self._stream(offset, length, on_bytes)
+        finally:
+            with self._cond:
+                self._streams -= 1
+                self._drop_if_unused()
+
+    def _stream(self, offset: int, length: int, on_bytes: Callable[[int, bytes], None]) -> bytes:
         end = offset + length
         position = offset
         while position < end:
@@ -117,8 +128,15 @@ class Preload:
             return self._error is not None
 
     def release(self) -> None:
-        """Drop the bytes; the request, if still running, stops at its next piece."""
+        """Take no more reads, and drop the bytes once the reads under way have theirs (a
+        read of the command ahead may still stream when the prefetch is done); the
+        request, if still running then, stops at its next piece."""
         with self._cond:
+            self._released = True
+            self._drop_if_unused()
+
+    def _drop_if_unused(self) -> None:
+        if self._released and self._streams == 0:
             self._buf = None
             self._cond.notify_all()
 

@@ -270,3 +270,35 @@ def test_a_read_gets_the_preloaded_bytes_as_they_arrive() -> None:
     assert source.read_range_streaming(600, 10, lambda position, piece: None) == bytes(10)
     assert blob.reads == [(600, 10)]
     preload.release()
+
+
+def test_a_read_under_way_keeps_its_bytes_when_the_preload_is_released() -> None:
+    # The layer's prefetch may be done (and release the preload) while a read of the
+    # command ahead still streams the bytes of a file at the end of the region.
+    gate = threading.Event()
+
+    class Halves:
+        name = "halves"
+        size = 2000
+
+        def read_range(self, offset: int, length: int) -> bytes:
+            raise AssertionError("the preload streams")
+
+        def read_range_streaming(self, offset, length, on_bytes):
+            on_bytes(0, b"a" * 1000)
+            gate.wait(10)
+            on_bytes(1000, b"b" * 1000)
+            return b"a" * 1000 + b"b" * 1000
+
+    preload = Preload(CountingSource(Halves()), 2000, "halves")
+    assert preload.take(500, 1500)
+    got: list[bytes] = []
+    reader = threading.Thread(
+        target=lambda: got.append(preload.stream(500, 1500, lambda position, piece: None))
+    )
+    reader.start()
+    preload.release()
+    assert not preload.take(0, 100)  # released: no new reads
+    gate.set()
+    reader.join(10)
+    assert got == [b"a" * 500 + b"b" * 1000]
