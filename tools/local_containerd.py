@@ -281,6 +281,18 @@ class SnapshotterDaemon:
         """The daemon's log lines, each parsed as the JSON object it must be."""
         return [json.loads(line) for line in self.log().splitlines() if line.strip()]
 
+    def wait_nbd_server(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until the daemon has started (or adopted) its NBD server, which it does in
+        the background once it serves containerd."""
+        ready = {"started the NBD server", "adopted the running NBD server"}
+        deadline = time.monotonic() + timeout
+        while not any(r.get("msg") in ready for r in self.log_records()):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise ContainerdProcessError(
+                    f"blockfs-snapshotter did not start its NBD server: {self.log()[-3000:]}"
+                )
+            time.sleep(0.02)
+
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
         """Send ``sig`` and wait for the exit status (SIGKILL after 20 s)."""
         if self.process.poll() is None:

@@ -99,6 +99,8 @@ def cold_start(
     try:
         with start_blockfs_containerd(work, snapshotter_args=snapshotter_args) as stack:
             ctd = stack.containerd
+            # As on a node, whose daemon runs long before a pull: its NBD server has started.
+            stack.snapshotter.wait_nbd_server()
             try:
                 drop_caches()
                 first_request = proxy.counters().requests
