@@ -638,7 +638,9 @@ class LayerImage:
         Without ``pace`` (the prioritised files, as a layer opens), every member is
         claimed at once and fetched with as few requests as the reader makes (one per
         16 MiB of the contiguous region, sent together); a read that needs one of them
-        meanwhile waits for this fetch. With ``pace`` (the background fetch of the rest),
+        meanwhile waits for this fetch. It returns once every member of the range is in
+        or failed, those another fetch had claimed too (a preload of the region is kept
+        until then). With ``pace`` (the background fetch of the rest),
         members are fetched in batches of about :data:`PREFETCH_BATCH` compressed bytes,
         ``pace`` is called before each batch and may wait, and when it returns False,
         prefetching stops. Returns how many members were fetched. Failures are left for
@@ -646,9 +648,10 @@ class LayerImage:
         """
         if pace is None:
             region = [off for batch in self._uncached_batches(start, end, stop) for off in batch]
-            owned, _ = self._claim(region)
+            owned, elsewhere = self._claim(region)
             with contextlib.suppress(BlockfsError):
                 self._fetch_claimed(owned)
+            wait(elsewhere)
             return sum(1 for f in owned.values() if f.exception() is None)
         fetched = 0
         for batch in self._uncached_batches(start, end, stop):

@@ -189,3 +189,53 @@ def test_the_next_step_of_a_background_fetch_goes_out_before_the_step_before_it_
         time.sleep(0.01)
     assert image.pread(start, 4096) == layer_files[name][:4096]
     image.close()
+
+
+class HoldOne(SourceWrapper):
+    """The blob file; a request that covers offset ``at`` waits for ``release``."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(FileBlobSource(BLOB))
+        self.at = at
+        self.release = threading.Event()
+        self.held = threading.Event()
+        self.others = 0  # requests that did not cover ``at``
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        if offset <= self.at < offset + length:
+            self.held.set()
+            assert self.release.wait(30), "the test never released the request"
+        else:
+            self.others += 1
+        return self.inner.read_range(offset, length)
+
+
+def test_a_prefetch_returns_only_once_members_another_fetch_claimed_are_in(tmp_path):
+    # The command-ahead fetch may claim a file of the prioritised region first: the
+    # region's prefetch waits for it too (its end releases the region's preload).
+    emap = open_image(BLOB, tmp_path / "probe")[2]
+    offsets = sorted({emap.chunk(k).offset for k in range(emap.chunk_count)})
+    middle = offsets[len(offsets) // 2]
+    source = HoldOne(middle)
+    image = open_image(BLOB, tmp_path, source=source)[0]
+    region_end = max(emap.chunk(j).end for j in range(emap.chunk_count))
+    command = threading.Thread(target=image.prefetch, args=(middle + 1,), kwargs={"start": middle})
+    command.start()  # claims the middle member, its request held
+    region = threading.Thread(target=image.prefetch, args=(region_end,))
+    try:
+        assert source.held.wait(30)
+        region.start()
+        # The region's own members come in (requests of their own, not held)...
+        deadline = time.monotonic() + 30
+        while source.others < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)
+        # ...yet it has not returned: the middle member is not in.
+        assert region.is_alive()
+    finally:
+        source.release.set()
+        command.join(30)
+        region.join(30)
+    assert not region.is_alive()
+    image.close()
