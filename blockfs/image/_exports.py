@@ -8,6 +8,7 @@ A layer is opened on first use and shared by every connection to it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -30,6 +31,8 @@ from blockfs.image._record import (
     check_export_name,
 )
 from blockfs.image._sources import BlobSources, SourceSpec
+
+log = logging.getLogger(__name__)
 
 SourceOpener = Callable[[SourceSpec], BlobSource]
 # Background fetching waits until no read of any layer has had to fetch for this long.
@@ -155,11 +158,17 @@ class ExportTable:
         record = LayerRecord.load(layer_dir)
         extents = ExtentMap.load(layer_dir / EXTENTS_FILE)
         preload = self._preloads.pop(name, None)
-        if preload is not None and (
-            preload.blob != _blob_of(record.source) or not record.prefetch_end or preload.failed
-        ):
-            preload.release()
-            preload = None
+        if preload is not None:
+            unused = (
+                "another blob" if preload.blob != _blob_of(record.source)
+                else "no prioritised files in the TOC" if not record.prefetch_end
+                else "it failed" if preload.failed
+                else None
+            )  # fmt: skip
+            if unused is not None:
+                log.info("preload of %s not used: %s", name, unused)
+                preload.release()
+                preload = None
         source = (
             preload.source
             if preload is not None
