@@ -67,10 +67,10 @@ tools/mkimage: `python` (byte-compiled Python 3.11, 40 MiB nothing reads, worklo
 imports json, email, asyncio, http.client) and `gcc` (gcc-12 toolchain, workload compiles
 and runs hello world). Each from a cold state (new containerd and snapshotter, caches
 dropped), for each link: overlayfs with `ctr images pull` of the gzip image; blockfs with
-its defaults on the eStargz image; blockfs on the image converted with --prioritize for
-the workload's read set (strace of a chroot run), prefetch on. Reports pull, create and
-run-to-first-output seconds, requests and bytes at ready, and an ideal transfer computed
-from the read set; median of --runs. Needs root. Prints Markdown on stdout."""
+its defaults on the eStargz image; blockfs on the image `blockfs image optimize` made for
+the workload, prefetch on. Reports pull, create and run-to-first-output seconds, requests
+and bytes at ready, and an ideal transfer computed from the workload's read set (strace
+of a chroot run); median of --runs. Needs root. Prints Markdown on stdout."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="size of the file read through the mount (default: %(default)s)")  # fmt: skip
     w = sub.add_parser(
         "wan",
-        help="cold container starts over a shaped link: full pull, blockfs, prioritized",
+        help="cold container starts over a shaped link: full pull, blockfs, optimized",
         description=WAN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

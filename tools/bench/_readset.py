@@ -8,8 +8,9 @@ and the ELF interpreter or ``#!`` interpreter of each executed file is added, si
 kernel opens it without a system call of the workload's. What the workload creates
 (``/tmp/h``) and what it tries and fails to open are left out.
 
-These are the paths ``blockfs image convert --prioritize`` is given, and what the WAN
-benchmark's ideal transfer is computed from.
+The WAN benchmark computes its ideal transfer, and the bytes it sets against it, from
+these; the image it measures is the one ``blockfs image optimize`` makes, which finds the
+files from the reads its NBD server serves instead.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""Cold container starts over a WAN-like link: full pull against blockfs, with and without
-prioritized files, beside the ideal transfer of the workload's read set.
+"""Cold container starts over a WAN-like link: full pull against blockfs, on images
+converted without and with a profile of the workload, beside the ideal transfer of the
+workload's read set.
 
 ``python -m tools.bench wan`` builds app images offline (``tools.mkimage``: a Python
 image whose workload imports a few modules, a gcc image whose workload compiles hello
 world), finds each workload's read set (``tools.bench._readset``), pushes each image to a
-``docker-registry`` on loopback three ways (as built, gzip; converted to eStargz; converted
-with ``--prioritize`` for the read set) and puts shaping proxies in front of it
+``docker-registry`` on loopback three ways (as built, gzip; converted to eStargz; optimized
+by ``blockfs image optimize`` for the workload) and puts shaping proxies in front of it
 (``tools.shaping_proxy``): one shaped like a WAN link (100 Mbit/s, 20 ms per request by
 default), one not shaped (loopback). Every image reference names a proxy, so all
 registry traffic goes through one and is counted. After checking that the shaped link
@@ -15,8 +16,8 @@ from a cold state (``tools.bench._coldstart``), ``--runs`` times, for each link 
 - ``overlayfs``: containerd's overlayfs snapshotter, ``ctr images pull`` of the gzip image;
 - ``blockfs``: blockfs-snapshotter with its defaults, ``blockfs image pull`` of the eStargz
   image;
-- ``prioritized``: blockfs on the image converted with ``--prioritize`` for the read set,
-  the snapshotter's ``prefetch`` on.
+- ``optimized``: blockfs on the image that ``blockfs image optimize`` made by running the
+  workload (its files prioritised in first-read order), the snapshotter's ``prefetch`` on.
 
 It reports the median seconds of each phase, the requests and bytes that crossed the
 link by the first line of output, and an ideal line computed from the read set
@@ -26,6 +27,7 @@ link by the first line of output, and an ideal line computed from the read set
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import statistics
 import subprocess
@@ -105,7 +107,7 @@ class Mode:
 MODES = (
     Mode("overlayfs", "overlayfs, full pull", "gzip", "overlayfs"),
     Mode("blockfs", "blockfs", "esgz", "blockfs"),
-    Mode("prioritized", "blockfs, prioritized + prefetch", "esgz-prio", "blockfs", ("--prefetch",)),
+    Mode("optimized", "blockfs, optimized + prefetch", "esgz-opt", "blockfs", ("--prefetch",)),
 )
 
 
@@ -132,6 +134,7 @@ class Prepared:
     read_set: ReadSet
     sizes: dict[str, int]  # tag -> compressed size of the layers
     ideal: Ideal
+    profiled: int  # files that ``blockfs image optimize`` prioritised
 
 
 def push_layout(client: RegistryClient, layout_dir: Path, ref: str, tag: str = "latest") -> int:
@@ -153,13 +156,25 @@ def push_layout(client: RegistryClient, layout_dir: Path, ref: str, tag: str = "
     return sum(layer.size for layer in manifest.layers)
 
 
-def _convert(layout_dir: Path, ref: str, prioritize: Sequence[str] = ()) -> None:
+def _convert(layout_dir: Path, ref: str) -> None:
     argv = [*BLOCKFS, "image", "convert", "--plain-http", f"oci:{layout_dir}:latest", ref]
-    for path in prioritize:
-        argv += ["--prioritize", path]
     done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
         raise RuntimeError(f"blockfs image convert to {ref} failed: {done.stderr.strip()}")
+
+
+def _optimize(src: str, dst: str, argv: Sequence[str], profile: Path) -> int:
+    """``blockfs image optimize`` of ``src`` into ``dst`` for the command ``argv``; how many
+    files it prioritised."""
+    done = subprocess.run(
+        [*BLOCKFS, "image", "optimize", "--plain-http", "--record-out", str(profile), src, dst,
+         "--cmd", *argv],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"blockfs image optimize of {src} failed: {done.stderr.strip()}")
+    layers = json.loads(profile.read_text())["layers"]
+    return sum(len(layer["files"]) for layer in layers)
 
 
 def _median(values: Sequence[float]) -> float:
@@ -240,15 +255,18 @@ class WanBench:
         base = f"{loopback.host}/{REPOSITORY}/{workload.name}"
         with RegistryClient(plain_http=True) as client:
             sizes = {"gzip": push_layout(client, layout, f"{base}:gzip")}
-            progress(f"{workload.name}: converting to eStargz, then with --prioritize")
+            progress(f"{workload.name}: converting to eStargz, then optimizing")
             _convert(layout, f"{base}:esgz")
-            _convert(layout, f"{base}:esgz-prio", read_set.paths)
-            for tag in ("esgz", "esgz-prio"):
+            profiled = _optimize(
+                f"{base}:gzip", f"{base}:esgz-opt", workload.argv,
+                self.workdir / f"{workload.name}-profile.json",
+            )  # fmt: skip
+            for tag in ("esgz", "esgz-opt"):
                 _, manifest = client.get_image_manifest(Reference.parse(f"{base}:{tag}"))
                 sizes[tag] = sum(layer.size for layer in manifest.layers)
-            ideal = ideal_transfer(client, f"{base}:esgz-prio", read_set.paths)
+            ideal = ideal_transfer(client, f"{base}:esgz-opt", read_set.paths)
         shutil.rmtree(layout)
-        return Prepared(workload, read_set, sizes, ideal)
+        return Prepared(workload, read_set, sizes, ideal, profiled)
 
     def _check(self, proxies: dict[str, ShapingProxy], loopback: ShapingProxy) -> LinkCheck | None:
         shaped = proxies.get("shaped")
@@ -316,11 +334,13 @@ class WanBench:
                 f"Image `{name}`: {image.workload.description}; "
                 f"{image.sizes['gzip'] / MB:.1f} MB gzip, {image.sizes['esgz'] / MB:.1f} MB "
                 f"eStargz; workload `{' '.join(image.workload.argv)}` reads "
-                f"{len(image.read_set.paths)} files of it"
+                f"{len(image.read_set.paths)} files of it (strace); `blockfs image optimize` "
+                f"prioritised {image.profiled}"
             )
             for tag, size in image.sizes.items():
                 report.figures[f"{name}.{tag}_bytes"] = size
             report.figures[f"{name}.read_set_files"] = len(image.read_set.paths)
+            report.figures[f"{name}.profiled_files"] = image.profiled
             report.details[f"{name}.read_set"] = list(image.read_set.paths)
         for link in self.links:
             self._link_tables(report, link, prepared, results)
