@@ -169,14 +169,12 @@ class ExportTable:
                 log.info("preload of %s not used: %s", name, unused)
                 preload.release()
                 preload = None
-        source = (
-            preload.source
-            if preload is not None
-            else CountingSource(self.open_source(record.source))
-        )
-        reader = BlobChunkReader(
-            source if preload is None else PreloadedSource(source, preload), record.compression
-        )
+        if preload is None:
+            source = CountingSource(self.open_source(record.source))
+            reader = BlobChunkReader(source, record.compression)
+        else:
+            source = preload.source  # counts the preload's request too
+            reader = BlobChunkReader(PreloadedSource(source, preload), record.compression)
         image = LayerImage(
             name, layer_dir / INDEX_FILE, extents, reader, self.cache,
             on_demand_fetch=self._demand, policy=self.fetch,

@@ -17,6 +17,7 @@ that failed verification is fetched again from the registry itself.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -24,6 +25,8 @@ from collections.abc import Callable, Hashable
 from blockfs.errors import BlockfsError
 from blockfs.estargz import BlobSource, CountingSource, SourceWrapper
 from blockfs.estargz._source import read_range_streaming
+
+log = logging.getLogger(__name__)
 
 # The largest region kept: a longer one is preloaded up to here, the rest prefetched.
 PRELOAD_MAX = 64 << 20
@@ -55,7 +58,8 @@ class Preload:
         except BlockfsError as e:
             with self._cond:
                 self._error = e
-        except Exception as e:  # a bug: logged by the reader that falls back
+        except Exception as e:  # a bug: the reads fall back to the registry
+            log.exception("preload of %s failed", self.source.name)
             with self._cond:
                 self._error = BlockfsError(f"preload failed: {e!r}")
         finally:
@@ -105,8 +109,7 @@ class Preload:
             with self._cond:
                 while True:
                     buf = self._buf
-                    if buf is None:
-                        raise BlockfsError("preload released while read")
+                    assert buf is not None  # kept while a read streams
                     if len(buf) > position:
                         break
                     if self._error is not None:
@@ -118,8 +121,7 @@ class Preload:
             on_bytes(position - offset, piece)
             position += len(piece)
         with self._cond:
-            if self._buf is None:
-                raise BlockfsError("preload released while read")
+            assert self._buf is not None
             return bytes(self._buf[offset:end])
 
     @property

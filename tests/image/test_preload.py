@@ -214,22 +214,30 @@ def test_preload_over_the_control_socket(tmp_path) -> None:
         served.close()
 
 
+class GatedPieces:
+    """A blob of 1000-byte ``pieces`` whose only read is streamed, each piece sent once
+    its gate is set."""
+
+    name = "gated"
+
+    def __init__(self, pieces: list[bytes], gates: list[threading.Event]) -> None:
+        self.pieces = pieces
+        self.gates = gates
+        self.size = sum(map(len, pieces))
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        raise AssertionError("the preload streams")
+
+    def read_range_streaming(self, offset, length, on_bytes):
+        for i, piece in enumerate(self.pieces):
+            assert self.gates[i].wait(10)
+            on_bytes(i * 1000, piece)
+        return b"".join(self.pieces)
+
+
 def test_a_read_gets_the_preloaded_bytes_as_they_arrive() -> None:
     pieces = [bytes([i]) * 1000 for i in range(4)]
     gates = [threading.Event() for _ in pieces]
-
-    class Slow:
-        name = "slow"
-        size = 4000
-
-        def read_range(self, offset: int, length: int) -> bytes:
-            raise AssertionError("the preload streams")
-
-        def read_range_streaming(self, offset, length, on_bytes):
-            for i, piece in enumerate(pieces):
-                gates[i].wait(10)
-                on_bytes(i * 1000, piece)
-            return b"".join(pieces)
 
     class Blob:
         name = "blob"
@@ -243,7 +251,7 @@ def test_a_read_gets_the_preloaded_bytes_as_they_arrive() -> None:
             return bytes(length)
 
     blob = Blob()
-    preload = Preload(CountingSource(Slow()), 4000, "slow")
+    preload = Preload(CountingSource(GatedPieces(pieces, gates)), 4000, "gated")
     source = PreloadedSource(blob, preload)
     seen: list[tuple[int, bytes]] = []
     first = threading.Event()
@@ -275,22 +283,10 @@ def test_a_read_gets_the_preloaded_bytes_as_they_arrive() -> None:
 def test_a_read_under_way_keeps_its_bytes_when_the_preload_is_released() -> None:
     # The layer's prefetch may be done (and release the preload) while a read of the
     # command ahead still streams the bytes of a file at the end of the region.
-    gate = threading.Event()
-
-    class Halves:
-        name = "halves"
-        size = 2000
-
-        def read_range(self, offset: int, length: int) -> bytes:
-            raise AssertionError("the preload streams")
-
-        def read_range_streaming(self, offset, length, on_bytes):
-            on_bytes(0, b"a" * 1000)
-            gate.wait(10)
-            on_bytes(1000, b"b" * 1000)
-            return b"a" * 1000 + b"b" * 1000
-
-    preload = Preload(CountingSource(Halves()), 2000, "halves")
+    gates = [threading.Event(), threading.Event()]
+    gates[0].set()
+    halves = GatedPieces([b"a" * 1000, b"b" * 1000], gates)
+    preload = Preload(CountingSource(halves), 2000, "halves")
     assert preload.take(500, 1500)
     got: list[bytes] = []
     reader = threading.Thread(
@@ -299,6 +295,6 @@ def test_a_read_under_way_keeps_its_bytes_when_the_preload_is_released() -> None
     reader.start()
     preload.release()
     assert not preload.take(0, 100)  # released: no new reads
-    gate.set()
+    gates[1].set()
     reader.join(10)
     assert got == [b"a" * 500 + b"b" * 1000]
