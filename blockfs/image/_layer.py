@@ -21,6 +21,17 @@ import attrs
 from blockfs.cache import ChunkCache
 from blockfs.errors import BlockfsError
 from blockfs.estargz import Chunk, ChunkVerificationError, DecompressionError, FormatError
+from blockfs.image._elf import (
+    ELF_MAGIC,
+    MAX_DYNAMIC_BYTES,
+    MAX_STRING_TABLE_BYTES,
+    LibraryFinder,
+    is_shared_namespace,
+    library_dirs,
+    parse_dynamic,
+    parse_layout,
+    string_at,
+)
 from blockfs.image._extents import ExtentMap
 
 # Compressed bytes fetched together by one step of the background fetch.
@@ -63,16 +74,22 @@ class FetchPolicy:
     compressed span on each side: a process that imports one module of a package, or
     loads one library, reads others beside it, and each of them would otherwise cost a
     page fault and a round trip of its own, one after another.
+    ``libraries``: the first read of an ELF program or library also fetches, whole and in
+    the background, the libraries its dynamic section names (``DT_NEEDED``) where the
+    loader would find them in this layer, and none of the directories the loader and PATH
+    search gets a directory window: the files there belong to unrelated packages, and
+    the loader opens the ones it needs by name, one after another.
     """
 
     unit: int = 256 << 10
     whole_file_max: int = 64 << 20
     directory_window: int = 2 << 20
+    libraries: bool = True
 
     @classmethod
     def exact(cls) -> FetchPolicy:
         """Fetch only the members a read lacks."""
-        return cls(unit=0, whole_file_max=0, directory_window=0)
+        return cls(unit=0, whole_file_max=0, directory_window=0, libraries=False)
 
 
 class ImageReadError(BlockfsError):
@@ -150,6 +167,9 @@ class LayerImage:
         # nothing until they are read.
         self._whole_planned: set[int] = set()
         self._dirs_planned: set[str] = set()
+        # Extents whose start a read has looked at for an ELF header (see _look_for_libraries).
+        self._elf_looked: set[int] = set()
+        self._libraries = LibraryFinder(extents)
         self.name = name
         self._on_demand_fetch = on_demand_fetch
         self.extents = extents
@@ -213,6 +233,7 @@ class LayerImage:
         bsize = self.extents.block_size
         missing: list[tuple[int, Chunk, int, int]] = []  # (offset in buf, chunk, start, length)
         missing_chunks: list[int] = []
+        starts: list[tuple[int, int]] = []  # (extent, its offset in buf) of files read from byte 0
         hits = 0
         while pos < end:
             i = self.extents.extent_at(pos)
@@ -231,6 +252,8 @@ class LayerImage:
                 continue
             if self._traced is not None and not self._traced[i]:
                 self._first_read(i)
+            if file_offset == 0 and i not in self._elf_looked:
+                starts.append((i, pos - offset))
             j = self.extents.chunk_in_extent(i, file_offset)
             chunk = self.extents.chunk(j)
             within = file_offset - chunk.chunk_offset
@@ -266,6 +289,91 @@ class LayerImage:
                     self._chunk_range_into(chunk, within, dest)
                 else:
                     dest[:] = memoryview(plain)[within : within + take]
+        for i, at in starts:
+            self._look_for_libraries(i, buf[at : at + len(ELF_MAGIC)])
+
+    def _look_for_libraries(self, i: int, magic: memoryview) -> None:
+        """After the first read of extent ``i``'s first bytes (``magic``): if the file is
+        an ELF program or library outside the prioritised files, fetch the libraries it
+        needs, in a thread of its own (:meth:`_fetch_needed_libraries`)."""
+        with self._lock:
+            if i in self._elf_looked:
+                return
+            self._elf_looked.add(i)
+        if not self.policy.libraries or magic != ELF_MAGIC:
+            return
+        first = self.extents.chunk(self.extents.extent_chunks(i)[0])
+        if first.offset < self.prioritized_end:
+            return  # the image lists what its workload reads: guess nothing
+        threading.Thread(
+            target=self._fetch_needed_libraries, args=(i,), name=f"libraries-{self.name}",
+            daemon=True,
+        ).start()  # fmt: skip
+
+    def _fetch_needed_libraries(self, i: int) -> None:
+        """Fetch in the background, whole, the libraries that the ELF file of extent ``i``
+        names in its dynamic section and that this layer holds where the loader looks.
+
+        Reading the dynamic section and its string table may fetch them: the loader reads
+        both as soon as it maps the file. Nothing here fails a read: a file whose headers
+        make no sense, or whose bytes cannot be had, is left to the loader's own reads.
+        """
+        try:
+            layout = parse_layout(
+                self._file_bytes(i, 0, self.extents.chunk(self.extents.extent_chunks(i)[0]).size)
+            )
+            if layout is None or layout.dynamic is None:
+                return
+            at, size = layout.dynamic
+            dynamic = parse_dynamic(layout, self._file_bytes(i, at, min(size, MAX_DYNAMIC_BYTES)))
+            table_at = None if dynamic is None else layout.file_offset(dynamic.string_table)
+            if dynamic is None or table_at is None:
+                return
+            table = self._file_bytes(
+                i, table_at, min(dynamic.string_table_size, MAX_STRING_TABLE_BYTES)
+            )
+        except BlockfsError:
+            return
+        dirs = library_dirs(layout)
+        found = []
+        for name in filter(None, (string_at(table, off) for off in dynamic.needed)):
+            j = self._libraries.find(name, dirs)
+            if j is not None:
+                found.append(j)
+        wanted: list[int] = []
+        ext = self.extents
+        with self._lock:
+            for j in found:
+                span = ext.extent_chunks(j)
+                if j in self._whole_planned or not span:
+                    continue
+                self._whole_planned.add(j)
+                if (
+                    ext.chunk(span[-1]).end - ext.chunk(span[0]).offset
+                    <= self.policy.whole_file_max
+                ):
+                    wanted.extend(
+                        ext.chunk(k).offset for k in span if ext.chunk(k).digest not in self.cache
+                    )
+        self._fetch_in_background(self._claim(wanted)[0])
+
+    def _file_bytes(self, i: int, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)`` of extent ``i``'s file (fewer past its
+        end): from the cache, else fetched."""
+        _, size = self.extents.extent_span(i)
+        pos, end = max(0, offset), min(size, offset + length)
+        out = bytearray(max(0, end - pos))
+        view = memoryview(out)
+        while pos < end:
+            chunk = self.extents.chunk(self.extents.chunk_in_extent(i, pos))
+            within = pos - chunk.chunk_offset
+            take = min(chunk.size - within, end - pos)
+            if take <= 0:
+                raise ImageReadError(f"layer {self.name}: no chunk holds byte {pos} of extent {i}")
+            start = pos - max(0, offset)
+            self._chunk_range_into(chunk, within, view[start : start + take])
+            pos += take
+        return bytes(out)
 
     def _first_read(self, i: int) -> None:
         """Trace the first data read of extent ``i`` (once, in the order reads arrive)."""
@@ -358,6 +466,8 @@ class LayerImage:
         directory = os.path.dirname(ext.extent_name(i))
         if directory in self._dirs_planned:
             return []
+        if self.policy.libraries and is_shared_namespace(directory):
+            return []  # see FetchPolicy.libraries
         self._dirs_planned.add(directory)
         own = ext.extent_chunks(i)
         if not own:

@@ -61,7 +61,7 @@ class ServerConfig:
     def from_params(cls, params: dict[str, str]) -> ServerConfig:
         known = {
             "root", "cache", "cache_max", "memory_cache", "control", "prefetch", "background_fetch",
-            "fetch_unit", "whole_file_max", "directory_window", "trace",
+            "fetch_unit", "whole_file_max", "directory_window", "libraries", "trace",
         }  # fmt: skip
         unknown = sorted(set(params) - known)
         if unknown:
@@ -85,6 +85,7 @@ class ServerConfig:
                 directory_window=parse_size(
                     params.get("directory_window", str(FetchPolicy().directory_window))
                 ),
+                libraries=_flag(params.get("libraries", "1")),
             ),
             trace=Path(params["trace"]).absolute() if "trace" in params else None,
         )
@@ -101,6 +102,7 @@ class ServerConfig:
             f"fetch_unit={self.fetch.unit}",
             f"whole_file_max={self.fetch.whole_file_max}",
             f"directory_window={self.fetch.directory_window}",
+            f"libraries={int(self.fetch.libraries)}",
         ]
         if self.control is not None:
             out.append(f"control={self.control}")

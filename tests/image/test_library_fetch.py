@@ -1,0 +1,133 @@
+"""The first read of an ELF program or library fetches the libraries it needs, and the
+directories of unrelated packages get no directory window."""
+
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+
+from test_fetch_policy import wait_for
+from test_layer_image import file_span, open_image
+
+from blockfs.estargz import BuildOptions, build_file
+from blockfs.image import FetchPolicy
+from tests.helpers.elf import elf_file
+
+LIB = "usr/lib/x86_64-linux-gnu"
+# No neighbour comes along with a read (each is 30 kB of noise), and a directory window
+# would take every neighbour.
+POLICY = FetchPolicy(unit=40_000, whole_file_max=64 << 20, directory_window=4 << 20)
+
+
+def layer(tmp_path, files: dict[str, bytes], prioritized=(), chunk_size=4 << 20):
+    tar_path = tmp_path / "layer.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo(f"{LIB}/libfoo.so.1")  # as packages ship it
+        link.type, link.linkname = tarfile.SYMTYPE, "libfoo.so.1.2.3"
+        tar.addfile(link)
+    blob = tmp_path / "layer.esgz"
+    build_file(
+        tar_path,
+        blob,
+        BuildOptions(gzip_level=1, prioritized=prioritized, chunk_size=chunk_size),
+    )
+    return blob
+
+
+def program_files(code: int = 20_000) -> dict[str, bytes]:
+    rng = random.Random(5)
+    return {
+        "usr/bin/aaa": rng.randbytes(30_000),
+        "usr/bin/prog": elf_file(["libfoo.so.1", "libc.so.6"], body=rng.randbytes(code)),
+        "usr/bin/zzz": rng.randbytes(30_000),
+        f"{LIB}/libbar.so.2": elf_file([], body=rng.randbytes(30_000)),
+        f"{LIB}/libbaz.so.1": rng.randbytes(30_000),
+        f"{LIB}/libfoo.so.1.2.3": elf_file(["libbar.so.2"], body=rng.randbytes(30_000)),
+        f"{LIB}/libzzz.so.1": rng.randbytes(30_000),
+        "usr/share/prog/data": rng.randbytes(30_000),
+    }
+
+
+def read_whole(image, emap, toc, name):
+    start, size = file_span(emap, toc, name)
+    return image.pread(start, -(-size // 4096) * 4096)[:size]
+
+
+def cached_files(image, toc, files):
+    return {n for n in files if all(c.digest in image.cache for c in toc.lookup(n).chunks)}
+
+
+def test_a_program_read_brings_the_libraries_it_needs_and_no_neighbours(tmp_path):
+    files = program_files()
+    image, toc, emap, _ = open_image(layer(tmp_path, files), tmp_path / "img", policy=POLICY)
+    assert read_whole(image, emap, toc, "usr/bin/prog") == files["usr/bin/prog"]
+    wait_for(lambda: f"{LIB}/libfoo.so.1.2.3" in cached_files(image, toc, files))
+    wait_for(lambda: not image._inflight)
+    # libfoo.so.1 (a symlink) found as its versioned file; libc.so.6 is in no file here.
+    # No window in usr/bin/ or in the library directory.
+    assert cached_files(image, toc, files) == {"usr/bin/prog", f"{LIB}/libfoo.so.1.2.3"}
+    # The loader's read of libfoo's header looks at what libfoo needs in turn.
+    assert read_whole(image, emap, toc, f"{LIB}/libfoo.so.1.2.3") == files[f"{LIB}/libfoo.so.1.2.3"]
+    wait_for(lambda: f"{LIB}/libbar.so.2" in cached_files(image, toc, files))
+    wait_for(lambda: not image._inflight)
+    assert f"{LIB}/libbaz.so.1" not in cached_files(image, toc, files)
+    # Every file reads back exactly.
+    for name, data in files.items():
+        assert read_whole(image, emap, toc, name) == data, name
+    image.close()
+
+
+def test_the_dynamic_section_may_lie_in_a_later_chunk(tmp_path):
+    files = program_files(code=200_000)
+    blob = layer(tmp_path, files, chunk_size=64 << 10)
+    image, toc, emap, _ = open_image(blob, tmp_path / "img", policy=POLICY)
+    assert len(toc.lookup("usr/bin/prog").chunks) > 3
+    start, _ = file_span(emap, toc, "usr/bin/prog")
+    assert image.pread(start, 4096) == files["usr/bin/prog"][:4096]
+    wait_for(lambda: f"{LIB}/libfoo.so.1.2.3" in cached_files(image, toc, files))
+    image.close()
+
+
+def test_without_libraries_the_policy_keeps_its_directory_windows(tmp_path):
+    files = program_files()
+    policy = FetchPolicy(unit=40_000, whole_file_max=0, directory_window=4 << 20, libraries=False)
+    image, toc, emap, _ = open_image(layer(tmp_path, files), tmp_path / "img", policy=policy)
+    read_whole(image, emap, toc, "usr/bin/prog")
+    wait_for(lambda: not image._inflight)
+    assert cached_files(image, toc, files) == {"usr/bin/aaa", "usr/bin/prog", "usr/bin/zzz"}
+    image.close()
+
+
+def test_a_prioritised_program_guesses_nothing(tmp_path):
+    files = program_files()
+    blob = layer(tmp_path, files, prioritized=("usr/bin/prog",))
+    image, toc, emap, source = open_image(blob, tmp_path / "img", policy=POLICY)
+    assert image.prioritized_end > 0
+    read_whole(image, emap, toc, "usr/bin/prog")
+    wait_for(lambda: not image._inflight)
+    assert cached_files(image, toc, files) == {"usr/bin/prog"}
+    assert source.requests == 1
+    image.close()
+
+
+def test_a_program_with_hostile_headers_reads_right_and_fetches_nothing_more(tmp_path):
+    files = program_files()
+    bad = bytearray(files["usr/bin/prog"])
+    bad[32:40] = (1 << 40).to_bytes(8, "little")  # program headers far past the end
+    files["usr/bin/prog"] = bytes(bad)
+    lying = bytearray(elf_file(["libbar.so.2"]))
+    # A dynamic section said to lie far beyond the file's end: nothing to read there.
+    lying[64 + 56 + 8 : 64 + 56 + 16] = (1 << 50).to_bytes(8, "little")
+    files["usr/bin/zzz"] = bytes(lying)
+    image, toc, emap, source = open_image(layer(tmp_path, files), tmp_path / "img", policy=POLICY)
+    for name in ("usr/bin/prog", "usr/bin/zzz"):  # zzz came along with prog
+        assert read_whole(image, emap, toc, name) == files[name]
+        wait_for(lambda: not image._inflight)
+    assert cached_files(image, toc, files) == {"usr/bin/prog", "usr/bin/zzz"}
+    assert source.requests == 1
+    image.close()
