@@ -42,10 +42,8 @@ _TRIPLETS = {
     (21, True): "powerpc64le-linux-gnu",
     (22, True): "s390x-linux-gnu",
 }
-# The directories the loader searches without a cache entry, and those of PATH: each
-# holds files of many unrelated packages (see is_shared_namespace).
+# The directories library_dirs names, for any machine: those LibraryFinder indexes.
 _LIBRARY_DIR = re.compile(r"(usr/)?(local/)?lib(32|64)?(/[a-z0-9_]+-linux-[a-z0-9_]+)?")
-_PROGRAM_DIR = re.compile(r"(usr/)?(local/)?s?bin")
 
 
 @attrs.frozen
@@ -156,12 +154,6 @@ def library_dirs(layout: ElfLayout) -> tuple[str, ...]:
     multiarch = (f"lib/{triplet}", f"usr/lib/{triplet}") if triplet else ()
     classic = ("lib64", "usr/lib64") if layout.is64 else ("lib32", "usr/lib32")
     return (*multiarch, *classic, "lib", "usr/lib", "usr/local/lib")
-
-
-def is_shared_namespace(directory: str) -> bool:
-    """Whether ``directory`` of a layer (no leading slash) is one where the files of many
-    unrelated packages sit side by side: the loader's library directories and PATH's."""
-    return any(p.fullmatch(directory) for p in (_LIBRARY_DIR, _PROGRAM_DIR))
 
 
 class LibraryFinder:

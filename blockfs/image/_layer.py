@@ -26,7 +26,6 @@ from blockfs.image._elf import (
     MAX_DYNAMIC_BYTES,
     MAX_STRING_TABLE_BYTES,
     LibraryFinder,
-    is_shared_namespace,
     library_dirs,
     parse_dynamic,
     parse_layout,
@@ -76,9 +75,8 @@ class FetchPolicy:
     page fault and a round trip of its own, one after another.
     ``libraries``: the first read of an ELF program or library also fetches, whole and in
     the background, the libraries its dynamic section names (``DT_NEEDED``) where the
-    loader would find them in this layer, and none of the directories the loader and PATH
-    search gets a directory window: the files there belong to unrelated packages, and
-    the loader opens the ones it needs by name, one after another.
+    loader would find them in this layer: the loader opens them one after another, each
+    a page fault and a round trip of its own.
     """
 
     unit: int = 256 << 10
@@ -466,8 +464,6 @@ class LayerImage:
         directory = os.path.dirname(ext.extent_name(i))
         if directory in self._dirs_planned:
             return []
-        if self.policy.libraries and is_shared_namespace(directory):
-            return []  # see FetchPolicy.libraries
         self._dirs_planned.add(directory)
         own = ext.extent_chunks(i)
         if not own:

@@ -20,6 +20,7 @@ from blockfs.image import (
     query_stats,
 )
 from tests.helpers.testdata import TESTDATA
+from tests.helpers.waiting import wait_for
 
 
 def make_table(tmp_path, blob, **options):
@@ -39,13 +40,6 @@ def members_of(blob):
     """Compressed members holding file data (landmarks are not part of the filesystem)."""
     toc = BlobReader.open(FileBlobSource(TESTDATA / blob)).toc
     return {c.offset for e in toc.entries if e.name not in LANDMARKS for c in e.chunks}
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
 
 
 def test_background_fetch_caches_every_member_without_a_read(tmp_path):

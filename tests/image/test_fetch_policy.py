@@ -14,15 +14,9 @@ from blockfs.estargz import BuildOptions, CountingSource, build_file
 from blockfs.image import FetchPolicy
 from blockfs.image._layer import BACKGROUND_STEP
 from tests.helpers.testdata import TESTDATA
+from tests.helpers.waiting import wait_for
 
 POLICY = FetchPolicy()
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_a_small_file_brings_its_neighbours_in_the_same_request(tmp_path, layer_files):

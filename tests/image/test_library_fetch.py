@@ -1,5 +1,4 @@
-"""The first read of an ELF program or library fetches the libraries it needs, and the
-directories of unrelated packages get no directory window."""
+"""The first read of an ELF program or library fetches the libraries it needs."""
 
 from __future__ import annotations
 
@@ -7,17 +6,17 @@ import io
 import random
 import tarfile
 
-from test_fetch_policy import wait_for
 from test_layer_image import file_span, open_image
 
 from blockfs.estargz import BuildOptions, build_file
 from blockfs.image import FetchPolicy
 from tests.helpers.elf import elf_file
+from tests.helpers.waiting import wait_for
 
 LIB = "usr/lib/x86_64-linux-gnu"
-# No neighbour comes along with a read (each is 30 kB of noise), and a directory window
-# would take every neighbour.
-POLICY = FetchPolicy(unit=40_000, whole_file_max=64 << 20, directory_window=4 << 20)
+# No neighbour comes along with a read (each is 30 kB of noise), and no directory window:
+# what comes beyond the file read is what it needs.
+POLICY = FetchPolicy(unit=40_000, whole_file_max=64 << 20, directory_window=0)
 
 
 def layer(tmp_path, files: dict[str, bytes], prioritized=(), chunk_size=4 << 20):
@@ -62,14 +61,13 @@ def cached_files(image, toc, files):
     return {n for n in files if all(c.digest in image.cache for c in toc.lookup(n).chunks)}
 
 
-def test_a_program_read_brings_the_libraries_it_needs_and_no_neighbours(tmp_path):
+def test_a_program_read_brings_the_libraries_it_needs(tmp_path):
     files = program_files()
     image, toc, emap, _ = open_image(layer(tmp_path, files), tmp_path / "img", policy=POLICY)
     assert read_whole(image, emap, toc, "usr/bin/prog") == files["usr/bin/prog"]
     wait_for(lambda: f"{LIB}/libfoo.so.1.2.3" in cached_files(image, toc, files))
     wait_for(lambda: not image._inflight)
     # libfoo.so.1 (a symlink) found as its versioned file; libc.so.6 is in no file here.
-    # No window in usr/bin/ or in the library directory.
     assert cached_files(image, toc, files) == {"usr/bin/prog", f"{LIB}/libfoo.so.1.2.3"}
     # The loader's read of libfoo's header looks at what libfoo needs in turn.
     assert read_whole(image, emap, toc, f"{LIB}/libfoo.so.1.2.3") == files[f"{LIB}/libfoo.so.1.2.3"]
@@ -93,13 +91,15 @@ def test_the_dynamic_section_may_lie_in_a_later_chunk(tmp_path):
     image.close()
 
 
-def test_without_libraries_the_policy_keeps_its_directory_windows(tmp_path):
+def test_without_libraries_nothing_is_fetched_by_name(tmp_path):
     files = program_files()
-    policy = FetchPolicy(unit=40_000, whole_file_max=0, directory_window=4 << 20, libraries=False)
-    image, toc, emap, _ = open_image(layer(tmp_path, files), tmp_path / "img", policy=policy)
+    policy = FetchPolicy(unit=40_000, whole_file_max=64 << 20, directory_window=0, libraries=False)
+    image, toc, emap, source = open_image(layer(tmp_path, files), tmp_path / "img", policy=policy)
     read_whole(image, emap, toc, "usr/bin/prog")
+    read_whole(image, emap, toc, f"{LIB}/libfoo.so.1.2.3")
     wait_for(lambda: not image._inflight)
-    assert cached_files(image, toc, files) == {"usr/bin/aaa", "usr/bin/prog", "usr/bin/zzz"}
+    assert cached_files(image, toc, files) == {"usr/bin/prog", f"{LIB}/libfoo.so.1.2.3"}
+    assert source.requests == 2
     image.close()
 
 

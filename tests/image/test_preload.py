@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import pytest
 
@@ -30,6 +29,7 @@ from blockfs.image import (
 )
 from blockfs.image._preload import Preload, PreloadedSource
 from tests.helpers.testdata import TESTDATA
+from tests.helpers.waiting import wait_for
 
 BLOB = TESTDATA / "gzip-prio.esgz"  # the reference writer's blob with prioritised files
 
@@ -68,13 +68,6 @@ def index(tmp_path, name: str = "l") -> None:
         source=file_source_spec(BLOB),
         bytes_fetched=0,
     )
-
-
-def wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
 
 
 class Flaky(SourceWrapper):
