@@ -9,7 +9,7 @@ import tarfile
 from test_layer_image import file_span, open_image
 
 from blockfs.estargz import BuildOptions, build_file
-from blockfs.image import FetchPolicy
+from blockfs.image import FetchPolicy, ServerConfig
 from tests.helpers.elf import elf_file
 from tests.helpers.waiting import wait_for
 
@@ -131,3 +131,11 @@ def test_a_program_with_hostile_headers_reads_right_and_fetches_nothing_more(tmp
     assert cached_files(image, toc, files) == {"usr/bin/prog", "usr/bin/zzz"}
     assert source.requests == 1
     image.close()
+
+
+def test_the_nbdkit_parameter_turns_it_off():
+    params = {"root": "/r", "cache": "/c"}
+    assert ServerConfig.from_params(params).fetch.libraries is True
+    off = ServerConfig.from_params({**params, "libraries": "0"})
+    assert off.fetch.libraries is False
+    assert "libraries=0" in off.to_params()
