@@ -44,6 +44,7 @@ _TRIPLETS = {
 }
 # The directories library_dirs names, for any machine: those LibraryFinder indexes.
 _LIBRARY_DIR = re.compile(r"(usr/)?(local/)?lib(32|64)?(/[a-z0-9_]+-linux-[a-z0-9_]+)?")
+_LIBRARY_PREFIXES = (b"lib", b"usr/lib", b"usr/local/lib", b"local/lib")
 
 
 @attrs.frozen
@@ -187,7 +188,10 @@ class LibraryFinder:
             if self._dirs is None:
                 dirs: dict[str, dict[str, int]] = {}
                 for i in range(self._extents.extent_count):
-                    directory, base = os.path.split(self._extents.extent_name(i))
+                    raw = self._extents.extent_name_bytes(i)
+                    if not raw.startswith(_LIBRARY_PREFIXES):
+                        continue  # most names of a large layer: not decoded
+                    directory, base = os.path.split(raw.decode("utf-8", "surrogateescape"))
                     if _LIBRARY_DIR.fullmatch(directory):
                         dirs.setdefault(directory, {})[base] = i
                 self._dirs = dirs

@@ -261,8 +261,12 @@ class ExtentMap:
 
     def extent_name(self, i: int) -> str:
         """Name of the file whose data extent ``i`` holds."""
+        return self.extent_name_bytes(i).decode("utf-8", "surrogateescape")
+
+    def extent_name_bytes(self, i: int) -> bytes:
+        """:meth:`extent_name` as the TOC's bytes (cheaper to look at many of)."""
         lo, hi = self._name_offsets[i], self._name_offsets[i + 1]
-        return bytes(self._names[lo:hi]).decode("utf-8", "surrogateescape")
+        return bytes(self._names[lo:hi])
 
     def file_of_chunk(self, j: int) -> str:
         """Name of the file that chunk ``j`` belongs to."""

@@ -10,6 +10,7 @@ from test_layer_image import file_span, open_image
 
 from blockfs.estargz import BuildOptions, build_file
 from blockfs.image import FetchPolicy, ServerConfig
+from blockfs.image._elf import LibraryFinder, library_dirs, parse_layout
 from tests.helpers.elf import elf_file
 from tests.helpers.waiting import wait_for
 
@@ -139,3 +140,32 @@ def test_the_nbdkit_parameter_turns_it_off():
     off = ServerConfig.from_params({**params, "libraries": "0"})
     assert off.fetch.libraries is False
     assert "libraries=0" in off.to_params()
+
+
+def test_libraries_are_found_as_the_loader_would_or_not_at_all(tmp_path):
+    files = {
+        f"{LIB}/libfoo.so.1.2.3": b"a",  # the symlink libfoo.so.1 points here
+        "usr/lib/libfoo.so.1": b"b",  # a later directory in the search order
+        "usr/lib/libtwo.so.1.0": b"c",  # two versioned files: which one is unknown
+        "usr/lib/libtwo.so.1.1": b"d",
+        "usr/lib/libexact.so.2": b"e",
+        "usr/lib/libexact.so.2.0.1": b"f",
+        "usr/share/libelse.so.3": b"g",  # not where the loader looks
+        "opt/app/lib/libapp.so.1": b"h",
+    }
+    image, _, emap, _ = open_image(layer(tmp_path, files), tmp_path / "img")
+    image.close()
+    finder = LibraryFinder(emap)
+    layout = parse_layout(elf_file([]))
+    assert layout is not None
+    dirs = library_dirs(layout)
+
+    def found(name):
+        i = finder.find(name, dirs)
+        return None if i is None else emap.extent_name(i)
+
+    assert found("libfoo.so.1") == f"{LIB}/libfoo.so.1.2.3"
+    assert found("libtwo.so.1") is None
+    assert found("libexact.so.2") == "usr/lib/libexact.so.2"
+    assert found("libelse.so.3") is None and found("libapp.so.1") is None
+    assert found("libnone.so.1") is None
