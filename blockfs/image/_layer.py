@@ -333,27 +333,27 @@ class LayerImage:
         except BlockfsError:
             return
         dirs = library_dirs(layout)
-        found = []
+        wanted: list[int] = []
         for name in filter(None, (string_at(table, off) for off in dynamic.needed)):
             j = self._libraries.find(name, dirs)
             if j is not None:
-                found.append(j)
-        wanted: list[int] = []
-        ext = self.extents
-        with self._lock:
-            for j in found:
-                span = ext.extent_chunks(j)
-                if j in self._whole_planned or not span:
-                    continue
-                self._whole_planned.add(j)
-                if (
-                    ext.chunk(span[-1]).end - ext.chunk(span[0]).offset
-                    <= self.policy.whole_file_max
-                ):
-                    wanted.extend(
-                        ext.chunk(k).offset for k in span if ext.chunk(k).digest not in self.cache
-                    )
+                chunks = (self.extents.chunk(k) for k in self._whole_file(j))
+                wanted.extend(c.offset for c in chunks if c.digest not in self.cache)
         self._fetch_in_background(self._claim(wanted)[0])
+
+    def _whole_file(self, i: int) -> range:
+        """The chunks of extent ``i``'s file to fetch in the background, the first time
+        it is asked for (a read touched the file, or a program needs it): all of them
+        for a file of at most the policy's ``whole_file_max``; else, and later, none."""
+        with self._lock:
+            if i in self._whole_planned:
+                return range(0)
+            self._whole_planned.add(i)
+        span = self.extents.extent_chunks(i)
+        if not span:
+            return span
+        whole = self.extents.chunk(span[-1]).end - self.extents.chunk(span[0]).offset
+        return span if whole <= self.policy.whole_file_max else range(0)
 
     def _file_bytes(self, i: int, offset: int, length: int) -> bytes:
         """Bytes ``[offset, offset + length)`` of extent ``i``'s file (fewer past its
@@ -433,10 +433,7 @@ class LayerImage:
         for i in sorted({ext.extent_of_chunk(j) for j in chunks}):
             if i in self._whole_planned:
                 continue
-            self._whole_planned.add(i)
-            span = ext.extent_chunks(i)
-            whole = ext.chunk(span[-1]).end - ext.chunk(span[0]).offset
-            wanted = [*span] if whole <= self.policy.whole_file_max else []
+            wanted = self._whole_file(i)
             window = [] if prioritized else self._directory_window(i)
             for k in [*wanted, *window]:
                 chunk = ext.chunk(k)
