@@ -34,6 +34,7 @@ from remote_testkit import (
     push_test_image,
 )
 
+from blockfs.estargz import BlobReader, FileBlobSource
 from blockfs.oci import Reference
 from blockfs.registry import Credential, CredentialStore, RegistryClient
 from snapshotter._gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
@@ -49,6 +50,7 @@ from tests.helpers.containerd import (
     short_tempdir,
     start_containerd,
 )
+from tests.helpers.elf import elf_file
 from tests.helpers.registry import free_port, make_htpasswd, start_registry
 from tests.helpers.snapshotter_daemon import SnapshotterDaemon, snapshots_stub, start_snapshotter
 from tests.host.attach_testkit import force_cleanup, leftovers
@@ -60,6 +62,7 @@ BIG_BYTES = 50 << 20
 READ_FILES = 16
 PRIORITISED = ("etc/a", "etc/b")
 FALLBACK_MSG = "remote snapshot not possible; containerd unpacks the layer"
+LIB = "usr/lib/x86_64-linux-gnu"
 
 
 @attrs.frozen
@@ -72,6 +75,7 @@ class Images:
     plain: PushedImage  # gzip only
     mixed: PushedImage  # gzip busybox, eStargz /etc/motd
     prio: PushedImage  # eStargz: busybox, then PRIORITISED first and 4 MiB not read
+    libs: PushedImage  # eStargz: busybox, then a program and two libraries, one it needs
     data: dict[str, bytes]  # the files of lazy's second layer, by path
     prio_data: dict[str, bytes]  # the files of prio's second layer, by path
 
@@ -88,6 +92,14 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
     prio_data = {"etc/a": os.urandom(100 << 10), "etc/b": os.urandom(100 << 10)}
     prio_data["rest"] = os.urandom(4 << 20)
     prio_tar = layer_tar(dict(prio_data))
+    # Libraries larger than the fetch unit: none comes along with a read of the program.
+    libs_tar = layer_tar(
+        {
+            "usr/bin/prog": elf_file(["libfoo.so.1"], body=os.urandom(10_000)),
+            f"{LIB}/libfoo.so.1": elf_file([], body=os.urandom(400 << 10)),
+            f"{LIB}/libzzz.so.1": elf_file([], body=os.urandom(400 << 10)),
+        }
+    )
     busybox_esgz = estargz_layer(busybox)
     with start_registry(tmp_path_factory.mktemp("registry")) as registry:
         proxy = CountingProxy(registry.url)
@@ -128,6 +140,11 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
                         "blockfs/prio:1",
                         [busybox_esgz, estargz_layer(prio_tar, prioritized=PRIORITISED)],
                         ["/bin/busybox", "sha256sum", *(f"/{p}" for p in PRIORITISED)],
+                    ),
+                    libs=push(
+                        "blockfs/libs:1",
+                        [busybox_esgz, estargz_layer(libs_tar)],
+                        ["/bin/busybox", "head", "-c", "4", "/usr/bin/prog"],
                     ),
                     data={path: body for path, body in data.items() if body is not None},
                     prio_data=prio_data,
@@ -413,6 +430,43 @@ def test_a_pull_fetches_the_image_command_before_a_container_runs(
     assert stack.run(lazy, "command-ahead", "/bin/busybox", "echo", "hello") == "hello\n"
     assert images.proxy.blob_bytes[busybox_layer] == before
     remove_image(stack, lazy)
+    assert_clean(stack)
+
+
+def test_a_program_read_fetches_the_library_it_needs(
+    stack: Stack, images: Images, tmp_path: Path
+) -> None:
+    libs = images.libs
+    base = libs.layers[1]
+    blob = tmp_path / "layer.esgz"
+    blob.write_bytes(base.blob)
+    toc = BlobReader.open(FileBlobSource(blob)).toc
+
+    def span(name: str) -> tuple[int, int]:
+        chunks = toc.lookup(name).chunks
+        return chunks[0].offset, max(c.end for c in chunks)
+
+    libfoo, libzzz = span(f"{LIB}/libfoo.so.1"), span(f"{LIB}/libzzz.so.1")
+
+    def asked(where: tuple[int, int]) -> bool:
+        ranges = [
+            (int(a), int(b) + 1)
+            for header in images.proxy.blob_ranges.get(base.digest, [])
+            for a, _, b in [header.removeprefix("bytes=").partition("-")]
+            if a  # not a suffix range (the footer and TOC)
+        ]
+        return any(a <= where[0] and where[1] <= b for a, b in ranges)
+
+    stack.pull(libs)
+    # Nothing runs the program: the container only reads its first bytes, and the NBD
+    # server fetches the library the program names, not the one beside it.
+    assert stack.run(libs, "libraries").encode() == b"\x7fELF"
+    deadline = time.monotonic() + 30
+    while not asked(libfoo):
+        assert time.monotonic() < deadline, images.proxy.blob_ranges.get(base.digest)
+        time.sleep(0.05)
+    assert not asked(libzzz)
+    remove_image(stack, libs)
     assert_clean(stack)
 
 
