@@ -39,6 +39,9 @@ PREFETCH_BATCH = 4 << 20
 # bytes each of their requests asks for.
 BACKGROUND_FETCHERS = 4
 BACKGROUND_STEP = 1 << 20
+# Threads of a layer that read programs' dynamic sections for the libraries they need: a
+# workload starts a few programs, a scanner that reads every file's header many.
+LIBRARY_READERS = 2
 # How far from a file read, in directory windows of compressed span, the files fetched
 # around it may lie (large files passed over still cost the search a look).
 WINDOW_REACH = 4
@@ -189,6 +192,7 @@ class LayerImage:
         self._inflight: dict[int, Future[dict[str, bytes]]] = {}
         self._started: set[int] = set()
         self._background: ThreadPoolExecutor | None = None
+        self._library_readers: ThreadPoolExecutor | None = None
 
     @property
     def size(self) -> int:
@@ -198,9 +202,11 @@ class LayerImage:
     def close(self) -> None:
         """Release the index file; fetches in the background are dropped."""
         with self._lock:
-            background, self._background = self._background, None
-        if background is not None:
-            background.shutdown(wait=False, cancel_futures=True)
+            pools = [self._background, self._library_readers]
+            self._background = self._library_readers = None
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         if self._meta_fd >= 0:
             os.close(self._meta_fd)
             self._meta_fd = -1
@@ -293,7 +299,7 @@ class LayerImage:
     def _look_for_libraries(self, i: int, magic: memoryview) -> None:
         """After the first read of extent ``i``'s first bytes (``magic``): if the file is
         an ELF program or library outside the prioritised files, fetch the libraries it
-        needs, in a thread of its own (:meth:`_fetch_needed_libraries`)."""
+        needs, in one of :data:`LIBRARY_READERS` threads (:meth:`_fetch_needed_libraries`)."""
         with self._lock:
             if i in self._elf_looked:
                 return
@@ -303,10 +309,15 @@ class LayerImage:
         first = self.extents.chunk(self.extents.extent_chunks(i)[0])
         if first.offset < self.prioritized_end:
             return  # the image lists what its workload reads: guess nothing
-        threading.Thread(
-            target=self._fetch_needed_libraries, args=(i,), name=f"libraries-{self.name}",
-            daemon=True,
-        ).start()  # fmt: skip
+        with self._lock:
+            if self._library_readers is None and self._meta_fd >= 0:
+                self._library_readers = ThreadPoolExecutor(
+                    LIBRARY_READERS, thread_name_prefix=f"libraries-{self.name}"
+                )
+            pool = self._library_readers
+        if pool is not None:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                pool.submit(self._fetch_needed_libraries, i)
 
     def _fetch_needed_libraries(self, i: int) -> None:
         """Fetch in the background, whole, the libraries that the ELF file of extent ``i``

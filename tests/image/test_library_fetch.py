@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import random
 import tarfile
+import threading
+import time
 
 from test_layer_image import file_span, open_image
 
-from blockfs.estargz import BuildOptions, build_file
+from blockfs.estargz import BuildOptions, CountingSource, build_file
 from blockfs.image import FetchPolicy, ServerConfig
 from blockfs.image._elf import LibraryFinder, library_dirs, parse_layout
+from blockfs.image._layer import LIBRARY_READERS
 from tests.helpers.elf import elf_file
 from tests.helpers.waiting import wait_for
 
@@ -169,3 +172,39 @@ def test_libraries_are_found_as_the_loader_would_or_not_at_all(tmp_path):
     assert found("libexact.so.2") == "usr/lib/libexact.so.2"
     assert found("libelse.so.3") is None and found("libapp.so.1") is None
     assert found("libnone.so.1") is None
+
+
+def test_programs_read_at_once_share_a_few_threads(tmp_path):
+    # Programs whose dynamic sections lie past their first chunk, behind a source that is
+    # slow for all but the programs' first members: their reads return at once, and each
+    # program's libraries are looked for while its dynamic section is on its way.
+    rng = random.Random(11)
+    programs = [f"usr/bin/prog{k}" for k in range(6)]
+    files = {
+        p: elf_file([f"libp{k}.so.1"], body=rng.randbytes(150_000)) for k, p in enumerate(programs)
+    }
+    files |= {f"{LIB}/libp{k}.so.1": rng.randbytes(20_000) for k in range(len(programs))}
+    blob = layer(tmp_path, files, chunk_size=64 << 10)
+    image, toc, emap, source = open_image(blob, tmp_path / "img", policy=POLICY)
+    heads = {toc.lookup(p).chunks[0].offset for p in programs}
+
+    class Slow(CountingSource):
+        def read_range_streaming(self, offset, length, on_bytes):
+            if offset not in heads:
+                time.sleep(0.3)
+            return super().read_range_streaming(offset, length, on_bytes)
+
+    image.reader.source = Slow(source.inner)
+    most = 0
+    for p in programs:
+        start, _ = file_span(emap, toc, p)
+        assert image.pread(start, 4096) == files[p][:4096]
+        readers = [t for t in threading.enumerate() if t.name.startswith("libraries-")]
+        most = max(most, len(readers))
+    assert 1 <= most <= LIBRARY_READERS
+
+    def all_libraries_in() -> bool:
+        return all(f"{LIB}/libp{k}.so.1" in cached_files(image, toc, files) for k in range(6))
+
+    wait_for(all_libraries_in)
+    image.close()
