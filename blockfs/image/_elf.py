@@ -25,7 +25,7 @@ from blockfs.image._extents import ExtentMap
 ELF_MAGIC = b"\x7fELF"
 _PT_LOAD, _PT_DYNAMIC = 1, 2
 _DT_NULL, _DT_NEEDED, _DT_STRTAB, _DT_STRSZ = 0, 1, 5, 10
-# Bounds on what a hint reads: real programs have about ten program headers, a dynamic
+# Bounds on what the library fetch reads: real programs have about ten program headers, a dynamic
 # section of a few hundred entries and a string table well under a megabyte.
 MAX_PROGRAM_HEADERS = 256
 MAX_DYNAMIC_BYTES = 64 << 10
