@@ -25,12 +25,14 @@ from blockfs.image._extents import ExtentMap
 ELF_MAGIC = b"\x7fELF"
 _PT_LOAD, _PT_DYNAMIC = 1, 2
 _DT_NULL, _DT_NEEDED, _DT_STRTAB, _DT_STRSZ = 0, 1, 5, 10
-# Bounds on what the library fetch reads: real programs have about ten program headers, a dynamic
-# section of a few hundred entries and a string table well under a megabyte.
+# Bounds on what the library fetch reads: real programs have about ten program headers
+# (in the first few hundred bytes), a dynamic section of a few hundred entries and a few
+# dozen libraries, each a file name (at most 255 bytes and its NUL).
+HEAD_BYTES = 64 << 10
 MAX_PROGRAM_HEADERS = 256
 MAX_DYNAMIC_BYTES = 64 << 10
-MAX_STRING_TABLE_BYTES = 4 << 20
 MAX_NEEDED = 256
+NAME_BYTES = 256
 
 # Debian's multiarch directory names, by ELF machine (e_machine) and class.
 _TRIPLETS = {

@@ -23,8 +23,9 @@ from blockfs.errors import BlockfsError
 from blockfs.estargz import Chunk, ChunkVerificationError, DecompressionError, FormatError
 from blockfs.image._elf import (
     ELF_MAGIC,
+    HEAD_BYTES,
     MAX_DYNAMIC_BYTES,
-    MAX_STRING_TABLE_BYTES,
+    NAME_BYTES,
     LibraryFinder,
     library_dirs,
     parse_dynamic,
@@ -256,7 +257,7 @@ class LayerImage:
                 continue
             if self._traced is not None and not self._traced[i]:
                 self._first_read(i)
-            if file_offset == 0 and i not in self._elf_looked:
+            if self.policy.libraries and file_offset == 0 and i not in self._elf_looked:
                 starts.append((i, pos - offset))
             j = self.extents.chunk_in_extent(i, file_offset)
             chunk = self.extents.chunk(j)
@@ -304,7 +305,7 @@ class LayerImage:
             if i in self._elf_looked:
                 return
             self._elf_looked.add(i)
-        if not self.policy.libraries or magic != ELF_MAGIC:
+        if magic != ELF_MAGIC:
             return
         first = self.extents.chunk(self.extents.extent_chunks(i)[0])
         if first.offset < self.prioritized_end:
@@ -323,14 +324,13 @@ class LayerImage:
         """Fetch in the background, whole, the libraries that the ELF file of extent ``i``
         names in its dynamic section and that this layer holds where the loader looks.
 
-        Reading the dynamic section and its string table may fetch them: the loader reads
-        both as soon as it maps the file. Nothing here fails a read: a file whose headers
-        make no sense, or whose bytes cannot be had, is left to the loader's own reads.
+        Reading the dynamic section and the names in its string table may fetch them: the
+        loader reads both as soon as it maps the file. Nothing here fails a read: a file
+        whose headers make no sense, or whose bytes cannot be had, is left to the loader's
+        own reads.
         """
         try:
-            layout = parse_layout(
-                self._file_bytes(i, 0, self.extents.chunk(self.extents.extent_chunks(i)[0]).size)
-            )
+            layout = parse_layout(self._file_bytes(i, 0, HEAD_BYTES))
             if layout is None or layout.dynamic is None:
                 return
             at, size = layout.dynamic
@@ -338,14 +338,17 @@ class LayerImage:
             table_at = None if dynamic is None else layout.file_offset(dynamic.string_table)
             if dynamic is None or table_at is None:
                 return
-            table = self._file_bytes(
-                i, table_at, min(dynamic.string_table_size, MAX_STRING_TABLE_BYTES)
-            )
+            # Only the names it needs, not the whole table (megabytes in a large library).
+            names = [
+                string_at(self._file_bytes(i, table_at + off, NAME_BYTES), 0)
+                for off in dynamic.needed
+                if off < dynamic.string_table_size
+            ]
         except BlockfsError:
             return
         dirs = library_dirs(layout)
         wanted: list[int] = []
-        for name in filter(None, (string_at(table, off) for off in dynamic.needed)):
+        for name in filter(None, names):
             j = self._libraries.find(name, dirs)
             if j is not None:
                 chunks = (self.extents.chunk(k) for k in self._whole_file(j))

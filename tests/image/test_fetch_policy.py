@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import io
 import random
-import tarfile
 import time
 
 from test_layer_image import file_span, open_image
 
-from blockfs.estargz import BuildOptions, CountingSource, build_file
+from blockfs.estargz import BuildOptions, CountingSource, build
 from blockfs.image import FetchPolicy
 from blockfs.image._layer import BACKGROUND_STEP
+from tests.helpers.containerd import layer_tar
 from tests.helpers.testdata import TESTDATA
 from tests.helpers.waiting import wait_for
 
@@ -125,14 +125,11 @@ def two_directories(tmp_path, prioritized=(), large=()):
     rng = random.Random(3)
     names = [f"{d}/f{i:02}" for d in ("other", "pkg") for i in range(12)]
     files = {name: rng.randbytes(200_000 if name in large else 40_000) for name in names}
-    tar_path = tmp_path / "layer.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
     blob = tmp_path / "layer.esgz"
-    build_file(tar_path, blob, BuildOptions(gzip_level=1, prioritized=prioritized))
+    with open(blob, "wb") as out:
+        build(
+            io.BytesIO(layer_tar(files)), out, BuildOptions(gzip_level=1, prioritized=prioritized)
+        )
     return blob, files
 
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import io
 import random
-import tarfile
 import threading
 import time
 
 from test_layer_image import file_span, open_image
 
-from blockfs.estargz import BuildOptions, CountingSource, build_file
+from blockfs.estargz import BuildOptions, CountingSource, build
 from blockfs.image import FetchPolicy, ServerConfig
 from blockfs.image._elf import LibraryFinder, library_dirs, parse_layout
 from blockfs.image._layer import LIBRARY_READERS
+from tests.helpers.containerd import layer_tar
 from tests.helpers.elf import elf_file
 from tests.helpers.waiting import wait_for
 
@@ -24,21 +24,11 @@ POLICY = FetchPolicy(unit=40_000, whole_file_max=64 << 20, directory_window=0)
 
 
 def layer(tmp_path, files: dict[str, bytes], prioritized=(), chunk_size=4 << 20):
-    tar_path = tmp_path / "layer.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo(f"{LIB}/libfoo.so.1")  # as packages ship it
-        link.type, link.linkname = tarfile.SYMTYPE, "libfoo.so.1.2.3"
-        tar.addfile(link)
+    """``files`` as an eStargz blob (in name order) in ``tmp_path``; its path."""
     blob = tmp_path / "layer.esgz"
-    build_file(
-        tar_path,
-        blob,
-        BuildOptions(gzip_level=1, prioritized=prioritized, chunk_size=chunk_size),
-    )
+    options = BuildOptions(gzip_level=1, prioritized=prioritized, chunk_size=chunk_size)
+    with open(blob, "wb") as out:
+        build(io.BytesIO(layer_tar(files)), out, options)
     return blob
 
 
@@ -71,7 +61,8 @@ def test_a_program_read_brings_the_libraries_it_needs(tmp_path):
     assert read_whole(image, emap, toc, "usr/bin/prog") == files["usr/bin/prog"]
     wait_for(lambda: f"{LIB}/libfoo.so.1.2.3" in cached_files(image, toc, files))
     wait_for(lambda: not image._inflight)
-    # libfoo.so.1 (a symlink) found as its versioned file; libc.so.6 is in no file here.
+    # libfoo.so.1 (which packages ship as a symlink) found as its versioned file;
+    # libc.so.6 is in no file here.
     assert cached_files(image, toc, files) == {"usr/bin/prog", f"{LIB}/libfoo.so.1.2.3"}
     # The loader's read of libfoo's header looks at what libfoo needs in turn.
     assert read_whole(image, emap, toc, f"{LIB}/libfoo.so.1.2.3") == files[f"{LIB}/libfoo.so.1.2.3"]
@@ -147,7 +138,7 @@ def test_the_nbdkit_parameter_turns_it_off():
 
 def test_libraries_are_found_as_the_loader_would_or_not_at_all(tmp_path):
     files = {
-        f"{LIB}/libfoo.so.1.2.3": b"a",  # the symlink libfoo.so.1 points here
+        f"{LIB}/libfoo.so.1.2.3": b"a",  # what a symlink libfoo.so.1 would point to
         "usr/lib/libfoo.so.1": b"b",  # a later directory in the search order
         "usr/lib/libtwo.so.1.0": b"c",  # two versioned files: which one is unknown
         "usr/lib/libtwo.so.1.1": b"d",
