@@ -201,13 +201,17 @@ class LayerImage:
         return self.extents.image_size
 
     def close(self) -> None:
-        """Release the index file; fetches in the background are dropped."""
+        """Release the index file; fetches in the background that have not begun are
+        dropped, and whoever waits for their members gets an error."""
         with self._lock:
             pools = [self._background, self._library_readers]
             self._background = self._library_readers = None
         for pool in pools:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            claimed = dict(self._inflight)
+        self._fetch_claimed_failed(claimed, ImageReadError(f"layer {self.name}: closed"))
         if self._meta_fd >= 0:
             os.close(self._meta_fd)
             self._meta_fd = -1

@@ -10,7 +10,9 @@ from test_layer_image import file_span, open_image
 
 from blockfs.estargz import FileBlobSource, SourceWrapper
 from blockfs.image import FetchPolicy
+from blockfs.image._layer import BACKGROUND_FETCHERS
 from tests.helpers.testdata import TESTDATA
+from tests.helpers.waiting import wait_for
 
 BLOB = TESTDATA / "gzip-64k.esgz"
 PIECE = 16 << 10
@@ -239,3 +241,44 @@ def test_a_prefetch_returns_only_once_members_another_fetch_claimed_are_in(tmp_p
         region.join(30)
     assert not region.is_alive()
     image.close()
+
+
+class HoldAll(SourceWrapper):
+    """The blob file; every request waits for ``release``."""
+
+    def __init__(self) -> None:
+        super().__init__(FileBlobSource(BLOB))
+        self.release = threading.Event()
+        self.requests = 0
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        self.requests += 1
+        assert self.release.wait(30), "the test never released the request"
+        return self.inner.read_range(offset, length)
+
+
+def test_closing_a_layer_settles_the_background_fetches_it_drops(tmp_path):
+    # A fetch that waits for a member another fetch claimed (the region's prefetch, a
+    # read's members along) must not wait for ever on a claim the closing layer dropped
+    # from its queue: the thread would be lost with everything it holds.
+    source = HoldAll()
+    image, _, emap, _ = open_image(BLOB, tmp_path, source=source)
+    offsets = sorted({emap.chunk(k).offset for k in range(emap.chunk_count)})
+    assert len(offsets) > BACKGROUND_FETCHERS + 1
+    # One background fetch per member: the first ones hold every fetcher thread at
+    # their requests, the rest wait in the queue.
+    for off in offsets:
+        image._fetch_in_background(image._claim([off])[0])
+    wait_for(lambda: source.requests == BACKGROUND_FETCHERS)
+    last = offsets[-1]
+    waiting = threading.Thread(target=image.prefetch, args=(last + 1,), kwargs={"start": last})
+    try:
+        waiting.start()  # waits for the queued fetch of the last member
+        time.sleep(0.1)
+        image.close()
+    finally:
+        source.release.set()
+    waiting.join(10)
+    assert not waiting.is_alive(), "a fetch waits for a claim the closed layer dropped"
+    wait_for(lambda: not image._inflight)
+    assert source.requests == BACKGROUND_FETCHERS  # the queued fetches never went out
