@@ -12,13 +12,14 @@ import contextlib
 import posixpath
 import tarfile
 import tempfile
-import zlib
 from collections.abc import Iterator
 from typing import IO
 
 import attrs
 import zstandard
+from isal import isal_zlib
 
+from blockfs.estargz._compression import GZIP_WBITS, InflateError
 from blockfs.estargz._errors import BuildError
 from blockfs.estargz._model import LANDMARKS, TOC_TAR_NAME, EntryType
 from blockfs.estargz._toc import clean_name
@@ -127,7 +128,7 @@ def _read_some(src: IO[bytes], n: int) -> bytes:
 def _gunzip(head: bytes, src: IO[bytes], out: IO[bytes]) -> None:
     # A gzip file may hold several members, possibly followed by zero padding. Output of
     # each call is capped so that a small, highly compressed input cannot blow up memory.
-    d: zlib._Decompress | None = None
+    d: isal_zlib.Decompress | None = None
     data = head
     try:
         while True:
@@ -139,7 +140,7 @@ def _gunzip(head: bytes, src: IO[bytes], out: IO[bytes]) -> None:
                 data = data.lstrip(b"\0")
                 if not data:
                     continue
-                d = zlib.decompressobj(31)
+                d = isal_zlib.decompressobj(GZIP_WBITS)
             out.write(d.decompress(data, IO_PIECE))
             if d.eof:
                 data, d = d.unused_data, None
@@ -147,7 +148,7 @@ def _gunzip(head: bytes, src: IO[bytes], out: IO[bytes]) -> None:
                 data = d.unconsumed_tail
         if d is not None:
             out.write(d.flush())
-    except zlib.error as e:
+    except InflateError as e:
         raise BuildError(f"gzip input is corrupt: {e}") from None
     if d is not None and not d.eof:
         raise BuildError("gzip input is truncated: its last member has no end")
