@@ -289,8 +289,8 @@ class ImageBench:
             "blockfs: a fresh server and an empty chunk cache directory for each of "
             f"{self.repeats} runs (the best), the blob a local file; every chunk is fetched, "
             "decompressed, hashed and written to the cache. In-process: one thread, no NBD and "
-            "no cache, `os.pread` of each member of the same blob and zlib / zstandard (best "
-            f"of {self.repeats})."
+            "no cache, `os.pread` of each member of the same blob and ISA-L's inflate / "
+            f"zstandard (best of {self.repeats})."
         )
         report.figures.update(
             {"image.trivial_mbps": rate(image_size, trivial),
