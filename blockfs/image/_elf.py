@@ -23,7 +23,7 @@ import attrs
 from blockfs.image._extents import ExtentMap
 
 ELF_MAGIC = b"\x7fELF"
-_PT_LOAD, _PT_DYNAMIC = 1, 2
+_PT_LOAD, _PT_DYNAMIC, _PT_INTERP = 1, 2, 3
 _DT_NULL, _DT_NEEDED, _DT_STRTAB, _DT_STRSZ = 0, 1, 5, 10
 # Bounds on what the library fetch reads: real programs have about ten program headers
 # (in the first few hundred bytes), a dynamic section of a few hundred entries and a few
@@ -33,6 +33,8 @@ MAX_PROGRAM_HEADERS = 256
 MAX_DYNAMIC_BYTES = 64 << 10
 MAX_NEEDED = 256
 NAME_BYTES = 256
+# The longest interpreter path read (Linux's PATH_MAX, its NUL included).
+PATH_BYTES = 4096
 
 # Debian's multiarch directory names, by ELF machine (e_machine) and class.
 _TRIPLETS = {
@@ -58,6 +60,9 @@ class ElfLayout:
     machine: int
     # Where its dynamic section is in the file, (offset, size); None for a static file.
     dynamic: tuple[int, int] | None
+    # Where the path of its interpreter (the dynamic loader) is, (offset, size); None
+    # for a library or a static program.
+    interpreter: tuple[int, int] | None
     # Its PT_LOAD segments: (virtual address, file offset, size in the file).
     loads: tuple[tuple[int, int, int], ...]
 
@@ -100,7 +105,7 @@ def parse_layout(head: bytes) -> ElfLayout | None:
             return None
         if phoff + phnum * phentsize > len(head):
             return None
-        dynamic = None
+        dynamic = interpreter = None
         loads = []
         for k in range(phnum):
             fields = struct.unpack_from(ph_format, head, phoff + k * phentsize)
@@ -112,9 +117,11 @@ def parse_layout(head: bytes) -> ElfLayout | None:
                 loads.append((vaddr, offset, filesz))
             elif p_type == _PT_DYNAMIC:
                 dynamic = (offset, filesz)
+            elif p_type == _PT_INTERP:
+                interpreter = (offset, filesz)
     except struct.error:
         return None
-    return ElfLayout(is64, order, machine, dynamic, tuple(loads))
+    return ElfLayout(is64, order, machine, dynamic, interpreter, tuple(loads))
 
 
 def parse_dynamic(layout: ElfLayout, data: bytes) -> DynamicSection | None:
@@ -148,6 +155,36 @@ def string_at(table: bytes, offset: int) -> str | None:
     if "/" in name or not name.isprintable() or name in (".", ".."):
         return None
     return name
+
+
+def interpreter_path(data: bytes) -> str | None:
+    """The interpreter's path from the bytes of a ``PT_INTERP`` segment, if it is a plain
+    absolute path (NUL-terminated, nothing unprintable)."""
+    end = data.find(b"\0")
+    if end <= 0:
+        return None
+    path = data[:end].decode("utf-8", "replace")
+    if not path.startswith("/") or not path.isprintable():
+        return None
+    return path
+
+
+@attrs.frozen
+class LoaderNeeds:
+    """What the dynamic loader opens to run an ELF file: its interpreter (an absolute
+    path in the image; programs only), the libraries its dynamic section names, and the
+    directories of the image where the loader looks for them, in its order."""
+
+    interpreter: str | None
+    needed: tuple[str, ...]
+    dirs: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "interpreter": self.interpreter,
+            "needed": list(self.needed),
+            "dirs": list(self.dirs),
+        }
 
 
 def library_dirs(layout: ElfLayout) -> tuple[str, ...]:

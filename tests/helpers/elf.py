@@ -1,5 +1,6 @@
 """Small ELF files for tests: a header, a loadable segment over the whole file, a string
-table and a dynamic section that names libraries, as a linker lays them out."""
+table and a dynamic section that names libraries, as a linker lays them out, and for a
+program, the path of its interpreter."""
 
 from __future__ import annotations
 
@@ -16,13 +17,18 @@ def elf_file(
     order: str = "<",
     machine: int = EM_X86_64,
     body: bytes = b"",
+    interpreter: str | None = None,
 ) -> bytes:
-    """An ELF shared object whose dynamic section names ``needed``. ``body`` goes between
-    the string table and the dynamic section, as a program's code does (a long body
-    puts the dynamic section in a later chunk of the file than its header)."""
+    """An ELF file whose dynamic section names ``needed`` (with ``interpreter``, a program
+    that asks for it). ``body`` goes between the string table and the dynamic section, as
+    a program's code does (a long body puts the dynamic section in a later chunk of the
+    file than its header)."""
     ehsize, phentsize = (64, 56) if is64 else (52, 32)
+    interp = b"" if interpreter is None else interpreter.encode() + b"\0"
+    phnum = 3 if interp else 2
+    interp_at = ehsize + phnum * phentsize
     strtab = b"\0" + b"".join(n.encode() + b"\0" for n in needed)
-    strtab_at = ehsize + 2 * phentsize
+    strtab_at = interp_at + len(interp)
     dynamic_at = strtab_at + len(strtab) + len(body)
     dynamic_at += -dynamic_at % 8
     entry = struct.Struct(order + ("qQ" if is64 else "iI"))
@@ -34,37 +40,33 @@ def elf_file(
     dynamic = b"".join(entry.pack(tag, value) for tag, value in entries)
     size = dynamic_at + len(dynamic)
     ident = b"\x7fELF" + bytes([2 if is64 else 1, 1 if order == "<" else 2, 1]) + bytes(9)
+    e_type = 2 if interp else 3  # ET_EXEC, ET_DYN
     if is64:
         header = struct.pack(
-            order + "HHIQQQIHHHHHH", 3, machine, 1, 0, ehsize, 0, 0, ehsize, phentsize, 2, 0, 0, 0
-        )
-        load = struct.pack(order + "IIQQQQQQ", 1, 5, 0, VADDR, VADDR, size, size, 0x1000)
-        dyn = struct.pack(
-            order + "IIQQQQQQ",
-            2,
-            6,
-            dynamic_at,
-            VADDR + dynamic_at,
-            VADDR + dynamic_at,
-            len(dynamic),
-            len(dynamic),
-            8,
-        )
+            order + "HHIQQQIHHHHHH",
+            e_type, machine, 1, 0, ehsize, 0, 0, ehsize, phentsize, phnum, 0, 0, 0,
+        )  # fmt: skip
+
+        def segment(p_type: int, flags: int, offset: int, length: int, align: int) -> bytes:
+            return struct.pack(
+                order + "IIQQQQQQ",
+                p_type, flags, offset, VADDR + offset, VADDR + offset, length, length, align,
+            )  # fmt: skip
     else:
         header = struct.pack(
-            order + "HHIIIIIHHHHHH", 3, machine, 1, 0, ehsize, 0, 0, ehsize, phentsize, 2, 0, 0, 0
-        )
-        load = struct.pack(order + "IIIIIIII", 1, 0, VADDR, VADDR, size, size, 5, 0x1000)
-        dyn = struct.pack(
-            order + "IIIIIIII",
-            2,
-            dynamic_at,
-            VADDR + dynamic_at,
-            VADDR + dynamic_at,
-            len(dynamic),
-            len(dynamic),
-            6,
-            4,
-        )
-    head = ident + header + load + dyn + strtab + body
+            order + "HHIIIIIHHHHHH",
+            e_type, machine, 1, 0, ehsize, 0, 0, ehsize, phentsize, phnum, 0, 0, 0,
+        )  # fmt: skip
+
+        def segment(p_type: int, flags: int, offset: int, length: int, align: int) -> bytes:
+            return struct.pack(
+                order + "IIIIIIII",
+                p_type, offset, VADDR + offset, VADDR + offset, length, length, flags, align,
+            )  # fmt: skip
+
+    headers = segment(1, 5, 0, size, 0x1000)  # PT_LOAD over the whole file
+    if interp:
+        headers += segment(3, 4, interp_at, len(interp), 1)  # PT_INTERP
+    headers += segment(2, 6, dynamic_at, len(dynamic), 8 if is64 else 4)  # PT_DYNAMIC
+    head = ident + header + headers + interp + strtab + body
     return head + bytes(dynamic_at - len(head)) + dynamic

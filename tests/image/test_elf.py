@@ -10,6 +10,7 @@ import pytest
 
 from blockfs.image._elf import (
     ElfLayout,
+    interpreter_path,
     library_dirs,
     parse_dynamic,
     parse_layout,
@@ -59,6 +60,35 @@ def test_a_real_program_needs_libc():
         if "(NEEDED)" in line
     ]
     assert needed == expected
+    # And the interpreter it names (the loader's path readelf prints, where it can).
+    layout = parse_layout(data)
+    assert layout is not None and layout.interpreter is not None
+    at, size = layout.interpreter
+    interpreter = interpreter_path(data[at : at + size])
+    assert interpreter is not None and interpreter.startswith("/")
+    segments = subprocess.run(["readelf", "-l", program], capture_output=True, text=True)
+    assert f"[Requesting program interpreter: {interpreter}]" in segments.stdout
+
+
+@pytest.mark.parametrize(("is64", "order"), [(True, "<"), (False, ">")])
+def test_a_program_names_its_interpreter_and_a_library_none(is64, order):
+    loader = "/lib64/ld-linux-x86-64.so.2"
+    program = elf_file(["libc.so.6"], is64=is64, order=order, interpreter=loader)
+    layout = parse_layout(program)
+    assert layout is not None and layout.interpreter is not None
+    at, size = layout.interpreter
+    assert interpreter_path(program[at : at + size]) == loader
+    assert needed_of(program) == ["libc.so.6"]
+    library = parse_layout(elf_file(["libc.so.6"], is64=is64, order=order))
+    assert library is not None and library.interpreter is None
+
+
+def test_an_interpreter_must_be_a_plain_absolute_path():
+    assert interpreter_path(b"/lib/ld.so\0") == "/lib/ld.so"
+    assert interpreter_path(b"/lib/ld.so") is None  # unterminated: cut short
+    assert interpreter_path(b"ld.so\0") is None
+    assert interpreter_path(b"/lib/\x01ld.so\0") is None
+    assert interpreter_path(b"\0") is None and interpreter_path(b"") is None
 
 
 def test_a_static_file_or_no_elf_needs_nothing():
@@ -100,7 +130,9 @@ def test_strings_must_be_plain_file_names():
 
 
 def test_virtual_addresses_map_to_file_offsets_through_loaded_segments():
-    layout = ElfLayout(True, "<", EM_X86_64, None, ((0x1000, 0, 0x800), (0x5000, 0x2000, 0x100)))
+    layout = ElfLayout(
+        True, "<", EM_X86_64, None, None, ((0x1000, 0, 0x800), (0x5000, 0x2000, 0x100))
+    )
     assert layout.file_offset(0x1010) == 0x10
     assert layout.file_offset(0x5080) == 0x2080
     assert layout.file_offset(0x1800) is None and layout.file_offset(0x4FFF) is None
