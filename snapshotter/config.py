@@ -131,7 +131,7 @@ class SnapshotterConfig:
         metadata=_key(
             _bool,
             "fetch a layer's prioritised files when it is mounted, and the command of an "
-            "image pulled through the daemon (default: on)",
+            "image pulled through the daemon and what it loads (default: on)",
         ),
     )
     background_fetch: bool = attrs.field(

@@ -35,7 +35,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +63,14 @@ from blockfs.image import (
     LAYER_JSON,
     BlobSources,
     ControlError,
+    FoundFile,
     LayerRecord,
+    LoaderNeeds,
     ServerConfig,
     SourceSpec,
-    fetch_range,
-    find_command,
+    fetch_ahead,
+    find_commands,
+    find_loaded,
     forget_export,
     index_layer,
     open_export,
@@ -89,6 +92,9 @@ CONTROL_SOCKET = "control.sock"
 # How many layers' TOCs may be fetched ahead and held in memory at once.
 MAX_AHEAD = 16
 AHEAD_WORKERS = 4
+# The most files of an image's start fetched ahead: its commands, their interpreter and
+# the libraries they load, transitively (a program loads a few dozen at most).
+MAX_START_FILES = 64
 # How often the daemon checks that the NBD server still runs (LayerManager.revive_server):
 # a look at its pid file and /proc, cheap enough to take a restart's first second off.
 SERVER_CHECK_INTERVAL = 0.25
@@ -522,16 +528,21 @@ class LayerManager:
             log.info("cannot preload the prioritised files", extra={"error": str(e)})
 
     def fetch_command_ahead(self, digests: Sequence[str], process: ProcessConfig) -> None:
-        """Fetch, in the background, the executable a container of an image starts with
-        (its Entrypoint and Cmd, looked up as ``execvp`` would in its layers).
+        """Fetch, in the background, what a container of an image reads first: the
+        executable it starts with (its Entrypoint and Cmd, looked up as ``execvp`` would
+        in its layers; for a shell's ``-c SCRIPT``, the script's command too), the
+        dynamic loader it names and the libraries the loader opens for it, in whichever
+        layers they are.
 
         ``digests`` are the image's layers, top first, whose footers and TOCs
-        :meth:`read_ahead` is reading. The executable is found in those TOCs (no layer
-        needs to be mounted), its layer is indexed if it is not yet, and the NBD server
-        fetches its members in one request while the pull goes on: it is the first file
-        a container reads, often a large one, and without this its first page fault
-        would wait for it. Nothing happens without the prefetch setting, or when a TOC
-        was not read ahead.
+        :meth:`read_ahead` is reading. The files are found in those TOCs (no layer needs
+        to be mounted), a layer that holds one is indexed if it is not yet, and the NBD
+        server fetches each file as a container's first read of it would (one request
+        for the file, its directory's files around it in the background) while the pull
+        goes on. It answers with what the loader opens for the file, once its headers
+        are in, and those files are fetched in turn. Without this, a container's first
+        page faults wait for each of them in a chain, after runc has started. Nothing
+        happens without the prefetch setting, or when a TOC was not read ahead.
         """
         if not self.server.config.prefetch:
             return
@@ -542,39 +553,71 @@ class LayerManager:
         names = [layer_name(d) for d in digests]
         with contextlib.suppress(RuntimeError):  # shut down meanwhile
             self._ahead_pool.submit(
-                self._fetch_command, names, [f for f in futures if f is not None], process
+                self._fetch_start, names, [f for f in futures if f is not None], process
             )
 
-    def _fetch_command(
+    def _fetch_start(
         self, names: Sequence[str], futures: Sequence[Future[_Resolved]], process: ProcessConfig
     ) -> None:
         try:
             resolved = [f.result() for f in futures]
         except Exception:
             return  # the layer's own Prepare reads its TOC again and says why it fails
-        found = find_command([r.reader.toc for r in resolved], process)
-        span = None if found is None else found.span
-        if found is None or span is None:
+        tocs = [r.reader.toc for r in resolved]
+        commands = find_commands(tocs, process)
+        if not commands:
             log.debug("no command to fetch ahead", extra={"argv": list(process.argv)})
             return
-        name = names[found.layer]
+        seen = {(f.layer, f.entry.name) for f in commands}
+        with ThreadPoolExecutor(AHEAD_WORKERS, thread_name_prefix="start-ahead") as pool:
+
+            def submit(found: FoundFile, why: str) -> Future[LoaderNeeds | None]:
+                layer = found.layer
+                return pool.submit(
+                    self._fetch_file_ahead, names[layer], resolved[layer], found, why
+                )
+
+            running = {submit(f, "command") for f in commands}
+            while running:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    needs = future.result()
+                    for found in [] if needs is None else find_loaded(tocs, needs):
+                        key = (found.layer, found.entry.name)
+                        if key not in seen and len(seen) < MAX_START_FILES:
+                            seen.add(key)
+                            running.add(submit(found, "loader"))
+
+    def _fetch_file_ahead(
+        self, name: str, resolved: _Resolved, found: FoundFile, why: str
+    ) -> LoaderNeeds | None:
+        """Have the NBD server fetch ``found`` of layer ``name`` ahead (indexing the layer
+        first if need be); what the loader opens for it, None if nothing or unknown."""
+        span = found.span
+        if span is None:
+            return None
         with self.holding(name):
             if not (self.layer_dir(name) / LAYER_JSON).exists():
                 try:
-                    self._write_index(name, resolved[found.layer])
+                    self._write_index(name, resolved)
                 except (LayerUnavailable, OSError):
                     self._teardown(name)
-                    return  # its own Prepare tries again and says why
+                    return None  # its own Prepare tries again and says why
+        log.info(
+            "fetching ahead",
+            extra={"layer": name, "file": found.entry.name, "bytes": span[1] - span[0], "why": why},
+        )
         try:
             self._ensure_server()
-            fetch_range(str(self.control_socket), name, *span)
+            # A command as its first read would have it; the loader's files alone, as
+            # the library fetch has them (its directory is not the workload's).
+            return fetch_ahead(str(self.control_socket), name, span[0], around=why == "command")
         except (ControlError, NBDServerError) as e:
-            log.info("cannot fetch the command ahead", extra={"layer": name, "error": str(e)})
-            return
-        log.info(
-            "fetching the command ahead",
-            extra={"layer": name, "file": found.entry.name, "bytes": span[1] - span[0]},
-        )
+            log.info(
+                "cannot fetch ahead",
+                extra={"layer": name, "file": found.entry.name, "error": str(e)},
+            )
+            return None
 
     def _then_attach(self, name: str, toc: Future[_Resolved]) -> None:
         if toc.cancelled() or toc.exception() is not None:

@@ -3,12 +3,13 @@
 from blockfs.image._control import (
     ControlError,
     ControlServer,
-    fetch_range,
+    fetch_ahead,
     forget_export,
     open_export,
     preload_export,
     query_stats,
 )
+from blockfs.image._elf import LoaderNeeds
 from blockfs.image._exports import ExportTable, SourceOpener
 from blockfs.image._extents import ExtentMap, ExtentMapError
 from blockfs.image._layer import (
@@ -41,7 +42,7 @@ from blockfs.image._sources import (
     open_blob,
     registry_source_spec,
 )
-from blockfs.image._stack import FoundFile, find_command, find_file
+from blockfs.image._stack import FoundFile, find_commands, find_file, find_loaded
 
 __all__ = [
     "EXTENTS_FILE",
@@ -65,6 +66,7 @@ __all__ = [
     "LayerRecord",
     "LayerStateError",
     "LayerStats",
+    "LoaderNeeds",
     "ServedLayers",
     "ServerConfig",
     "ServerConfigError",
@@ -73,10 +75,11 @@ __all__ = [
     "blob_source_spec",
     "check_export_name",
     "docker_config_path",
-    "fetch_range",
+    "fetch_ahead",
     "file_source_spec",
-    "find_command",
+    "find_commands",
     "find_file",
+    "find_loaded",
     "forget_export",
     "index_layer",
     "open_blob",

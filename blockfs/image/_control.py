@@ -4,8 +4,10 @@ The NBD server process runs it in a thread; ``blockfs layer stats`` and the snap
 metrics read it. One request per connection: a line ``VERB [ARG...]``, answered with one
 JSON document. Verbs: ``stats [NAME]`` (statistics of one export or all), ``open NAME``
 (open an export before its first read, so that its prefetch starts while the layer is
-still being attached), ``fetch NAME START END`` (fetch the members of the blob range
-``[START, END)`` in the background, as a prefetch does), ``preload NAME END SPEC`` (read
+still being attached), ``ahead NAME OFFSET AROUND`` (fetch the file whose data starts
+at blob ``OFFSET`` before a container reads it, with AROUND 1 the files around it too,
+and answer what the loader opens to run it; see ``LayerImage.fetch_ahead``), ``preload
+NAME END SPEC`` (read
 the prioritised region ``[0, END)`` of the blob of a layer not indexed yet, the source
 spec as base64 of its JSON; see ``blockfs.image._preload``) and ``forget NAME`` (drop a
 released export from the server's memory).
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blockfs.errors import BlockfsError
+from blockfs.image._elf import LoaderNeeds
 
 # The longest request line (a preload's source spec, encoded, is the longest).
 MAX_LINE = 16384
@@ -57,19 +60,26 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    line = conn.makefile("rb").readline(MAX_LINE).decode("utf-8", "replace").split()
-                    handler = self.handlers.get(line[0]) if line else None
-                    if handler is None:
-                        reply: dict[str, Any] = {"error": f"unknown request {line[:1]}"}
-                    else:
-                        reply = handler(*line[1:])
-                except Exception as exc:  # report, never kill the serving thread
-                    reply = {"error": str(exc)}
-                with contextlib.suppress(OSError):
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
+            # Each request in a thread of its own: an ``ahead`` waits for a file's first
+            # bytes, and the requests for other layers must not wait behind it.
+            threading.Thread(
+                target=self._answer, args=(conn,), name="blockfs-control-request", daemon=True
+            ).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                line = conn.makefile("rb").readline(MAX_LINE).decode("utf-8", "replace").split()
+                handler = self.handlers.get(line[0]) if line else None
+                if handler is None:
+                    reply: dict[str, Any] = {"error": f"unknown request {line[:1]}"}
+                else:
+                    reply = handler(*line[1:])
+            except Exception as exc:  # report, never kill the serving thread
+                reply = {"error": str(exc)}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply).encode() + b"\n")
 
     def close(self) -> None:
         self._sock.close()
@@ -87,10 +97,25 @@ def open_export(path: str, name: str, timeout: float = 5.0) -> None:
     _request(path, f"open {name}", timeout)
 
 
-def fetch_range(path: str, name: str, start: int, end: int, timeout: float = 5.0) -> None:
-    """Tell the server at ``path`` to fetch the members of export ``name`` whose compressed
-    bytes lie in ``[start, end)`` in the background (opening the export if need be)."""
-    _request(path, f"fetch {name} {start} {end}", timeout)
+def fetch_ahead(
+    path: str, name: str, offset: int, *, around: bool, timeout: float = 30.0
+) -> LoaderNeeds | None:
+    """Tell the server at ``path`` to fetch the file of export ``name`` whose data starts
+    at blob ``offset`` (opening the export if need be), with ``around`` the files around
+    it as a container's first read of it would; what the loader opens to run it, None
+    if it is not an ELF file. Answered once the file's headers are in: ``timeout``
+    allows for a slow registry."""
+    loader = _request(path, f"ahead {name} {offset} {int(around)}", timeout).get("loader")
+    if loader is None:
+        return None
+    try:
+        return LoaderNeeds(
+            interpreter=loader["interpreter"],
+            needed=tuple(loader["needed"]),
+            dirs=tuple(loader["dirs"]),
+        )
+    except (KeyError, TypeError) as exc:
+        raise ControlError(f"bad reply from {path}: {loader!r}") from exc
 
 
 def preload_export(

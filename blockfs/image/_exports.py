@@ -20,6 +20,7 @@ import attrs
 
 from blockfs.cache import ChunkCache
 from blockfs.estargz import BlobSource, CountingSource
+from blockfs.image._elf import LoaderNeeds
 from blockfs.image._extents import ExtentMap
 from blockfs.image._layer import FetchPolicy, LayerImage
 from blockfs.image._preload import PRELOAD_TTL, Preload, PreloadedSource
@@ -219,15 +220,9 @@ class ExportTable:
             self._stop.wait(self.background_idle - quiet)
         return False
 
-    def fetch_range(self, name: str, start: int, end: int) -> None:
-        """Fetch the members of export ``name`` (opened if need be) whose compressed bytes
-        lie in ``[start, end)``, in a thread of its own, as a prefetch: one request per
-        16 MiB, and a read of one of them waits for it."""
-        image = self.open(name)
-        threading.Thread(
-            target=image.prefetch, args=(end, self._stop), kwargs={"start": start},
-            name=f"fetch-{name}", daemon=True,
-        ).start()  # fmt: skip
+    def fetch_ahead(self, name: str, offset: int, *, around: bool) -> LoaderNeeds | None:
+        """``LayerImage.fetch_ahead`` of export ``name`` (opened if need be)."""
+        return self.open(name).fetch_ahead(offset, around=around)
 
     def forget(self, name: str) -> None:
         """Drop export ``name`` from memory (its directory is left alone)."""

@@ -26,7 +26,10 @@ from blockfs.image._elf import (
     HEAD_BYTES,
     MAX_DYNAMIC_BYTES,
     NAME_BYTES,
+    PATH_BYTES,
     LibraryFinder,
+    LoaderNeeds,
+    interpreter_path,
     library_dirs,
     parse_dynamic,
     parse_layout,
@@ -326,38 +329,99 @@ class LayerImage:
 
     def _fetch_needed_libraries(self, i: int) -> None:
         """Fetch in the background, whole, the libraries that the ELF file of extent ``i``
-        names in its dynamic section and that this layer holds where the loader looks.
-
-        Reading the dynamic section and the names in its string table may fetch them: the
-        loader reads both as soon as it maps the file. Nothing here fails a read: a file
-        whose headers make no sense, or whose bytes cannot be had, is left to the loader's
-        own reads.
-        """
-        try:
-            layout = parse_layout(self._file_bytes(i, 0, HEAD_BYTES))
-            if layout is None or layout.dynamic is None:
-                return
-            at, size = layout.dynamic
-            dynamic = parse_dynamic(layout, self._file_bytes(i, at, min(size, MAX_DYNAMIC_BYTES)))
-            table_at = None if dynamic is None else layout.file_offset(dynamic.string_table)
-            if dynamic is None or table_at is None:
-                return
-            # Only the names it needs, not the whole table (megabytes in a large library).
-            names = [
-                string_at(self._file_bytes(i, table_at + off, NAME_BYTES), 0)
-                for off in dynamic.needed
-                if off < dynamic.string_table_size
-            ]
-        except BlockfsError:
+        names in its dynamic section and that this layer holds where the loader looks."""
+        needs = self._loader_needs(i)
+        if needs is None:
             return
-        dirs = library_dirs(layout)
         wanted: list[int] = []
-        for name in filter(None, names):
-            j = self._libraries.find(name, dirs)
+        for name in needs.needed:
+            j = self._libraries.find(name, needs.dirs)
             if j is not None:
                 chunks = (self.extents.chunk(k) for k in self._whole_file(j))
                 wanted.extend(c.offset for c in chunks if c.digest not in self.cache)
         self._fetch_in_background(self._claim(wanted)[0])
+
+    def _loader_needs(self, i: int) -> LoaderNeeds | None:
+        """What the loader opens to run the ELF file of extent ``i``; None if it is not
+        one, or its headers make no sense, or its bytes cannot be had (nothing here fails
+        a read: the loader's own reads are left to say what is wrong).
+
+        Reading its headers, dynamic section and the names in its string table may fetch
+        them: the loader reads them all as soon as it maps the file. Only the names
+        needed are read, not the whole table (megabytes in a large library).
+        """
+        try:
+            layout = parse_layout(self._file_bytes(i, 0, HEAD_BYTES))
+            if layout is None:
+                return None
+            interpreter = None
+            if layout.interpreter is not None:
+                at, size = layout.interpreter
+                interpreter = interpreter_path(self._file_bytes(i, at, min(size, PATH_BYTES)))
+            names: list[str | None] = []
+            if layout.dynamic is not None:
+                at, size = layout.dynamic
+                data = self._file_bytes(i, at, min(size, MAX_DYNAMIC_BYTES))
+                dynamic = parse_dynamic(layout, data)
+                table_at = None if dynamic is None else layout.file_offset(dynamic.string_table)
+                if dynamic is not None and table_at is not None:
+                    names = [
+                        string_at(self._file_bytes(i, table_at + off, NAME_BYTES), 0)
+                        for off in dynamic.needed
+                        if off < dynamic.string_table_size
+                    ]
+        except BlockfsError:
+            return None
+        needed = tuple(dict.fromkeys(n for n in names if n is not None))
+        return LoaderNeeds(interpreter, needed, library_dirs(layout))
+
+    def fetch_ahead(self, offset: int, *, around: bool) -> LoaderNeeds | None:
+        """Fetch the file whose data starts at blob ``offset`` before a container reads
+        it: the whole file, in one request, and with ``around``, in the background, the
+        files around it in its directory, as the container's first read of it would
+        have them fetched. What the loader opens to run it (:meth:`_loader_needs`), once
+        the bytes that say so are in, not the whole file; the caller finds and fetches
+        those, in whichever layer of the image holds them (this layer does not look for
+        them itself).
+
+        For a container's command (read as a first read would, ``around``), and the
+        loader and libraries it opens (found by name, like those the library fetch
+        finds: fetched alone), which lie mostly in the layers beneath.
+        """
+        ext = self.extents
+        starts = [
+            j
+            for j in ext.chunks_in_member(offset)
+            if ext.extent_chunks(ext.extent_of_chunk(j))[0] == j
+        ]
+        if not starts:
+            raise ImageReadError(
+                f"layer {self.name}: no file's data starts at blob offset {offset}"
+            )
+        i = ext.extent_of_chunk(starts[0])
+        with self._lock:
+            self._elf_looked.add(i)
+        whole = self._uncached_members(self._whole_file(i) or ext.extent_chunks(i)[:1])
+        owned, _ = self._claim(whole)
+        if owned:
+            threading.Thread(
+                target=self._fetch_step, args=(owned, []), name=f"ahead-{self.name}",
+                daemon=True,
+            ).start()  # fmt: skip
+        if around:
+            window = self._uncached_members(self._directory_window(i))
+            self._fetch_in_background(self._claim(off for off in window if off not in owned)[0])
+        return self._loader_needs(i)
+
+    def _uncached_members(self, chunks: Iterable[int]) -> list[int]:
+        """The blob offsets of the members of ``chunks`` (chunk numbers) that are not in
+        the cache, each once, in order."""
+        members: dict[int, None] = {}
+        for k in chunks:
+            chunk = self.extents.chunk(k)
+            if chunk.digest not in self.cache:
+                members[chunk.offset] = None
+        return list(members)
 
     def _whole_file(self, i: int) -> range:
         """The chunks of extent ``i``'s file to fetch in the background, the first time
@@ -751,10 +815,8 @@ class LayerImage:
         stop: threading.Event | None = None,
         *,
         pace: Callable[[], bool] | None = None,
-        start: int = 0,
     ) -> int:
-        """Fetch into the cache every chunk whose member starts in blob offsets
-        ``[start, end)``.
+        """Fetch into the cache every chunk whose member starts before blob offset ``end``.
 
         Without ``pace`` (the prioritised files, as a layer opens), every member is
         claimed at once and fetched with as few requests as the reader makes (one per
@@ -768,14 +830,14 @@ class LayerImage:
         on-demand reads.
         """
         if pace is None:
-            region = [off for batch in self._uncached_batches(start, end, stop) for off in batch]
+            region = [off for batch in self._uncached_batches(end, stop) for off in batch]
             owned, elsewhere = self._claim(region)
             with contextlib.suppress(BlockfsError):
                 self._fetch_claimed(owned)
             wait(elsewhere)
             return sum(1 for f in owned.values() if f.exception() is None)
         fetched = 0
-        for batch in self._uncached_batches(start, end, stop):
+        for batch in self._uncached_batches(end, stop):
             if not pace():
                 break
             try:
@@ -785,10 +847,8 @@ class LayerImage:
                 continue
         return fetched
 
-    def _uncached_batches(
-        self, start: int, end: int, stop: threading.Event | None
-    ) -> Iterator[list[int]]:
-        """Offsets of the members in ``[start, end)`` not cached yet, in batches of about
+    def _uncached_batches(self, end: int, stop: threading.Event | None) -> Iterator[list[int]]:
+        """Offsets of the members before ``end`` not cached yet, in batches of about
         :data:`PREFETCH_BATCH` compressed bytes (looked at as each batch is asked for)."""
         batch: list[int] = []
         batch_bytes = 0
@@ -798,8 +858,6 @@ class LayerImage:
                 return
             if off >= end:
                 break
-            if off < start:
-                continue
             members = self.extents.chunks_in_member(off)
             if all(self.extents.chunk(k).digest in self.cache for k in members):
                 continue

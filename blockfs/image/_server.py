@@ -135,7 +135,7 @@ class ServedLayers:
                 {
                     "stats": self.exports.stats,
                     "open": self._open,
-                    "fetch": self._fetch,
+                    "ahead": self._ahead,
                     "preload": self._preload,
                     "forget": self._forget,
                 },
@@ -150,11 +150,14 @@ class ServedLayers:
         self.exports.open(name)
         return {"opened": name}
 
-    def _fetch(self, name: str = "", start: str = "", end: str = "") -> dict[str, Any]:
-        if not (name and start.isdigit() and end.isdigit()):
-            return {"error": "fetch needs an export name and a blob range: fetch NAME START END"}
-        self.exports.fetch_range(name, int(start), int(end))
-        return {"fetching": name, "start": int(start), "end": int(end)}
+    def _ahead(self, name: str = "", offset: str = "", around: str = "") -> dict[str, Any]:
+        if not (name and offset.isdigit() and around in ("0", "1")):
+            return {
+                "error": "ahead needs an export name, a blob offset and 0 or 1: "
+                "ahead NAME OFFSET AROUND"
+            }
+        needs = self.exports.fetch_ahead(name, int(offset), around=around == "1")
+        return {"ahead": name, "loader": None if needs is None else needs.to_json()}
 
     def _preload(self, name: str = "", end: str = "", spec: str = "") -> dict[str, Any]:
         if not (name and end.isdigit() and spec):

@@ -13,11 +13,13 @@ or from the root), up to :data:`MAX_SYMLINKS`.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Sequence
 
 import attrs
 
 from blockfs.estargz import TOC, Entry
+from blockfs.image._elf import LoaderNeeds
 from blockfs.oci import ProcessConfig
 
 WHITEOUT_PREFIX = ".wh."
@@ -26,6 +28,25 @@ OPAQUE_MARKER = ".wh..wh..opq"
 MAX_SYMLINKS = 40
 # runc's PATH when the image sets none.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Shells whose ``-c SCRIPT`` runs a command line: Docker's shell form of CMD and
+# ENTRYPOINT (``CMD app --flag``) is ``["/bin/sh", "-c", "app --flag"]``.
+SHELLS = frozenset({"sh", "ash", "bash", "dash", "ksh", "mksh", "zsh"})
+# An option word that asks a shell to run its next argument (``-c``, ``-ec``, ``-xc``).
+_RUN_SCRIPT = re.compile(r"-[a-z]*c[a-z]*")
+# A word of a script that names a command as it is, with nothing for the shell to expand.
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_./+@%-]+")
+# A variable assignment before a command.
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=\S*")
+# Words a shell does not look up in PATH: its keywords and common builtins.
+_SHELL_WORDS = frozenset(
+    {
+        *("if", "then", "else", "elif", "fi", "case", "esac", "for", "while", "until"),
+        *("do", "done", "in", "function", "select", "time", "!", "{", "}", "[["),
+        *("cd", "echo", "printf", "set", "export", "unset", "shift", "trap", "exit"),
+        *("return", "eval", ".", ":", "test", "[", "true", "false", "read", "wait"),
+        *("umask", "ulimit"),
+    }
+)
 
 
 @attrs.frozen
@@ -78,13 +99,51 @@ def find_file(tocs: Sequence[TOC], path: str) -> FoundFile | None:
     return None
 
 
-def find_command(tocs: Sequence[TOC], process: ProcessConfig) -> FoundFile | None:
-    """The executable a container of the image starts with, unless told otherwise: the
+def find_commands(tocs: Sequence[TOC], process: ProcessConfig) -> list[FoundFile]:
+    """The executables a container of the image starts with, unless told otherwise: the
     first word of Entrypoint and Cmd, looked up as ``execvp`` does (a name without a
-    slash in each directory of the image's PATH; a relative path from WorkingDir)."""
+    slash in each directory of the image's PATH; a relative path from WorkingDir); and
+    when that is a shell told to run a script (``sh -c SCRIPT``), the command the script
+    starts with, if it is a plain word (past variable assignments and ``exec``)."""
     if not process.argv or not process.argv[0]:
-        return None
-    command = process.argv[0]
+        return []
+    found = _find_executable(tocs, process.argv[0], process)
+    if found is None:
+        return []
+    commands = [found]
+    argv = process.argv
+    if (
+        posixpath.basename(argv[0]) in SHELLS
+        and len(argv) > 2
+        and _RUN_SCRIPT.fullmatch(argv[1])
+        and (word := _first_command(argv[2])) is not None
+        and (started := _find_executable(tocs, word, process)) is not None
+        and started != found
+    ):
+        commands.append(started)
+    return commands
+
+
+def find_loaded(tocs: Sequence[TOC], needs: LoaderNeeds) -> list[FoundFile]:
+    """The files the dynamic loader opens to run a program that ``needs`` says it needs:
+    its interpreter, and each library in the first of the directories where the loader
+    looks that has it (symbolic links followed, as the loader's ``open`` does)."""
+    found = []
+    if needs.interpreter is not None:
+        interpreter = find_file(tocs, needs.interpreter)
+        if interpreter is not None:
+            found.append(interpreter)
+    for name in needs.needed:
+        for directory in needs.dirs:
+            library = find_file(tocs, f"/{directory}/{name}")
+            if library is not None:
+                found.append(library)
+                break
+    return found
+
+
+def _find_executable(tocs: Sequence[TOC], command: str, process: ProcessConfig) -> FoundFile | None:
+    """``command`` looked up as ``execvp`` does in the image of ``tocs``."""
     if "/" in command:
         return find_file(tocs, posixpath.join("/", process.working_dir or "/", command))
     search = process.env_value("PATH")
@@ -92,6 +151,17 @@ def find_command(tocs: Sequence[TOC], process: ProcessConfig) -> FoundFile | Non
         found = find_file(tocs, posixpath.join("/", directory or ".", command))
         if found is not None and found.entry.mode & 0o111:
             return found
+    return None
+
+
+def _first_command(script: str) -> str | None:
+    """The command word a shell script starts with, if it is a plain word."""
+    for word in script.split():
+        if _ASSIGNMENT.fullmatch(word) or word == "exec":
+            continue
+        if word in _SHELL_WORDS or not _PLAIN_WORD.fullmatch(word):
+            return None
+        return word
     return None
 
 

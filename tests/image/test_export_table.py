@@ -13,7 +13,7 @@ from blockfs.image import (
     LayerStateError,
     ServedLayers,
     ServerConfig,
-    fetch_range,
+    fetch_ahead,
     forget_export,
     index_layer,
     open_export,
@@ -152,22 +152,22 @@ def test_open_over_the_control_socket_opens_the_export_and_starts_its_prefetch(t
         served.close()
 
 
-def test_fetch_over_the_control_socket_fetches_one_file_in_one_request(tmp_path):
-    served, control = serve_one_layer(tmp_path)
+def test_ahead_over_the_control_socket_fetches_one_file_in_one_request(tmp_path):
+    whole_files = FetchPolicy(unit=0, whole_file_max=64 << 20, directory_window=0)
+    served, control = serve_one_layer(tmp_path, fetch=whole_files)
     try:
         toc = BlobReader.open(FileBlobSource(TESTDATA / "gzip-64k.esgz")).toc
         chunks = toc.lookup("usr/lib/libbig.so").chunks
-        start, end = chunks[0].offset, max(c.end for c in chunks)
-        fetch_range(str(control), "l", start, end)  # opens the export, no read of it
-        deadline = time.monotonic() + 30
-        while not all(c.digest in served.cache for c in chunks):
-            assert time.monotonic() < deadline, "the file was not fetched"
-            time.sleep(0.05)
+        # Opens the export; no read of it. Not an ELF file: the loader opens nothing.
+        assert fetch_ahead(str(control), "l", chunks[0].offset, around=True) is None
+        wait_for(lambda: all(c.digest in served.cache for c in chunks))
         stats = query_stats(str(control), "l")["layers"]["l"]
         assert stats["range_requests"] == 1
-        # Nothing outside the range came.
+        # Nothing outside the file came.
         assert stats["members_fetched"] == len({c.offset for c in chunks})
-        with pytest.raises(ControlError, match="fetch NAME START END"):
-            fetch_range(str(control), "l", -1, end)
+        with pytest.raises(ControlError, match="ahead NAME OFFSET AROUND"):
+            fetch_ahead(str(control), "l", -1, around=False)
+        with pytest.raises(ControlError, match="no file's data starts at blob offset"):
+            fetch_ahead(str(control), "l", chunks[1].offset, around=False)
     finally:
         served.close()

@@ -11,7 +11,7 @@ from test_layer_image import file_span, open_image
 
 from blockfs.estargz import BuildOptions, CountingSource, build
 from blockfs.image import FetchPolicy, ServerConfig
-from blockfs.image._elf import LibraryFinder, library_dirs, parse_layout
+from blockfs.image._elf import LibraryFinder, LoaderNeeds, library_dirs, parse_layout
 from blockfs.image._layer import LIBRARY_READERS
 from tests.helpers.containerd import layer_tar
 from tests.helpers.elf import elf_file
@@ -198,4 +198,53 @@ def test_programs_read_at_once_share_a_few_threads(tmp_path):
         return all(f"{LIB}/libp{k}.so.1" in cached_files(image, toc, files) for k in range(6))
 
     wait_for(all_libraries_in)
+    image.close()
+
+
+def test_a_program_fetched_ahead_says_what_the_loader_opens_and_fetches_only_itself(tmp_path):
+    files = program_files()
+    loader = "/lib64/ld-linux-x86-64.so.2"
+    files["usr/bin/prog"] = elf_file(
+        ["libfoo.so.1", "libc.so.6"], body=random.Random(5).randbytes(20_000), interpreter=loader
+    )
+    # One member per 4 KiB: the program takes many, and one request brings them all.
+    blob = layer(tmp_path, files, chunk_size=4 << 10)
+    image, toc, emap, source = open_image(blob, tmp_path / "img", policy=POLICY)
+    chunks = toc.lookup("usr/bin/prog").chunks
+    assert len(chunks) > 3
+    layout = parse_layout(files["usr/bin/prog"])
+    assert layout is not None
+    needs = image.fetch_ahead(chunks[0].offset, around=False)
+    assert needs == LoaderNeeds(loader, ("libfoo.so.1", "libc.so.6"), library_dirs(layout))
+    wait_for(lambda: "usr/bin/prog" in cached_files(image, toc, files))
+    wait_for(lambda: not image._inflight)
+    # The libraries are the caller's to find, in whichever layer holds them.
+    assert cached_files(image, toc, files) == {"usr/bin/prog"}
+    assert source.requests == 1
+    # The container's reads of it, its first bytes among them, fetch nothing more.
+    assert read_whole(image, emap, toc, "usr/bin/prog") == files["usr/bin/prog"]
+    time.sleep(0.2)
+    assert not image._inflight and source.requests == 1
+    image.close()
+
+
+def test_a_file_fetched_ahead_brings_its_directory_if_asked_as_a_first_read_would(tmp_path):
+    files = program_files()
+    window = FetchPolicy(unit=40_000, whole_file_max=64 << 20, directory_window=1 << 20)
+    image, toc, _, _ = open_image(layer(tmp_path, files), tmp_path / "img", policy=window)
+
+    def ahead(name: str, *, around: bool) -> set[str]:
+        image.fetch_ahead(toc.lookup(name).chunks[0].offset, around=around)
+        wait_for(lambda: not image._inflight)
+        return cached_files(image, toc, files)
+
+    assert ahead("usr/share/prog/data", around=True) == {"usr/share/prog/data"}  # alone there
+    assert ahead(f"{LIB}/libbaz.so.1", around=False) == {
+        "usr/share/prog/data",
+        f"{LIB}/libbaz.so.1",
+    }
+    # Its neighbours in the library directory, and no other directory's files.
+    assert ahead(f"{LIB}/libbar.so.2", around=True) == {"usr/share/prog/data"} | {
+        n for n in files if n.startswith(LIB + "/")
+    }
     image.close()

@@ -1,4 +1,4 @@
-"""find_file and find_command: a path of a stacked image, found in its layers' TOCs the
+"""find_file, find_commands and find_loaded: a path of a stacked image, found in its layers' TOCs the
 way overlayfs finds it in the mounted layers."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from blockfs.estargz import TOC, BlobReader, BuildOptions, FileBlobSource, build_file
-from blockfs.image import find_command, find_file
+from blockfs.image import find_commands, find_file, find_loaded
+from blockfs.image._elf import LoaderNeeds
 from blockfs.oci import ProcessConfig
 
 # A layer: name -> bytes (a regular file), "dir", ("symlink", target) or ("hardlink", target).
@@ -142,5 +143,79 @@ def test_the_command_is_looked_up_as_execvp_does(
     )
     # A data file on PATH, not executable: execvp passes it over.
     data = toc_of(tmp_path, "data", {"usr/bin/noexec": b"data"}, modes={"usr/bin/noexec": 0o644})
-    found = find_command([layer, data], process)
-    assert (None if found is None else found.entry.name) == expected
+    found = find_commands([layer, data], process)
+    assert [f.entry.name for f in found] == ([] if expected is None else [expected])
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # Docker's shell form: CMD app --port 80.
+        (("/bin/sh", "-c", "app --port 80"), ["bin/busybox", "usr/local/bin/app"]),
+        (
+            ("sh", "-ec", "FOO=1 BAR=x exec /usr/local/bin/app"),
+            ["bin/busybox", "usr/local/bin/app"],
+        ),
+        (("/bin/bash", "-c", "gcc -o /tmp/h /hello.c && /tmp/h"), ["bin/bash", "usr/bin/gcc-12"]),
+        # Nothing a shell would look up as it is: expansions, quotes, keywords, builtins.
+        (("/bin/sh", "-c", "$APP --port 80"), ["bin/busybox"]),
+        (("/bin/sh", "-c", "'app' x"), ["bin/busybox"]),
+        (("/bin/sh", "-c", "if true; then app; fi"), ["bin/busybox"]),
+        (("/bin/sh", "-c", "cd /srv && app"), ["bin/busybox"]),
+        (("/bin/sh", "-c", "missing x"), ["bin/busybox"]),
+        (("/bin/sh", "-c", ""), ["bin/busybox"]),
+        # Not a shell told to run a script.
+        (("/bin/sh", "/run.sh"), ["bin/busybox"]),
+        (("/usr/local/bin/app", "-c", "gcc"), ["usr/local/bin/app"]),
+    ],
+)
+def test_a_shell_script_command_is_looked_up_too(
+    tmp_path: Path, argv: tuple[str, ...], expected: list[str]
+) -> None:
+    base = toc_of(
+        tmp_path,
+        "base",
+        {
+            "bin/busybox": b"\x7fELF busybox",
+            "bin/sh": ("symlink", "busybox"),
+            "bin/bash": b"\x7fELF bash",
+            "bin/true": ("symlink", "busybox"),
+            "usr/bin/gcc-12": b"\x7fELF gcc",
+            "usr/bin/gcc": ("symlink", "gcc-12"),
+        },
+    )
+    app = toc_of(tmp_path, "app", {"usr/local/bin/app": b"\x7fELF app"})
+    found = find_commands([app, base], ProcessConfig(cmd=argv))
+    assert [f.entry.name for f in found] == expected
+
+
+def test_what_the_loader_opens_is_found_in_the_layers_beneath(tmp_path: Path) -> None:
+    lib = "usr/lib/x86_64-linux-gnu"
+    base = toc_of(
+        tmp_path,
+        "base",
+        {
+            "lib64": ("symlink", "usr/lib64"),
+            "usr/lib64/ld-linux-x86-64.so.2": ("symlink", "../lib/x86_64-linux-gnu/ld.so"),
+            f"{lib}/ld.so": b"loader",
+            f"{lib}/libc.so.6": b"libc",
+            f"{lib}/libz.so.1": ("symlink", "libz.so.1.2.13"),
+            f"{lib}/libz.so.1.2.13": b"old libz",
+            "usr/lib/libfoo.so.1": b"foo in a later directory",
+        },
+    )
+    app = toc_of(tmp_path, "app", {f"{lib}/libz.so.1.2.13": b"new libz"})
+    dirs = (lib, "usr/lib64", "usr/lib")
+    needs = LoaderNeeds(
+        "/lib64/ld-linux-x86-64.so.2",
+        ("libz.so.1", "libfoo.so.1", "libnone.so.1", "libc.so.6"),
+        dirs,
+    )
+    found = find_loaded([app, base], needs)
+    assert [(f.layer, f.entry.name) for f in found] == [
+        (1, f"{lib}/ld.so"),
+        (0, f"{lib}/libz.so.1.2.13"),  # the link below, its target above
+        (1, "usr/lib/libfoo.so.1"),
+        (1, f"{lib}/libc.so.6"),
+    ]
+    assert find_loaded([app, base], LoaderNeeds(None, (), dirs)) == []

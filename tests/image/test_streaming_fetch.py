@@ -213,16 +213,18 @@ class HoldOne(SourceWrapper):
 
 
 def test_a_prefetch_returns_only_once_members_another_fetch_claimed_are_in(tmp_path):
-    # The command-ahead fetch may claim a file of the prioritised region first: the
-    # region's prefetch waits for it too (its end releases the region's preload).
-    emap = open_image(BLOB, tmp_path / "probe")[2]
-    offsets = sorted({emap.chunk(k).offset for k in range(emap.chunk_count)})
-    middle = offsets[len(offsets) // 2]
+    # The fetch of a container's command ahead may claim a file of the prioritised
+    # region first: the region's prefetch waits for it too (its end releases the
+    # region's preload).
+    probe, toc, emap, _ = open_image(BLOB, tmp_path / "probe")
+    probe.close()
+    middle = toc.lookup("usr/lib/libbig.so").chunks[0].offset  # files lie on either side
     source = HoldOne(middle)
-    image = open_image(BLOB, tmp_path, source=source)[0]
+    whole_files = FetchPolicy(unit=0, whole_file_max=64 << 20, directory_window=0)
+    image = open_image(BLOB, tmp_path, source=source, policy=whole_files)[0]
     region_end = max(emap.chunk(j).end for j in range(emap.chunk_count))
-    command = threading.Thread(target=image.prefetch, args=(middle + 1,), kwargs={"start": middle})
-    command.start()  # claims the middle member, its request held
+    command = threading.Thread(target=image.fetch_ahead, args=(middle,), kwargs={"around": True})
+    command.start()  # claims the whole middle file, its request held
     region = threading.Thread(target=image.prefetch, args=(region_end,))
     try:
         assert source.held.wait(30)
@@ -270,10 +272,10 @@ def test_closing_a_layer_settles_the_background_fetches_it_drops(tmp_path):
     for off in offsets:
         image._fetch_in_background(image._claim([off])[0])
     wait_for(lambda: source.requests == BACKGROUND_FETCHERS)
-    last = offsets[-1]
-    waiting = threading.Thread(target=image.prefetch, args=(last + 1,), kwargs={"start": last})
+    region_end = max(emap.chunk(j).end for j in range(emap.chunk_count))
+    waiting = threading.Thread(target=image.prefetch, args=(region_end,))
     try:
-        waiting.start()  # waits for the queued fetch of the last member
+        waiting.start()  # waits for the queued fetches
         time.sleep(0.1)
         image.close()
     finally:

@@ -8,6 +8,7 @@ eStargz layers lazily (remote snapshots) and leaves the others to containerd (fa
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -18,7 +19,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
@@ -53,6 +54,7 @@ from tests.helpers.containerd import (
 from tests.helpers.elf import elf_file
 from tests.helpers.registry import free_port, make_htpasswd, start_registry
 from tests.helpers.snapshotter_daemon import SnapshotterDaemon, snapshots_stub, start_snapshotter
+from tests.helpers.waiting import wait_for
 from tests.host.attach_testkit import force_cleanup, leftovers
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -76,6 +78,9 @@ class Images:
     mixed: PushedImage  # gzip busybox, eStargz /etc/motd
     prio: PushedImage  # eStargz: busybox, then PRIORITISED first and 4 MiB not read
     libs: PushedImage  # eStargz: busybox, then a program and two libraries, one it needs
+    # eStargz: a shell, a loader and libraries, then a program that needs some of them,
+    # which the shell-form Cmd starts.
+    start: PushedImage
     data: dict[str, bytes]  # the files of lazy's second layer, by path
     prio_data: dict[str, bytes]  # the files of prio's second layer, by path
 
@@ -99,6 +104,22 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
             f"{LIB}/libfoo.so.1": elf_file([], body=os.urandom(400 << 10)),
             f"{LIB}/libzzz.so.1": elf_file([], body=os.urandom(400 << 10)),
         }
+    )
+    # The program and the libraries its loader opens, one needing another, in the layer
+    # beneath; each larger than the fetch unit, so that none comes along with another.
+    start_base = layer_tar(
+        {
+            "bin/sh": b"#!a shell, never run",
+            "lib64/ld-test.so.2": elf_file([]),
+            f"{LIB}/libfoo.so.1": elf_file(["libbar.so.1"], body=os.urandom(400 << 10)),
+            f"{LIB}/libbar.so.1": elf_file([], body=os.urandom(400 << 10)),
+            f"{LIB}/libzzz.so.1": elf_file([], body=os.urandom(400 << 10)),
+        },
+        modes={"bin/sh": 0o755},
+    )
+    start_app = layer_tar(
+        {"bin/prog": elf_file(["libfoo.so.1"], interpreter="/lib64/ld-test.so.2")},
+        modes={"bin/prog": 0o755},
     )
     busybox_esgz = estargz_layer(busybox)
     with start_registry(tmp_path_factory.mktemp("registry")) as registry:
@@ -145,6 +166,11 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
                         "blockfs/libs:1",
                         [busybox_esgz, estargz_layer(libs_tar)],
                         ["/bin/busybox", "head", "-c", "4", "/usr/bin/prog"],
+                    ),
+                    start=push(
+                        "blockfs/start:1",
+                        [estargz_layer(start_base), estargz_layer(start_app)],
+                        ["/bin/sh", "-c", "exec prog --serve"],  # Docker's shell form
                     ),
                     data={path: body for path, body in data.items() if body is not None},
                     prio_data=prio_data,
@@ -409,7 +435,7 @@ def test_a_pull_fetches_the_image_command_before_a_container_runs(
         fetched := [
             r
             for r in stack.snapshotter.log_records()
-            if r.get("msg") == "fetching the command ahead"
+            if r.get("msg") == "fetching ahead" and r.get("why") == "command"
         ]
     ):
         assert time.monotonic() < deadline, "the daemon did not fetch the command"
@@ -433,40 +459,69 @@ def test_a_pull_fetches_the_image_command_before_a_container_runs(
     assert_clean(stack)
 
 
+def asked_for(images: Images, layer: Layer, tmp_path: Path) -> Callable[[str], bool]:
+    """Whether a range request for ``layer``'s blob has covered the whole of a file."""
+    blob = tmp_path / f"{layer.digest.split(':')[1]}.esgz"
+    blob.write_bytes(layer.blob)
+    toc = BlobReader.open(FileBlobSource(blob)).toc
+
+    def asked(name: str) -> bool:
+        chunks = toc.lookup(name).chunks
+        start, end = chunks[0].offset, max(c.end for c in chunks)
+        ranges = [
+            (int(a), int(b) + 1)
+            for header in images.proxy.blob_ranges.get(layer.digest, [])
+            for a, _, b in [header.removeprefix("bytes=").partition("-")]
+            if a  # not a suffix range (the footer and TOC)
+        ]
+        return any(a <= start and end <= b for a, b in ranges)
+
+    return asked
+
+
 def test_a_program_read_fetches_the_library_it_needs(
     stack: Stack, images: Images, tmp_path: Path
 ) -> None:
     libs = images.libs
-    base = libs.layers[1]
-    blob = tmp_path / "layer.esgz"
-    blob.write_bytes(base.blob)
-    toc = BlobReader.open(FileBlobSource(blob)).toc
-
-    def span(name: str) -> tuple[int, int]:
-        chunks = toc.lookup(name).chunks
-        return chunks[0].offset, max(c.end for c in chunks)
-
-    libfoo, libzzz = span(f"{LIB}/libfoo.so.1"), span(f"{LIB}/libzzz.so.1")
-
-    def asked(where: tuple[int, int]) -> bool:
-        ranges = [
-            (int(a), int(b) + 1)
-            for header in images.proxy.blob_ranges.get(base.digest, [])
-            for a, _, b in [header.removeprefix("bytes=").partition("-")]
-            if a  # not a suffix range (the footer and TOC)
-        ]
-        return any(a <= where[0] and where[1] <= b for a, b in ranges)
-
+    asked = asked_for(images, libs.layers[1], tmp_path)
     stack.pull(libs)
     # Nothing runs the program: the container only reads its first bytes, and the NBD
     # server fetches the library the program names, not the one beside it.
     assert stack.run(libs, "libraries").encode() == b"\x7fELF"
-    deadline = time.monotonic() + 30
-    while not asked(libfoo):
-        assert time.monotonic() < deadline, images.proxy.blob_ranges.get(base.digest)
-        time.sleep(0.05)
-    assert not asked(libzzz)
+    wait_for(lambda: asked(f"{LIB}/libfoo.so.1"))
+    assert not asked(f"{LIB}/libzzz.so.1")
     remove_image(stack, libs)
+    assert_clean(stack)
+
+
+def test_a_pull_fetches_what_the_shell_form_command_loads_from_the_layers_beneath(
+    stack: Stack, images: Images, tmp_path: Path
+) -> None:
+    start = images.start
+    base, app = (asked_for(images, layer, tmp_path) for layer in start.layers)
+    images.proxy.reset()
+    stack.pull(start)
+    # No container runs: the pull alone has the NBD server fetch the shell, the program
+    # its script starts (in the layer above), the loader the program names and the
+    # library it needs (in the layer beneath), and the library that one needs in turn.
+    wait_for(lambda: app("bin/prog"))
+    for name in ("bin/sh", "lib64/ld-test.so.2", f"{LIB}/libfoo.so.1", f"{LIB}/libbar.so.1"):
+        wait_for(functools.partial(base, name))
+    assert not base(f"{LIB}/libzzz.so.1")
+    layers = {f"sha256-{layer.digest.split(':')[1]}" for layer in start.layers}
+    why = {
+        r["file"]: r["why"]
+        for r in stack.snapshotter.log_records()
+        if r.get("msg") == "fetching ahead" and r.get("layer") in layers
+    }
+    assert why == {
+        "bin/sh": "command",
+        "bin/prog": "command",
+        "lib64/ld-test.so.2": "loader",
+        f"{LIB}/libfoo.so.1": "loader",
+        f"{LIB}/libbar.so.1": "loader",
+    }
+    remove_image(stack, start)
     assert_clean(stack)
 
 
