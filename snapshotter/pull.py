@@ -21,6 +21,7 @@ import logging
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import attrs
@@ -180,17 +181,23 @@ def pull_image(
     chains = chain_ids(diff_ids)
     name = str(ref)
     layers: list[PulledLayer] = []
-    with ctr.lease():
-        config_labels = {GC_SNAPSHOT_LABEL.format(snapshotter): chains[-1]} if chains else {}
-        ctr.write_content(config.digest, len(config_bytes), config_bytes, config_labels)
-        manifest_labels = {GC_CONFIG_LABEL: manifest.config.digest}
-        manifest_labels.update(
-            {GC_LAYER_LABEL.format(i): layer.digest for i, layer in enumerate(manifest.layers)}
-        )
-        manifest_bytes = manifest.to_bytes()
-        ctr.write_content(
-            manifest_descriptor.digest, len(manifest_bytes), manifest_bytes, manifest_labels
-        )
+    with ctr.lease(), ThreadPoolExecutor(1, thread_name_prefix="pull-content") as pool:
+
+        def write_content() -> None:
+            config_labels = {GC_SNAPSHOT_LABEL.format(snapshotter): chains[-1]} if chains else {}
+            ctr.write_content(config.digest, len(config_bytes), config_bytes, config_labels)
+            manifest_labels = {GC_CONFIG_LABEL: manifest.config.digest}
+            manifest_labels.update(
+                {GC_LAYER_LABEL.format(i): layer.digest for i, layer in enumerate(manifest.layers)}
+            )
+            manifest_bytes = manifest.to_bytes()
+            ctr.write_content(
+                manifest_descriptor.digest, len(manifest_bytes), manifest_bytes, manifest_labels
+            )
+
+        # The config and manifest go into the content store while the layers are
+        # prepared (under the same lease): only the image record needs them.
+        written = pool.submit(write_content)
         parent = ""
         for i, layer in enumerate(manifest.layers):
             labels = layer_labels(ref, manifest, i, chains[i], plain_http=plain_http)
@@ -202,6 +209,7 @@ def pull_image(
             if report is not None:
                 report(pulled)
             parent = chains[i]
+        written.result()
         ctr.put_image(name, manifest_descriptor)
     return PullResult(name, manifest_descriptor, tuple(layers))
 
