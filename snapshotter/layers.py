@@ -527,7 +527,7 @@ class LayerManager:
             # The layer's prefetch fetches them once it is indexed, as without a preload.
             log.info("cannot preload the prioritised files", extra={"error": str(e)})
 
-    def fetch_command_ahead(self, digests: Sequence[str], process: ProcessConfig) -> None:
+    def fetch_start_ahead(self, digests: Sequence[str], process: ProcessConfig) -> None:
         """Fetch, in the background, what a container of an image reads first: the
         executable it starts with (its Entrypoint and Cmd, looked up as ``execvp`` would
         in its layers; for a shell's ``-c SCRIPT``, the script's command too), the

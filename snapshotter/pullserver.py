@@ -163,8 +163,8 @@ class PullServer:
             )
 
         image = resolve_image(registry, ref, wanted, on_manifest=read_ahead)
-        # The image's command is the first file a container of it reads.
-        self._layers.fetch_command_ahead(
+        # What a container of the image reads first: its command and what that loads.
+        self._layers.fetch_start_ahead(
             [layer.digest for layer in reversed(image.manifest.layers)], image.config.process
         )
 
