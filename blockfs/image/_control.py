@@ -4,13 +4,12 @@ The NBD server process runs it in a thread; ``blockfs layer stats`` and the snap
 metrics read it. One request per connection: a line ``VERB [ARG...]``, answered with one
 JSON document. Verbs: ``stats [NAME]`` (statistics of one export or all), ``open NAME``
 (open an export before its first read, so that its prefetch starts while the layer is
-still being attached), ``ahead NAME OFFSET AROUND`` (fetch the file whose data starts
-at blob ``OFFSET`` before a container reads it, with AROUND 1 the files around it too,
-and answer what the loader opens to run it; see ``LayerImage.fetch_ahead``), ``preload
-NAME END SPEC`` (read
-the prioritised region ``[0, END)`` of the blob of a layer not indexed yet, the source
-spec as base64 of its JSON; see ``blockfs.image._preload``) and ``forget NAME`` (drop a
-released export from the server's memory).
+still being attached), ``ahead NAME OFFSET AROUND`` (fetch the file whose data starts at
+blob ``OFFSET`` before a container reads it, with AROUND 1 the files around it too, and
+answer what the loader opens to run it; see ``LayerImage.fetch_ahead``), ``preload NAME
+END SPEC`` (read the prioritised region ``[0, END)`` of the blob of a layer not indexed
+yet, the source spec as base64 of its JSON; see ``blockfs.image._preload``) and ``forget
+NAME`` (drop a released export from the server's memory).
 """
 
 from __future__ import annotations
