@@ -69,6 +69,7 @@ from blockfs.image import (
     ServerConfig,
     SourceSpec,
     fetch_ahead,
+    find_arguments,
     find_commands,
     find_loaded,
     forget_export,
@@ -530,9 +531,9 @@ class LayerManager:
     def fetch_start_ahead(self, digests: Sequence[str], process: ProcessConfig) -> None:
         """Fetch, in the background, what a container of an image reads first: the
         executable it starts with (its Entrypoint and Cmd, looked up as ``execvp`` would
-        in its layers; for a shell's ``-c SCRIPT``, the script's command too), the
-        dynamic loader it names and the libraries the loader opens for it, in whichever
-        layers they are.
+        in its layers; for a shell's ``-c SCRIPT``, the script's command too), the files
+        its command line names, the dynamic loader it names and the libraries the loader
+        opens for it, in whichever layers they are.
 
         ``digests`` are the image's layers, top first, whose footers and TOCs
         :meth:`read_ahead` is reading. The files are found in those TOCs (no layer needs
@@ -568,7 +569,9 @@ class LayerManager:
         if not commands:
             log.debug("no command to fetch ahead", extra={"argv": list(process.argv)})
             return
-        seen = {(f.layer, f.entry.name) for f in commands}
+        start = [(f, "command") for f in commands]
+        start += [(f, "argument") for f in find_arguments(tocs, process) if f not in commands]
+        seen = {(f.layer, f.entry.name) for f, _ in start}
         with ThreadPoolExecutor(AHEAD_WORKERS, thread_name_prefix="start-ahead") as pool:
 
             def submit(found: FoundFile, why: str) -> Future[LoaderNeeds | None]:
@@ -577,7 +580,7 @@ class LayerManager:
                     self._fetch_file_ahead, names[layer], resolved[layer], found, why
                 )
 
-            running = {submit(f, "command") for f in commands}
+            running = {submit(f, why) for f, why in start}
             while running:
                 done, running = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -609,9 +612,10 @@ class LayerManager:
         )
         try:
             self._ensure_server()
-            # A command as its first read would have it; the loader's files alone, as
-            # the library fetch has them (its directory is not the workload's).
-            return fetch_ahead(str(self.control_socket), name, span[0], around=why == "command")
+            # The command line's files as their first reads would have them; the
+            # loader's alone, as the library fetch has them (their directory is not the
+            # workload's).
+            return fetch_ahead(str(self.control_socket), name, span[0], around=why != "loader")
         except (ControlError, NBDServerError) as e:
             log.info(
                 "cannot fetch ahead",

@@ -42,7 +42,13 @@ from blockfs.image._sources import (
     open_blob,
     registry_source_spec,
 )
-from blockfs.image._stack import FoundFile, find_commands, find_file, find_loaded
+from blockfs.image._stack import (
+    FoundFile,
+    find_arguments,
+    find_commands,
+    find_file,
+    find_loaded,
+)
 
 __all__ = [
     "EXTENTS_FILE",
@@ -77,6 +83,7 @@ __all__ = [
     "docker_config_path",
     "fetch_ahead",
     "file_source_spec",
+    "find_arguments",
     "find_commands",
     "find_file",
     "find_loaded",

@@ -34,9 +34,11 @@ SHELLS = frozenset({"sh", "ash", "bash", "dash", "ksh", "mksh", "zsh"})
 # An option word that asks a shell to run its next argument (``-c``, ``-ec``, ``-xc``).
 _RUN_SCRIPT = re.compile(r"-[a-z]*c[a-z]*")
 # A word of a script that names a command as it is, with nothing for the shell to expand.
-_PLAIN_WORD = re.compile(r"[A-Za-z0-9_./+@%-]+")
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_./+@%=:,-]+")
 # A variable assignment before a command.
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=\S*")
+# The most files a command line's arguments name that are fetched ahead.
+MAX_ARGUMENT_FILES = 16
 # Words a shell does not look up in PATH: its keywords and common builtins.
 _SHELL_WORDS = frozenset(
     {
@@ -111,17 +113,33 @@ def find_commands(tocs: Sequence[TOC], process: ProcessConfig) -> list[FoundFile
     if found is None:
         return []
     commands = [found]
-    argv = process.argv
-    if (
-        posixpath.basename(argv[0]) in SHELLS
-        and len(argv) > 2
-        and _RUN_SCRIPT.fullmatch(argv[1])
-        and (word := _first_command(argv[2])) is not None
-        and (started := _find_executable(tocs, word, process)) is not None
-        and started != found
-    ):
+    script = _script_words(process.argv)
+    started = _find_executable(tocs, script[0], process) if script else None
+    if started is not None and started != found:
         commands.append(started)
     return commands
+
+
+def find_arguments(tocs: Sequence[TOC], process: ProcessConfig) -> list[FoundFile]:
+    """The regular files of the image that a container's command line names, in order,
+    at most :data:`MAX_ARGUMENT_FILES`: the words after the command (for ``sh -c
+    SCRIPT``, after the script's command, up to its first word that is not plain) and
+    the values of ``--option=VALUE`` words that are paths of files, absolute or from
+    WorkingDir (``python /app/main.py``, ``java -jar app.jar``, ``gcc /hello.c``)."""
+    argv = process.argv
+    script = _script_words(argv)
+    words = script[1:] if script else argv[1:]
+    files: list[FoundFile] = []
+    for word in words:
+        value = word.partition("=")[2] if word.startswith("-") else word
+        if not value or value.startswith("-") or not _PLAIN_WORD.fullmatch(value):
+            continue
+        found = find_file(tocs, posixpath.join("/", process.working_dir or "/", value))
+        if found is not None and found not in files:
+            files.append(found)
+            if len(files) == MAX_ARGUMENT_FILES:
+                break
+    return files
 
 
 def find_loaded(tocs: Sequence[TOC], needs: LoaderNeeds) -> list[FoundFile]:
@@ -154,15 +172,23 @@ def _find_executable(tocs: Sequence[TOC], command: str, process: ProcessConfig) 
     return None
 
 
-def _first_command(script: str) -> str | None:
-    """The command word a shell script starts with, if it is a plain word."""
-    for word in script.split():
-        if _ASSIGNMENT.fullmatch(word) or word == "exec":
+def _script_words(argv: Sequence[str]) -> list[str]:
+    """For a shell told to run a script (``sh -c SCRIPT``), the words of the script's
+    first command (past variable assignments and ``exec``) up to the first word that is
+    not plain: operators, quotes and expansions end it. Empty for any other command
+    line, and when the command is a shell keyword or builtin."""
+    if not (
+        len(argv) > 2 and posixpath.basename(argv[0]) in SHELLS and _RUN_SCRIPT.fullmatch(argv[1])
+    ):
+        return []
+    words: list[str] = []
+    for word in argv[2].split():
+        if not words and (_ASSIGNMENT.fullmatch(word) or word == "exec"):
             continue
-        if word in _SHELL_WORDS or not _PLAIN_WORD.fullmatch(word):
-            return None
-        return word
-    return None
+        if not _PLAIN_WORD.fullmatch(word) or (not words and word in _SHELL_WORDS):
+            break
+        words.append(word)
+    return words
 
 
 def _parts(path: str) -> list[str]:

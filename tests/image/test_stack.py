@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from blockfs.estargz import TOC, BlobReader, BuildOptions, FileBlobSource, build_file
-from blockfs.image import find_commands, find_file, find_loaded
+from blockfs.image import find_arguments, find_commands, find_file, find_loaded
 from blockfs.image._elf import LoaderNeeds
 from blockfs.oci import ProcessConfig
 
@@ -186,6 +186,47 @@ def test_a_shell_script_command_is_looked_up_too(
     )
     app = toc_of(tmp_path, "app", {"usr/local/bin/app": b"\x7fELF app"})
     found = find_commands([app, base], ProcessConfig(cmd=argv))
+    assert [f.entry.name for f in found] == expected
+
+
+@pytest.mark.parametrize(
+    ("process", "expected"),
+    [
+        (ProcessConfig(cmd=("python3", "/app/main.py", "--port", "80")), ["app/main.py"]),
+        # Relative to WorkingDir, an option's value, each file once.
+        (
+            ProcessConfig(
+                cmd=("java", "-jar", "app.jar", "--config=/etc/app.conf", "app.jar"),
+                working_dir="/app",
+            ),
+            ["app/app.jar", "etc/app.conf"],
+        ),
+        # A shell form: the script command's own words, up to the first that is not plain.
+        (
+            ProcessConfig(cmd=("/bin/sh", "-c", "gcc -o /tmp/h /hello.c && cat /etc/app.conf")),
+            ["hello.c"],
+        ),
+        (ProcessConfig(cmd=("sh", "-c", "exec app --config=/etc/app.conf")), ["etc/app.conf"]),
+        (ProcessConfig(cmd=("/bin/sh", "-c", "exec python3 '/app/main.py'")), []),
+        # Directories, missing files and words that are no paths name nothing.
+        (ProcessConfig(cmd=("python3", "/app", "/missing", "-c", "import os; print(1)")), []),
+        (ProcessConfig(), []),
+    ],
+)
+def test_the_files_a_command_line_names_are_found(
+    tmp_path: Path, process: ProcessConfig, expected: list[str]
+) -> None:
+    layer = toc_of(
+        tmp_path,
+        "layer",
+        {
+            "app/main.py": b"print('hello')",
+            "app/app.jar": b"PK jar",
+            "etc/app.conf": b"port = 80",
+            "hello.c": b"int main() { return 0; }",
+        },
+    )
+    found = find_arguments([layer], process)
     assert [f.entry.name for f in found] == expected
 
 

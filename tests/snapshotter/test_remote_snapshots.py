@@ -110,6 +110,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
     start_base = layer_tar(
         {
             "bin/sh": b"#!a shell, never run",
+            "etc/prog.conf": b"serve = yes",
             "lib64/ld-test.so.2": elf_file([]),
             f"{LIB}/libfoo.so.1": elf_file(["libbar.so.1"], body=os.urandom(400 << 10)),
             f"{LIB}/libbar.so.1": elf_file([], body=os.urandom(400 << 10)),
@@ -170,7 +171,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
                     start=push(
                         "blockfs/start:1",
                         [estargz_layer(start_base), estargz_layer(start_app)],
-                        ["/bin/sh", "-c", "exec prog --serve"],  # Docker's shell form
+                        # Docker's shell form
+                        ["/bin/sh", "-c", "exec prog --config=/etc/prog.conf"],
                     ),
                     data={path: body for path, body in data.items() if body is not None},
                     prio_data=prio_data,
@@ -502,10 +504,17 @@ def test_a_pull_fetches_what_the_shell_form_command_loads_from_the_layers_beneat
     images.proxy.reset()
     stack.pull(start)
     # No container runs: the pull alone has the NBD server fetch the shell, the program
-    # its script starts (in the layer above), the loader the program names and the
-    # library it needs (in the layer beneath), and the library that one needs in turn.
+    # its script starts (in the layer above) and the file the script names, the loader
+    # the program names and the library it needs (in the layer beneath), and the library
+    # that one needs in turn.
     wait_for(lambda: app("bin/prog"))
-    for name in ("bin/sh", "lib64/ld-test.so.2", f"{LIB}/libfoo.so.1", f"{LIB}/libbar.so.1"):
+    for name in (
+        "bin/sh",
+        "etc/prog.conf",
+        "lib64/ld-test.so.2",
+        f"{LIB}/libfoo.so.1",
+        f"{LIB}/libbar.so.1",
+    ):
         wait_for(functools.partial(base, name))
     assert not base(f"{LIB}/libzzz.so.1")
     layers = {f"sha256-{layer.digest.split(':')[1]}" for layer in start.layers}
@@ -517,6 +526,7 @@ def test_a_pull_fetches_what_the_shell_form_command_loads_from_the_layers_beneat
     assert why == {
         "bin/sh": "command",
         "bin/prog": "command",
+        "etc/prog.conf": "argument",
         "lib64/ld-test.so.2": "loader",
         f"{LIB}/libfoo.so.1": "loader",
         f"{LIB}/libbar.so.1": "loader",
