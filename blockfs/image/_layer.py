@@ -386,7 +386,8 @@ class LayerImage:
 
         For a container's command (read as a first read would, ``around``), and the
         loader and libraries it opens (found by name, like those the library fetch
-        finds: fetched alone), which lie mostly in the layers beneath.
+        finds: fetched alone), which lie mostly in the layers beneath. A prioritised
+        file is left to the layer's prefetch, and None is answered for it.
         """
         ext = self.extents
         starts = [
@@ -399,6 +400,10 @@ class LayerImage:
                 f"layer {self.name}: no file's data starts at blob offset {offset}"
             )
         i = ext.extent_of_chunk(starts[0])
+        if ext.chunk(starts[0]).offset < self.prioritized_end:
+            # The layer's prefetch brings its prioritised files in one request; the
+            # image lists what its workload reads, so guess nothing (as _plan does).
+            return None
         with self._lock:
             self._elf_looked.add(i)
         whole = self._uncached_members(self._whole_file(i) or ext.extent_chunks(i)[:1])

@@ -248,3 +248,19 @@ def test_a_file_fetched_ahead_brings_its_directory_if_asked_as_a_first_read_woul
         n for n in files if n.startswith(LIB + "/")
     }
     image.close()
+
+
+def test_a_prioritised_file_is_left_to_the_prefetch_when_fetched_ahead(tmp_path):
+    files = program_files()
+    blob = layer(tmp_path, files, prioritized=("usr/bin/prog",))
+    image, toc, _, source = open_image(blob, tmp_path / "img", policy=POLICY)
+    assert image.prioritized_end > 0
+    assert image.fetch_ahead(toc.lookup("usr/bin/prog").chunks[0].offset, around=True) is None
+    time.sleep(0.2)
+    assert source.requests == 0 and not image._inflight
+    # A file after the prioritised region is fetched ahead as any other.
+    assert (
+        image.fetch_ahead(toc.lookup(f"{LIB}/libzzz.so.1").chunks[0].offset, around=False) is None
+    )
+    wait_for(lambda: f"{LIB}/libzzz.so.1" in cached_files(image, toc, files))
+    image.close()
