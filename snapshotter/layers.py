@@ -93,8 +93,9 @@ CONTROL_SOCKET = "control.sock"
 # How many layers' TOCs may be fetched ahead and held in memory at once.
 MAX_AHEAD = 16
 AHEAD_WORKERS = 4
-# The most files of an image's start fetched ahead: its commands, their interpreter and
-# the libraries they load, transitively (a program loads a few dozen at most).
+# The most files of an image's start fetched ahead: its commands and the files its
+# command line names, and the loaders and libraries they need, transitively (a program
+# loads a few dozen at most).
 MAX_START_FILES = 64
 # How often the daemon checks that the NBD server still runs (LayerManager.revive_server):
 # a look at its pid file and /proc, cheap enough to take a restart's first second off.
