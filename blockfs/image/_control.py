@@ -108,13 +108,9 @@ def fetch_ahead(
     if loader is None:
         return None
     try:
-        return LoaderNeeds(
-            interpreter=loader["interpreter"],
-            needed=tuple(loader["needed"]),
-            dirs=tuple(loader["dirs"]),
-        )
-    except (KeyError, TypeError) as exc:
-        raise ControlError(f"bad reply from {path}: {loader!r}") from exc
+        return LoaderNeeds.from_json(loader)
+    except ValueError as exc:
+        raise ControlError(f"bad reply from {path}: {exc}") from exc
 
 
 def preload_export(

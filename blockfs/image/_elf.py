@@ -17,6 +17,7 @@ import os
 import re
 import struct
 import threading
+from typing import Any
 
 import attrs
 
@@ -185,6 +186,20 @@ class LoaderNeeds:
             "needed": list(self.needed),
             "dirs": list(self.dirs),
         }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> LoaderNeeds:
+        """The needs that :meth:`to_json` wrote; ValueError if ``obj`` is not that."""
+        try:
+            interpreter, needed, dirs = obj["interpreter"], obj["needed"], obj["dirs"]
+            if not (
+                (interpreter is None or isinstance(interpreter, str))
+                and all(isinstance(x, str) for x in [*needed, *dirs])
+            ):
+                raise TypeError
+            return cls(interpreter, tuple(needed), tuple(dirs))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a loader's needs: {obj!r:.200}") from exc
 
 
 def library_dirs(layout: ElfLayout) -> tuple[str, ...]:

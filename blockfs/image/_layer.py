@@ -312,11 +312,8 @@ class LayerImage:
             if i in self._elf_looked:
                 return
             self._elf_looked.add(i)
-        if magic != ELF_MAGIC:
-            return
-        first = self.extents.chunk(self.extents.extent_chunks(i)[0])
-        if first.offset < self.prioritized_end:
-            return  # the image lists what its workload reads: guess nothing
+        if magic != ELF_MAGIC or self._prioritized(i):
+            return  # a prioritised file: the image lists what its workload reads
         with self._lock:
             if self._library_readers is None and self._meta_fd >= 0:
                 self._library_readers = ThreadPoolExecutor(
@@ -337,8 +334,7 @@ class LayerImage:
         for name in needs.needed:
             j = self._libraries.find(name, needs.dirs)
             if j is not None:
-                chunks = (self.extents.chunk(k) for k in self._whole_file(j))
-                wanted.extend(c.offset for c in chunks if c.digest not in self.cache)
+                wanted.extend(self._uncached_members(self._whole_file(j)))
         self._fetch_in_background(self._claim(wanted)[0])
 
     def _loader_needs(self, i: int) -> LoaderNeeds | None:
@@ -390,17 +386,19 @@ class LayerImage:
         file is left to the layer's prefetch, and None is answered for it.
         """
         ext = self.extents
-        starts = [
-            j
-            for j in ext.chunks_in_member(offset)
-            if ext.extent_chunks(ext.extent_of_chunk(j))[0] == j
-        ]
-        if not starts:
+        i = next(
+            (
+                ext.extent_of_chunk(j)
+                for j in ext.chunks_in_member(offset)
+                if ext.extent_chunks(ext.extent_of_chunk(j))[0] == j
+            ),
+            None,
+        )
+        if i is None:
             raise ImageReadError(
                 f"layer {self.name}: no file's data starts at blob offset {offset}"
             )
-        i = ext.extent_of_chunk(starts[0])
-        if ext.chunk(starts[0]).offset < self.prioritized_end:
+        if self._prioritized(i):
             # The layer's prefetch brings its prioritised files in one request; the
             # image lists what its workload reads, so guess nothing (as _plan does).
             return None
@@ -410,13 +408,18 @@ class LayerImage:
         owned, _ = self._claim(whole)
         if owned:
             threading.Thread(
-                target=self._fetch_step, args=(owned, []), name=f"ahead-{self.name}",
+                target=self._fetch_claimed_quietly, args=(owned,), name=f"ahead-{self.name}",
                 daemon=True,
             ).start()  # fmt: skip
         if around:
             window = self._uncached_members(self._directory_window(i))
             self._fetch_in_background(self._claim(off for off in window if off not in owned)[0])
         return self._loader_needs(i)
+
+    def _prioritized(self, i: int) -> bool:
+        """Whether extent ``i``'s file is among the layer's prioritised files."""
+        span = self.extents.extent_chunks(i)
+        return bool(span) and self.extents.chunk(span[0]).offset < self.prioritized_end
 
     def _uncached_members(self, chunks: Iterable[int]) -> list[int]:
         """The blob offsets of the members of ``chunks`` (chunk numbers) that are not in
@@ -595,6 +598,12 @@ class LayerImage:
                 else:
                     waiting.append(future)
         return owned, waiting
+
+    def _fetch_claimed_quietly(self, owned: dict[int, Future[dict[str, bytes]]]) -> None:
+        """:meth:`_fetch_claimed`, its failures left in the members' futures for the
+        reads that wait for them (a bug still raises)."""
+        with contextlib.suppress(BlockfsError):
+            self._fetch_claimed(owned)
 
     def _fetch_claimed(self, owned: dict[int, Future[dict[str, bytes]]]) -> None:
         """Fetch the members claimed in ``owned`` whose fetch no other thread has begun
@@ -837,8 +846,7 @@ class LayerImage:
         if pace is None:
             region = [off for batch in self._uncached_batches(end, stop) for off in batch]
             owned, elsewhere = self._claim(region)
-            with contextlib.suppress(BlockfsError):
-                self._fetch_claimed(owned)
+            self._fetch_claimed_quietly(owned)
             wait(elsewhere)
             return sum(1 for f in owned.values() if f.exception() is None)
         fetched = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 
 from blockfs.image._elf import (
     ElfLayout,
+    LoaderNeeds,
     interpreter_path,
     library_dirs,
     parse_dynamic,
@@ -153,3 +155,17 @@ def test_where_the_loader_looks():
     # A machine without a multiarch name here: the classic directories of its class.
     other = parse_layout(elf_file([], is64=False, machine=9999))
     assert other is not None and library_dirs(other)[:2] == ("lib32", "usr/lib32")
+
+
+def test_loader_needs_go_over_the_control_socket_as_json_and_back():
+    needs = LoaderNeeds("/lib64/ld-linux-x86-64.so.2", ("libc.so.6",), ("usr/lib",))
+    assert LoaderNeeds.from_json(json.loads(json.dumps(needs.to_json()))) == needs
+    assert LoaderNeeds.from_json({"interpreter": None, "needed": [], "dirs": []}).needed == ()
+    for bad in (
+        {},
+        {"interpreter": 1, "needed": [], "dirs": []},
+        {"interpreter": None, "needed": [2], "dirs": []},
+        None,
+    ):
+        with pytest.raises(ValueError, match="not a loader's needs"):
+            LoaderNeeds.from_json(bad)

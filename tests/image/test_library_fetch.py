@@ -98,11 +98,18 @@ def test_without_libraries_nothing_is_fetched_by_name(tmp_path):
     image.close()
 
 
-def test_a_prioritised_program_guesses_nothing(tmp_path):
+def prioritised_program(tmp_path):
+    """The program files in a layer whose prioritised file is the program: (files, image,
+    toc, extent map, source)."""
     files = program_files()
     blob = layer(tmp_path, files, prioritized=("usr/bin/prog",))
     image, toc, emap, source = open_image(blob, tmp_path / "img", policy=POLICY)
     assert image.prioritized_end > 0
+    return files, image, toc, emap, source
+
+
+def test_a_prioritised_program_guesses_nothing(tmp_path):
+    files, image, toc, emap, source = prioritised_program(tmp_path)
     read_whole(image, emap, toc, "usr/bin/prog")
     wait_for(lambda: not image._inflight)
     assert cached_files(image, toc, files) == {"usr/bin/prog"}
@@ -251,10 +258,7 @@ def test_a_file_fetched_ahead_brings_its_directory_if_asked_as_a_first_read_woul
 
 
 def test_a_prioritised_file_is_left_to_the_prefetch_when_fetched_ahead(tmp_path):
-    files = program_files()
-    blob = layer(tmp_path, files, prioritized=("usr/bin/prog",))
-    image, toc, _, source = open_image(blob, tmp_path / "img", policy=POLICY)
-    assert image.prioritized_end > 0
+    files, image, toc, _, source = prioritised_program(tmp_path)
     assert image.fetch_ahead(toc.lookup("usr/bin/prog").chunks[0].offset, around=True) is None
     time.sleep(0.2)
     assert source.requests == 0 and not image._inflight
