@@ -154,6 +154,10 @@ class DetachedNBDKit:
     def environment(self) -> dict[str, str]:
         return dict(os.environ)
 
+    def ready(self) -> bool:
+        """Whether the nbdkit whose pid file is written serves: its socket exists."""
+        return self.socket.exists()
+
     def pid(self) -> int | None:
         """Pid of the running nbdkit, or None if it is not running."""
         try:
@@ -220,7 +224,7 @@ class DetachedNBDKit:
         child = int(launched.stdout.strip())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if (pid := self.pid()) is not None and self.socket.exists():
+            if (pid := self.pid()) is not None and self.ready():
                 return pid
             if not _process.running(child, str(self.socket)):
                 self.stop()

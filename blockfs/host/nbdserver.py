@@ -26,7 +26,7 @@ from blockfs.host._nbdkit import (
     NBDServerError,
     socket_path,
 )
-from blockfs.image import ServerConfig
+from blockfs.image import ControlError, ServerConfig, query_stats
 
 __all__ = [
     "PLUGIN",
@@ -94,6 +94,20 @@ class NBDServer(DetachedNBDKit):
         # nbdkit's embedded interpreter finds the venv through the python3 first on PATH.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return env
+
+    def ready(self) -> bool:
+        """Its NBD socket exists and its control socket answers. nbdkit listens before
+        the plugin has opened the control socket (in ``after_fork``, after scanning the
+        cache), and whoever starts the server may send a control request at once."""
+        if not super().ready():
+            return False
+        if self.config.control is None:
+            return True
+        try:
+            query_stats(str(self.config.control), timeout=1.0)
+        except ControlError:
+            return False
+        return True
 
     def run(self) -> int:
         """Run the server in the foreground until it exits or this process is told to stop.

@@ -15,7 +15,7 @@ from attach_testkit import force_cleanup, leftovers
 
 from blockfs.host import _process
 from blockfs.host.nbdserver import NBDServer
-from blockfs.image import ServerConfig
+from blockfs.image import ServerConfig, query_stats
 
 pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None, reason="needs nbdkit")
 
@@ -136,3 +136,25 @@ def _is_kthread(proc: Path) -> bool:
     except (OSError, IndexError, ValueError):
         return False
     return bool(flags & 0x00200000)
+
+
+def test_start_returns_once_the_control_socket_answers(tmp_path: Path) -> None:
+    # nbdkit accepts NBD connections before the plugin's after_fork has opened the
+    # control socket; a node with a big cache widens that gap (the cache is scanned
+    # first), and a control request sent as soon as start() returned (the snapshotter's
+    # preload) found no socket.
+    cache = tmp_path / "cache"
+    for n in range(20000):
+        name = f"{n:064x}"
+        sub = cache / name[:2]
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / name).write_bytes(b"")
+    (tmp_path / "layers").mkdir()
+    control = tmp_path / "control.sock"
+    config = ServerConfig(root=tmp_path / "layers", cache_dir=cache, control=control)
+    server = NBDServer(tmp_path / "run", config)
+    try:
+        server.start()
+        assert query_stats(str(control))["layers"] == {}
+    finally:
+        force_cleanup(tmp_path)

@@ -405,7 +405,9 @@ def test_a_pull_preloads_the_prioritised_files_in_one_request_without_waiting_fo
     # The layer's footer and TOC read is held until its region has been asked for.
     with images.proxy.holding(its_toc, its_region_asked) as held:
         assert stack.pull(prio).count(": lazy (") == 2
-    assert held == [True]
+    assert held == [True], [
+        r for r in stack.snapshotter.log_records() if "preload" in str(r.get("msg"))
+    ]
     out = stack.run(prio, "prio-1")
     assert out.split() == [
         word
