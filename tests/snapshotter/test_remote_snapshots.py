@@ -298,6 +298,7 @@ def test_pull_then_run_is_lazy_and_shares_layers(stack: Stack, images: Images) -
     out = stack.pull(lazy)  # by the daemon
     assert out.count(": lazy (") == 2, f"{out}\nfallbacks:\n{stack.fallback_reasons()}"
     assert stack.pulls_requested() == 1
+    assert stack.ctr("leases", "ls", "-q") == ""  # the pull's lease ended with it
     assert stack.run(lazy, "hello-1", "/bin/busybox", "echo", "hello") == "hello\n"
     # Counted at the registry: manifest, config, each layer's footer and TOC, busybox.
     fetched = images.proxy.total_bytes
@@ -351,6 +352,8 @@ def test_a_pull_the_daemon_cannot_do_fails_with_its_reason(stack: Stack, images:
     assert line.startswith("blockfs: error: no such manifest"), line
     assert stack.pulls_requested() == 1
     assert stack.ctr("images", "ls", "-q") == ""
+    # The lease the pull took while the registry answered is gone.
+    assert stack.ctr("leases", "ls", "-q") == ""
 
 
 def test_the_daemon_reads_the_layers_tocs_while_the_config_comes(
