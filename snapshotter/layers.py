@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -78,7 +79,8 @@ from blockfs.image import (
     preload_export,
     query_stats,
 )
-from blockfs.oci import ProcessConfig
+from blockfs.oci import ProcessConfig, Reference
+from snapshotter.pull import resolve_image
 from snapshotter.remote import RemoteLayer, layer_name, sibling_source
 from snapshotter.store import mounts_under
 
@@ -93,6 +95,8 @@ CONTROL_SOCKET = "control.sock"
 # How many layers' TOCs may be fetched ahead and held in memory at once.
 MAX_AHEAD = 16
 AHEAD_WORKERS = 4
+# How many images' manifests a manager remembers having fetched ahead the start of.
+MAX_STARTED_IMAGES = 64
 # The most files of an image's start fetched ahead: its commands and the files its
 # command line names, and the loaders and libraries they need, transitively (a program
 # loads a few dozen at most).
@@ -161,6 +165,7 @@ class LayerManager:
         self._layer_locks: dict[str, tuple[threading.Lock, threading.RLock]] = {}
         self._mode: AttachMode | None = None
         self._ahead: dict[str, Future[_Resolved]] = {}
+        self._started_images: OrderedDict[str, None] = OrderedDict()
         self._ahead_pool = ThreadPoolExecutor(AHEAD_WORKERS, thread_name_prefix="toc-ahead")
         # Attaching ahead takes a layer's lock, so it has threads of its own: a Prepare
         # that holds the lock may wait for a TOC read of the other pool, never for these.
@@ -477,8 +482,60 @@ class LayerManager:
         earlier Prepares run. Its own Prepare then only checks the TOC digest against
         the image's annotation (a layer whose TOC differs is not used; one no snapshot
         ever uses is released by the next reconcile).
+
+        When the labels name the image's manifest (CRI's do: a pull by Kubernetes, which
+        does not go through the daemon's pull), the first Prepare of the image also has
+        what a container of it starts with fetched ahead (:meth:`fetch_start_ahead`), as
+        a daemon pull does, once the image's config is in; the layer's own TOC is then
+        read by the same background work, so that the fetch has it.
         """
-        self.read_ahead({digest: sibling_source(layer, digest) for digest in layer.image_layers})
+        sources = {digest: sibling_source(layer, digest) for digest in layer.image_layers}
+        start = self._first_prepare_of_image(layer)
+        if start:
+            sources = {layer.digest: layer.source, **sources}
+        self.read_ahead(sources)
+        if start:
+            self.fetch_start_ahead(
+                [*reversed(layer.image_layers), layer.digest],
+                functools.partial(self._image_process, layer),
+            )
+
+    def _first_prepare_of_image(self, layer: RemoteLayer) -> bool:
+        """Whether ``layer``'s labels name its image's manifest, which no Prepare of this
+        manager named before (remembered for the last :data:`MAX_STARTED_IMAGES`), with
+        the prefetch setting on."""
+        if layer.manifest is None or not self.server.config.prefetch:
+            return False
+        with self._lock:
+            if layer.manifest in self._started_images:
+                return False
+            self._started_images[layer.manifest] = None
+            while len(self._started_images) > MAX_STARTED_IMAGES:
+                self._started_images.popitem(last=False)
+        return True
+
+    def _image_process(self, layer: RemoteLayer) -> ProcessConfig | None:
+        """The process of the image whose manifest ``layer`` names, fetched from the
+        layer's registry; None if the manifest does not list the layer and the later
+        layers the labels gave (not the image the labels describe)."""
+        spec = layer.source
+        registry = self.sources.client(
+            plain_http=bool(spec.get("plain_http")),
+            hosts_dir=spec.get("hosts_dir"),
+            docker_config=spec.get("docker_config"),
+        )
+        assert layer.manifest is not None
+        image = resolve_image(registry, Reference.parse(spec["ref"]).with_digest(layer.manifest))
+        listed = [d.digest for d in image.manifest.layers]
+        ours = [layer.digest, *layer.image_layers]
+        if not any(listed[i : i + len(ours)] == ours for i in range(len(listed))):
+            log.warning(
+                "the image's manifest does not list the layers of its Prepare's labels; "
+                "nothing fetched ahead",
+                extra={"manifest": layer.manifest, "layer": layer.digest},
+            )
+            return None
+        return image.config.process
 
     def read_ahead(
         self,
@@ -529,7 +586,11 @@ class LayerManager:
             # The layer's prefetch fetches them once it is indexed, as without a preload.
             log.info("cannot preload the prioritised files", extra={"error": str(e)})
 
-    def fetch_start_ahead(self, digests: Sequence[str], process: ProcessConfig) -> None:
+    def fetch_start_ahead(
+        self,
+        digests: Sequence[str],
+        process: ProcessConfig | Callable[[], ProcessConfig | None],
+    ) -> None:
         """Fetch, in the background, what a container of an image reads first: the
         executable it starts with (its Entrypoint and Cmd, looked up as ``execvp`` would
         in its layers; for a shell's ``-c SCRIPT``, the script's command too), the files
@@ -537,7 +598,13 @@ class LayerManager:
         opens for it, in whichever layers they are.
 
         ``digests`` are the image's layers, top first, whose footers and TOCs
-        :meth:`read_ahead` is reading. The files are found in those TOCs (no layer needs
+        :meth:`read_ahead` is reading; ``process`` is the image's, or gives it once it is
+        known (called in the background: it may wait for the config or fetch it; None or
+        a registry error: nothing is fetched). The TOCs are taken now, while they are
+        being read: a layer indexed meanwhile lets go of its own. Only the layers above
+        the first whose TOC is not being read count (one indexed before, shared with
+        another image): a file found in them is the one a container sees, whatever lies
+        beneath. The files are found in those TOCs (no layer needs
         to be mounted), a layer that holds one is indexed if it is not yet, and the NBD
         server fetches each file as a container's first read of it would (one request
         for the file, its directory's files around it in the background) while the pull
@@ -548,19 +615,39 @@ class LayerManager:
         """
         if not self.server.config.prefetch:
             return
+        futures: list[Future[_Resolved]] = []
         with self._lock:
-            futures = [self._ahead.get(layer_name(d)) for d in digests]
-        if not futures or any(f is None for f in futures):
+            for digest in digests:
+                future = self._ahead.get(layer_name(digest))
+                if future is None:
+                    break
+                futures.append(future)
+        if not futures:
             return
-        names = [layer_name(d) for d in digests]
-        with contextlib.suppress(RuntimeError):  # shut down meanwhile
-            self._ahead_pool.submit(
-                self._fetch_start, names, [f for f in futures if f is not None], process
-            )
+        names = [layer_name(d) for d in digests[: len(futures)]]
+        # A thread of its own: it waits for the TOCs, and may fetch the image's config.
+        threading.Thread(
+            target=self._fetch_start,
+            args=(names, futures, process),
+            name="start-ahead",
+            daemon=True,
+        ).start()
 
     def _fetch_start(
-        self, names: Sequence[str], futures: Sequence[Future[_Resolved]], process: ProcessConfig
+        self,
+        names: Sequence[str],
+        futures: Sequence[Future[_Resolved]],
+        process: ProcessConfig | Callable[[], ProcessConfig | None],
     ) -> None:
+        if callable(process):
+            try:
+                fetched = process()
+            except BlockfsError as e:
+                log.info("cannot fetch the image's config to fetch ahead", extra={"error": str(e)})
+                return
+            if fetched is None:
+                return
+            process = fetched
         try:
             resolved = [f.result() for f in futures]
         except Exception:
@@ -628,20 +715,25 @@ class LayerManager:
         if toc.cancelled() or toc.exception() is not None:
             return  # its own Prepare reads the TOC again and says why it fails
         with contextlib.suppress(RuntimeError):  # shut down meanwhile
-            self._attach_pool.submit(self._attach_ahead, name, toc.result())
+            self._attach_pool.submit(self._attach_ahead, name, toc)
 
-    def _attach_ahead(self, name: str, resolved: _Resolved) -> None:
+    def _attach_ahead(self, name: str, toc: Future[_Resolved]) -> None:
         """Index layer ``name`` from its TOC read ahead unless it is, then mount it."""
         with self.holding(name):
             if not (self.layer_dir(name) / LAYER_JSON).exists():
                 try:
-                    self._write_index(name, resolved)
+                    self._write_index(name, toc.result())
                 except (LayerUnavailable, OSError) as e:
                     # Its own Prepare tries again and falls back with the reason.
                     log.info("cannot index a layer ahead", extra={"layer": name, "error": str(e)})
                     self._teardown(name)
                     return
                 log.info("layer indexed ahead", extra={"layer": name})
+            # Indexed: its Prepare reads the index, and a large layer's parsed TOC is
+            # hundreds of megabytes (a fetch ahead of the image's start holds its own).
+            with self._lock:
+                if self._ahead.get(name) is toc:
+                    del self._ahead[name]
         # Not holding the layer: its Prepare, which only needs the index, goes on meanwhile.
         self._mount_in_background(name)
 

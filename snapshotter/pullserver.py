@@ -30,11 +30,12 @@ import logging
 import os
 import socket
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from blockfs.errors import BlockfsError
-from blockfs.oci import Manifest, Platform, Reference
+from blockfs.oci import Manifest, Platform, ProcessConfig, Reference
 from snapshotter.ctrclient import ContainerdClient
 from snapshotter.layers import LayerManager
 from snapshotter.pull import PulledLayer, pull_image, resolve_image
@@ -161,12 +162,19 @@ class PullServer:
                     if (end := prefetch_end(layer.annotations, layer.size)) is not None
                 },
             )
+            # What a container of the image reads first: its command and what that
+            # loads, found in those TOCs once the config says what the command is.
+            self._layers.fetch_start_ahead(
+                [layer.digest for layer in reversed(manifest.layers)], process.result
+            )
 
-        image = resolve_image(registry, ref, wanted, on_manifest=read_ahead)
-        # What a container of the image reads first: its command and what that loads.
-        self._layers.fetch_start_ahead(
-            [layer.digest for layer in reversed(image.manifest.layers)], image.config.process
-        )
+        process: Future[ProcessConfig | None] = Future()
+        try:
+            image = resolve_image(registry, ref, wanted, on_manifest=read_ahead)
+            process.set_result(image.config.process)
+        finally:
+            if not process.done():
+                process.set_result(None)  # no config: nothing to fetch ahead
 
         def report(layer: PulledLayer) -> None:
             send({"layer": {"digest": layer.digest, "lazy": layer.lazy, "size": layer.size}})

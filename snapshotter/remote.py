@@ -41,6 +41,7 @@ REMOTE_VALUE = "true"
 CRI_IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
 CRI_LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
 CRI_IMAGE_LAYERS_LABEL = "containerd.io/snapshot/cri.image-layers"
+CRI_MANIFEST_DIGEST_LABEL = "containerd.io/snapshot/cri.manifest-digest"
 
 BLOCKFS_IMAGE_REF_LABEL = "containerd.io/snapshot/blockfs.image-ref"
 BLOCKFS_LAYER_DIGEST_LABEL = "containerd.io/snapshot/blockfs.layer-digest"
@@ -102,7 +103,8 @@ class RemoteLayer:
     ``image_layers`` are the digests of the image's later layers, as far as the labels
     list them (their TOCs may be fetched ahead); each shares the source's repository.
     ``toc_tail`` is how many bytes at the blob's end hold its TOC and footer, when the
-    image says (:data:`TOC_TAIL_LABEL`).
+    image says (:data:`TOC_TAIL_LABEL`). ``manifest`` is the digest of the image's
+    manifest, in the same repository, when the labels give it (CRI's do).
     """
 
     digest: str
@@ -111,6 +113,7 @@ class RemoteLayer:
     labeller: str
     image_layers: tuple[str, ...] = ()
     toc_tail: int | None = None
+    manifest: str | None = None
 
 
 def remote_layer(labels: Mapping[str, str], settings: RegistrySettings) -> RemoteLayer:
@@ -158,7 +161,17 @@ def remote_layer(labels: Mapping[str, str], settings: RegistrySettings) -> Remot
         labeller=labeller,
         image_layers=later,
         toc_tail=toc_tail(labels),
+        manifest=_digest_or_none(labels.get(CRI_MANIFEST_DIGEST_LABEL, "")),
     )
+
+
+def _digest_or_none(text: str) -> str | None:
+    # An optional label: one that is not a digest is left out, not an error.
+    try:
+        validate_digest(text)
+    except InvalidDigest:
+        return None
+    return text
 
 
 def toc_tail(annotations: Mapping[str, str]) -> int | None:

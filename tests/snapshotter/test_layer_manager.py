@@ -115,6 +115,24 @@ def test_a_layer_acquired_twice_is_mounted_once_and_release_removes_it(
     assert not layers.server.is_running()
 
 
+def test_a_layer_indexed_ahead_keeps_no_toc_in_memory(root: Path, motd_layer: RemoteLayer) -> None:
+    # A TOC read ahead is held until the layer is indexed; a large layer's parsed TOC is
+    # hundreds of megabytes, and its Prepare needs only the index then.
+    layers = LayerManager(root)
+    layers.start(lambda name: True)
+    name = layer_name(motd_layer.digest)
+    layers.read_ahead({motd_layer.digest: motd_layer.source})
+    deadline = time.monotonic() + 30
+    while not layers.attached():
+        assert time.monotonic() < deadline, "the layer was not attached ahead"
+        time.sleep(0.02)
+    assert layers._ahead == {}  # what the manager holds of the TOCs read ahead
+    with layers.holding(name):
+        assert layers.acquire(motd_layer) == layers.mountpoint(name)  # the index serves
+        assert layers.release(name)
+    layers.close()
+
+
 def test_a_wrong_toc_digest_leaves_nothing_behind(root: Path, motd_layer: RemoteLayer) -> None:
     layers = LayerManager(root)
     wrong = RemoteLayer(motd_layer.digest, "sha256:" + "f" * 64, motd_layer.source, "test")

@@ -25,6 +25,7 @@ from snapshotter.remote import (
     CRI_IMAGE_LAYERS_LABEL,
     CRI_IMAGE_REF_LABEL,
     CRI_LAYER_DIGEST_LABEL,
+    CRI_MANIFEST_DIGEST_LABEL,
     PREFETCH_END_LABEL,
     TARGET_LABEL,
     TOC_DIGEST_LABEL,
@@ -75,6 +76,17 @@ def test_cri_labels_name_the_layer_blob_in_the_image_repository(tmp_path: Path) 
     # The later layers, without this one, can be resolved ahead from the same repository.
     assert layer.image_layers == (LATER,)
     assert sibling_source(layer, LATER)["ref"] == f"registry.example:5000/app/web@{LATER}"
+
+
+@pytest.mark.parametrize(
+    ("value", "manifest"),
+    [(None, None), (CHAIN, CHAIN), ("sha256:short", None), ("latest", None)],
+)
+def test_cri_labels_may_name_the_image_manifest(value: str | None, manifest: str | None) -> None:
+    # Optional: a label that is not a digest leaves the manifest unknown, the layer usable.
+    extra = {} if value is None else {CRI_MANIFEST_DIGEST_LABEL: value}
+    layer = remote_layer(cri_labels(**extra), RegistrySettings())
+    assert (layer.digest, layer.manifest) == (LAYER, manifest)
 
 
 def test_blockfs_labels_carry_size_and_plain_http() -> None:

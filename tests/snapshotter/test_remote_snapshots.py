@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
+import grpc
 import pytest
 from remote_testkit import (
     CountingProxy,
@@ -40,6 +41,14 @@ from blockfs.oci import Reference
 from blockfs.registry import Credential, CredentialStore, RegistryClient
 from snapshotter._gen.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.metrics import metric_value
+from snapshotter.remote import (
+    CRI_IMAGE_LAYERS_LABEL,
+    CRI_IMAGE_REF_LABEL,
+    CRI_LAYER_DIGEST_LABEL,
+    CRI_MANIFEST_DIGEST_LABEL,
+    TARGET_LABEL,
+    TOC_DIGEST_LABEL,
+)
 from tests.helpers.cli import blockfs
 from tests.helpers.containerd import (
     RUNC,
@@ -81,6 +90,7 @@ class Images:
     # eStargz: a shell, a loader and libraries, then a program that needs some of them,
     # which the shell-form Cmd starts.
     start: PushedImage
+    start_again: PushedImage  # start's bottom layer, then another program its Cmd names
     data: dict[str, bytes]  # the files of lazy's second layer, by path
     prio_data: dict[str, bytes]  # the files of prio's second layer, by path
 
@@ -122,7 +132,17 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
         {"bin/prog": elf_file(["libfoo.so.1"], interpreter="/lib64/ld-test.so.2")},
         modes={"bin/prog": 0o755},
     )
+    start_again_app = layer_tar(
+        # Bytes of its own: the chunk cache, keyed by content, does not have them.
+        {
+            "bin/other": elf_file(
+                ["libfoo.so.1"], interpreter="/lib64/ld-test.so.2", body=os.urandom(1000)
+            )
+        },
+        modes={"bin/other": 0o755},
+    )
     busybox_esgz = estargz_layer(busybox)
+    start_base_esgz = estargz_layer(start_base)
     with start_registry(tmp_path_factory.mktemp("registry")) as registry:
         proxy = CountingProxy(registry.url)
         try:
@@ -170,9 +190,14 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
                     ),
                     start=push(
                         "blockfs/start:1",
-                        [estargz_layer(start_base), estargz_layer(start_app)],
+                        [start_base_esgz, estargz_layer(start_app)],
                         # Docker's shell form
                         ["/bin/sh", "-c", "exec prog --config=/etc/prog.conf"],
+                    ),
+                    start_again=push(
+                        "blockfs/start-again:1",
+                        [start_base_esgz, estargz_layer(start_again_app)],
+                        ["/bin/other"],
                     ),
                     data={path: body for path, body in data.items() if body is not None},
                     prio_data=prio_data,
@@ -504,14 +529,29 @@ def test_a_program_read_fetches_the_library_it_needs(
 def test_a_pull_fetches_what_the_shell_form_command_loads_from_the_layers_beneath(
     stack: Stack, images: Images, tmp_path: Path
 ) -> None:
-    start = images.start
-    base, app = (asked_for(images, layer, tmp_path) for layer in start.layers)
     images.proxy.reset()
-    stack.pull(start)
-    # No container runs: the pull alone has the NBD server fetch the shell, the program
-    # its script starts (in the layer above) and the file the script names, the loader
-    # the program names and the library it needs (in the layer beneath), and the library
-    # that one needs in turn.
+    stack.pull(images.start)
+    assert_start_fetched_ahead(images, stack.snapshotter, tmp_path)
+    remove_image(stack, images.start)
+    assert_clean(stack)
+
+
+def fetched_ahead(daemon: SnapshotterDaemon, image: PushedImage) -> dict[str, str]:
+    """The files of ``image``'s layers that ``daemon`` had fetched ahead, and why."""
+    layers = {f"sha256-{layer.digest.split(':')[1]}" for layer in image.layers}
+    return {
+        r["file"]: r["why"]
+        for r in daemon.log_records()
+        if r.get("msg") == "fetching ahead" and r.get("layer") in layers
+    }
+
+
+def assert_start_fetched_ahead(images: Images, daemon: SnapshotterDaemon, tmp_path: Path) -> None:
+    """No container runs: the pull alone has the NBD server fetch the shell, the program
+    its script starts (in the layer above) and the file the script names, the loader
+    the program names and the library it needs (in the layer beneath), and the library
+    that one needs in turn."""
+    base, app = (asked_for(images, layer, tmp_path) for layer in images.start.layers)
     wait_for(lambda: app("bin/prog"))
     for name in (
         "bin/sh",
@@ -522,13 +562,7 @@ def test_a_pull_fetches_what_the_shell_form_command_loads_from_the_layers_beneat
     ):
         wait_for(functools.partial(base, name))
     assert not base(f"{LIB}/libzzz.so.1")
-    layers = {f"sha256-{layer.digest.split(':')[1]}" for layer in start.layers}
-    why = {
-        r["file"]: r["why"]
-        for r in stack.snapshotter.log_records()
-        if r.get("msg") == "fetching ahead" and r.get("layer") in layers
-    }
-    assert why == {
+    assert fetched_ahead(daemon, images.start) == {
         "bin/sh": "command",
         "bin/prog": "command",
         "etc/prog.conf": "argument",
@@ -536,7 +570,28 @@ def test_a_pull_fetches_what_the_shell_form_command_loads_from_the_layers_beneat
         f"{LIB}/libfoo.so.1": "loader",
         f"{LIB}/libbar.so.1": "loader",
     }
-    remove_image(stack, start)
+
+
+def test_a_pull_fetches_ahead_from_its_new_layers_over_a_layer_it_shares(
+    stack: Stack, images: Images, tmp_path: Path
+) -> None:
+    # start_again shares start's bottom layer, indexed by the first pull: its TOC is not
+    # read again, and the command is looked for in the layers above it alone.
+    stack.pull(images.start)
+    wait_for(lambda: len(fetched_ahead(stack.snapshotter, images.start)) == 6)
+    first = len(stack.snapshotter.log_records())
+    stack.pull(images.start_again)
+    app = asked_for(images, images.start_again.layers[1], tmp_path)
+    wait_for(lambda: app("bin/other"))
+    top = f"sha256-{images.start_again.layers[1].digest.split(':')[1]}"
+    ahead = [
+        (r["layer"], r["file"], r["why"])
+        for r in stack.snapshotter.log_records()[first:]
+        if r.get("msg") == "fetching ahead"
+    ]
+    assert ahead == [(top, "bin/other", "command")]
+    remove_image(stack, images.start_again)
+    remove_image(stack, images.start)
     assert_clean(stack)
 
 
@@ -717,11 +772,11 @@ def test_eight_containers_at_once_fetch_each_chunk_once(stack: Stack, images: Im
     assert_clean(stack)
 
 
-def test_cri_pull_image_pulls_lazily_and_the_image_runs(images: Images) -> None:
+@contextlib.contextmanager
+def cri_node(images: Images, work: Path) -> Iterator[tuple[SnapshotterDaemon, Containerd]]:
+    """blockfs-snapshotter and containerd with its CRI plugin pulling for blockfs, as on a
+    Kubernetes node; the registry speaks plain HTTP, as a hosts.toml says to both."""
     require_root_tools(RUNC)
-    lazy = images.lazy
-    work = short_tempdir("bfs-cri-")
-    # The registry speaks plain HTTP: a hosts.toml says so to containerd and the daemon.
     hosts = work / "hosts"
     (hosts / images.proxy.host).mkdir(parents=True)
     (hosts / images.proxy.host / "hosts.toml").write_text(
@@ -733,39 +788,97 @@ def test_cri_pull_image_pulls_lazily_and_the_image_runs(images: Images) -> None:
             start_snapshotter(work / "root", work / "s.sock", "--hosts-dir", str(hosts)) as sn,
             start_containerd({"blockfs": work / "s.sock"}, namespace="k8s.io", cri=cri) as ctd,
         ):
-            images.proxy.reset()
-            image_id = cri_call(str(ctd.address), "PullImage", str(lazy.ref))
-            assert image_id.startswith("sha256:")
-            prepared = [r for r in sn.log_records() if r.get("msg") == "remote snapshot prepared"]
-            assert [r["labeller"] for r in prepared] == ["cri", "cri"]
-            # The second layer was set up while the first was being prepared (the labels
-            # of the first Prepare name it): indexed (then mounted in the background), or,
-            # if its own Prepare took the layer first, at least its TOC was read ahead.
-            ahead = [
-                r
-                for r in sn.log_records()
-                if r.get("msg") == "layer indexed ahead"
-                or str(r.get("msg")).startswith("using the footer")
-            ]
-            assert [r["layer"] for r in ahead] == [f"sha256-{lazy.layers[1].digest[7:]}"]
-            fetched = images.proxy.total_bytes
-            assert fetched < lazy.compressed_size * 0.2, (fetched, lazy.compressed_size)
-            out = ctd.ctr("run", "--rm", "--snapshotter", "blockfs", str(lazy.ref), "cri-1")
-            assert out.stdout == "hello\n"
-
-            cri_call(str(ctd.address), "RemoveImage", str(lazy.ref))
-            deadline = time.monotonic() + 30
-            with sn.channel() as channel:
-                stub = snapshots_stub(channel)
-                while list(stub.List(pb.ListSnapshotsRequest(), timeout=30)):
-                    assert time.monotonic() < deadline, "the snapshots were not collected"
-                    time.sleep(0.2)
-            assert os.listdir(work / "root" / "layers") == []
+            yield sn, ctd
     finally:
         left = leftovers(work)
         force_cleanup(work)
         shutil.rmtree(work, ignore_errors=True)
     assert left == [], f"left behind: {left}"
+
+
+def wait_collected(daemon: SnapshotterDaemon) -> None:
+    """Wait until containerd's garbage collection has removed every snapshot of ``daemon``
+    (after CRI's RemoveImage, which does not wait for it)."""
+
+    def collected() -> bool:
+        with daemon.channel() as channel:
+            return not list(snapshots_stub(channel).List(pb.ListSnapshotsRequest(), timeout=30))
+
+    wait_for(collected)
+
+
+def test_cri_pull_image_pulls_lazily_and_the_image_runs(images: Images) -> None:
+    lazy = images.lazy
+    work = short_tempdir("bfs-cri-")
+    with cri_node(images, work) as (sn, ctd):
+        images.proxy.reset()
+        image_id = cri_call(str(ctd.address), "PullImage", str(lazy.ref))
+        assert image_id.startswith("sha256:")
+        prepared = [r for r in sn.log_records() if r.get("msg") == "remote snapshot prepared"]
+        assert [r["labeller"] for r in prepared] == ["cri", "cri"]
+        # The second layer was set up while the first was being prepared (the labels
+        # of the first Prepare name it): indexed (then mounted in the background), or,
+        # if its own Prepare took the layer first, at least its TOC was read ahead.
+        # (The first layer's TOC is read in the background too, for the fetch ahead.)
+        ahead = {
+            r["layer"]
+            for r in sn.log_records()
+            if r.get("msg") == "layer indexed ahead"
+            or str(r.get("msg")).startswith("using the footer")
+        }
+        first, second = (f"sha256-{layer.digest[7:]}" for layer in lazy.layers)
+        assert second in ahead and ahead <= {first, second}, ahead
+        fetched = images.proxy.total_bytes
+        assert fetched < lazy.compressed_size * 0.2, (fetched, lazy.compressed_size)
+        out = ctd.ctr("run", "--rm", "--snapshotter", "blockfs", str(lazy.ref), "cri-1")
+        assert out.stdout == "hello\n"
+
+        cri_call(str(ctd.address), "RemoveImage", str(lazy.ref))
+        wait_collected(sn)
+        assert os.listdir(work / "root" / "layers") == []
+
+
+def test_a_cri_pull_fetches_ahead_what_a_container_starts_with(
+    images: Images, tmp_path: Path
+) -> None:
+    # Kubernetes pulls through containerd's CRI plugin, not the daemon's pull: the
+    # first Prepare's labels name the image's manifest, whose config gives the command.
+    with cri_node(images, short_tempdir("bfs-cri-")) as (sn, ctd):
+        images.proxy.reset()
+        cri_call(str(ctd.address), "PullImage", str(images.start.ref))
+        assert_start_fetched_ahead(images, sn, tmp_path)
+        cri_call(str(ctd.address), "RemoveImage", str(images.start.ref))
+        wait_collected(sn)
+
+
+def test_a_prepare_whose_manifest_does_not_list_its_layers_fetches_nothing_ahead(
+    images: Images,
+) -> None:
+    # containerd's CRI labels, made by hand: the layers are start's, the manifest named
+    # is that of start_again (whose repository has start's bottom layer too).
+    start, other = images.start, images.start_again
+    base = start.layers[0]
+    labels = {
+        TARGET_LABEL: start.chain_ids[0],
+        TOC_DIGEST_LABEL: base.annotations[TOC_DIGEST_LABEL],
+        CRI_IMAGE_REF_LABEL: str(other.ref),
+        CRI_LAYER_DIGEST_LABEL: base.digest,
+        CRI_IMAGE_LAYERS_LABEL: ",".join(layer.digest for layer in start.layers),
+        CRI_MANIFEST_DIGEST_LABEL: other.manifest.digest,
+    }
+    with cri_node(images, short_tempdir("bfs-cri-")) as (sn, _), sn.channel() as channel:
+        stub = snapshots_stub(channel)
+        with pytest.raises(grpc.RpcError) as answer:
+            stub.Prepare(pb.PrepareSnapshotRequest(key="extract-1", labels=labels), timeout=30)
+        assert answer.value.code() is grpc.StatusCode.ALREADY_EXISTS
+        wait_for(
+            lambda: any(
+                str(r.get("msg")).startswith("the image's manifest does not list")
+                for r in sn.log_records()
+            )
+        )
+        assert not [r for r in sn.log_records() if r.get("msg") == "fetching ahead"]
+        stub.Remove(pb.RemoveSnapshotRequest(key=start.chain_ids[0]), timeout=30)
 
 
 def test_cri_pull_with_a_pull_secret_the_snapshotter_lacks_falls_back_and_runs(
@@ -818,12 +931,7 @@ def test_cri_pull_with_a_pull_secret_the_snapshotter_lacks_falls_back_and_runs(
                 out = ctd.ctr("run", "--rm", "--snapshotter", "blockfs", str(ref), "secret-1")
                 assert out.stdout == "private\n"
                 cri_call(str(ctd.address), "RemoveImage", str(ref))
-                deadline = time.monotonic() + 30
-                with sn.channel() as channel:
-                    stub = snapshots_stub(channel)
-                    while list(stub.List(pb.ListSnapshotsRequest(), timeout=30)):
-                        assert time.monotonic() < deadline, "the snapshots were not collected"
-                        time.sleep(0.2)
+                wait_collected(sn)
     finally:
         left = leftovers(work)
         force_cleanup(work)
