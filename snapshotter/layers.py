@@ -493,7 +493,8 @@ class LayerManager:
         start = self._first_prepare_of_image(layer)
         if start:
             sources = {layer.digest: layer.source, **sources}
-        self.read_ahead(sources)
+        # The labels give the size of this layer's TOC tail only.
+        self.read_ahead(sources, {layer.digest: layer.toc_tail} if layer.toc_tail else None)
         if start:
             self.fetch_start_ahead(
                 [*reversed(layer.image_layers), layer.digest],

@@ -30,7 +30,6 @@ from remote_testkit import (
     Layer,
     PushedImage,
     byte_ranges,
-    cri_call,
     estargz_layer,
     gzip_layer,
     push_test_image,
@@ -48,6 +47,7 @@ from snapshotter.remote import (
     CRI_MANIFEST_DIGEST_LABEL,
     TARGET_LABEL,
     TOC_DIGEST_LABEL,
+    TOC_TAIL_LABEL,
 )
 from tests.helpers.cli import blockfs
 from tests.helpers.containerd import (
@@ -65,6 +65,7 @@ from tests.helpers.registry import free_port, make_htpasswd, start_registry
 from tests.helpers.snapshotter_daemon import SnapshotterDaemon, snapshots_stub, start_snapshotter
 from tests.helpers.waiting import wait_for
 from tests.host.attach_testkit import force_cleanup, leftovers
+from tools.local_containerd import cri_call
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -847,6 +848,11 @@ def test_a_cri_pull_fetches_ahead_what_a_container_starts_with(
         images.proxy.reset()
         cri_call(str(ctd.address), "PullImage", str(images.start.ref))
         assert_start_fetched_ahead(images, sn, tmp_path)
+        # The first layer's footer and TOC came in one range of their size, which its
+        # labels give (the later layers' in a range of a guessed size: no label gives it).
+        base = images.start.layers[0]
+        tail = base.annotations[TOC_TAIL_LABEL]
+        assert images.proxy.blob_ranges[base.digest][0] == f"bytes=-{tail}"
         cri_call(str(ctd.address), "RemoveImage", str(images.start.ref))
         wait_collected(sn)
 
