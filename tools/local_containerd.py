@@ -385,16 +385,30 @@ def start_blockfs_containerd(
     log_level: str = "info",
     start_timeout: float = START_TIMEOUT,
     snapshotter_args: Sequence[str] = (),
+    cri_plain_http: Sequence[str] | None = None,
 ) -> Iterator[BlockfsContainerd]:
     """Run blockfs-snapshotter and a containerd that uses it, with their state under
     ``work`` (keep it short: sockets live there); stop both, and sweep ``work``, on exit.
     ``snapshotter_args`` are more options of the daemon (``--prefetch``, say).
+
+    With ``cri_plain_http`` (registry hosts that speak plain HTTP; may be empty),
+    containerd's CRI plugin runs too, pulling for blockfs as on a Kubernetes node, and a
+    hosts.toml per host says so to it and to the daemon.
 
     Images pulled meanwhile should be removed first (``ctr images rm --sync``), so that
     the snapshotter unmounts its layers and stops serving them in order.
     """
     socket = work / "s.sock"
     work.mkdir(parents=True, exist_ok=True)
+    cri = None
+    if cri_plain_http is not None:
+        hosts = work / "hosts"
+        for host in cri_plain_http:
+            (hosts / host).mkdir(parents=True, exist_ok=True)
+            (hosts / host / "hosts.toml").write_text(f'server = "http://{host}"\n')
+        hosts.mkdir(exist_ok=True)
+        cri = CRISettings(snapshotter="blockfs", hosts_dir=hosts)
+        snapshotter_args = (*snapshotter_args, "--hosts-dir", str(hosts))
     try:
         with (
             start_snapshotter(
@@ -404,8 +418,83 @@ def start_blockfs_containerd(
                 log_level=log_level,
                 start_timeout=start_timeout,
             ) as snapshotter,
-            start_containerd({"blockfs": socket}, start_timeout=start_timeout) as containerd,
+            start_containerd(
+                {"blockfs": socket},
+                namespace=None if cri is None else "k8s.io",
+                cri=cri,
+                start_timeout=start_timeout,
+            ) as containerd,
         ):
             yield BlockfsContainerd(work, containerd, snapshotter)
     finally:
         sweep(work)
+
+
+# -- a minimal CRI image client ------------------------------------------------------------
+#
+# Debian has no crictl. PullImageRequest and RemoveImageRequest of runtime.v1 both hold an
+# ImageSpec in field 1 whose field 1 is the image reference (and PullImageRequest an
+# AuthConfig in field 2); PullImageResponse holds the
+# image's id in field 1 (field numbers as containerd 1.6 registers them). That is little
+# enough to encode by hand instead of generating the whole CRI API.
+
+CRI_IMAGE_SERVICE = "/runtime.v1.ImageService/"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _string_field(number: int, value: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+def _image_spec_request(image: str, auth: tuple[str, str] | None = None) -> bytes:
+    request = _string_field(1, _string_field(1, image.encode()))
+    if auth is not None:
+        # PullImageRequest.auth (field 2) is an AuthConfig: username 1, password 2; what a
+        # Kubernetes image pull secret becomes.
+        username, password = auth
+        request += _string_field(
+            2, _string_field(1, username.encode()) + _string_field(2, password.encode())
+        )
+    return request
+
+
+def _first_string(message: bytes) -> str:
+    if not message:
+        return ""
+    if message[0] != (1 << 3 | 2):
+        raise ValueError(f"not a message whose field 1 is a string: {message[:16]!r}")
+    length, shift, pos = 0, 0, 1
+    while True:
+        byte = message[pos]
+        length |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return message[pos : pos + length].decode()
+
+
+def cri_call(
+    address: str,
+    method: str,
+    image: str,
+    timeout: float = 120,
+    *,
+    auth: tuple[str, str] | None = None,
+) -> str:
+    """Call ImageService ``method`` (PullImage or RemoveImage) for ``image`` over CRI;
+    ``auth`` (user, password) goes with a PullImage as a pull secret would."""
+    with grpc.insecure_channel(f"unix://{address}") as channel:
+        call = channel.unary_unary(
+            CRI_IMAGE_SERVICE + method,
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        reply: bytes = call(_image_spec_request(image, auth), timeout=timeout)
+    return _first_string(reply)

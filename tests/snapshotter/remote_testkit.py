@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
-import grpc
 
 from blockfs.convert import converted_annotations
 from blockfs.estargz import BuildOptions, build
@@ -219,75 +218,6 @@ class CountingProxy:
                 self.blob_bytes[digest] = self.blob_bytes.get(digest, 0) + len(data)
                 ranges = self.blob_ranges.setdefault(digest, [])
                 ranges.append(handler.headers.get("Range", ""))
-
-
-# -- a minimal CRI image client ------------------------------------------------------------
-#
-# Debian has no crictl. PullImageRequest and RemoveImageRequest of runtime.v1 both hold an
-# ImageSpec in field 1 whose field 1 is the image reference (and PullImageRequest an
-# AuthConfig in field 2); PullImageResponse holds the
-# image's id in field 1 (field numbers as containerd 1.6 registers them). That is little
-# enough to encode by hand instead of generating the whole CRI API.
-
-CRI_IMAGE_SERVICE = "/runtime.v1.ImageService/"
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _string_field(number: int, value: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(value)) + value
-
-
-def _image_spec_request(image: str, auth: tuple[str, str] | None = None) -> bytes:
-    request = _string_field(1, _string_field(1, image.encode()))
-    if auth is not None:
-        # PullImageRequest.auth (field 2) is an AuthConfig: username 1, password 2; what a
-        # Kubernetes image pull secret becomes.
-        username, password = auth
-        request += _string_field(
-            2, _string_field(1, username.encode()) + _string_field(2, password.encode())
-        )
-    return request
-
-
-def _first_string(message: bytes) -> str:
-    if not message:
-        return ""
-    assert message[0] == (1 << 3 | 2), message[:16]
-    length, shift, pos = 0, 0, 1
-    while True:
-        byte = message[pos]
-        length |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if not byte & 0x80:
-            return message[pos : pos + length].decode()
-
-
-def cri_call(
-    address: str,
-    method: str,
-    image: str,
-    timeout: float = 120,
-    *,
-    auth: tuple[str, str] | None = None,
-) -> str:
-    """Call ImageService ``method`` (PullImage or RemoveImage) for ``image`` over CRI;
-    ``auth`` (user, password) goes with a PullImage as a pull secret would."""
-    with grpc.insecure_channel(f"unix://{address}") as channel:
-        call = channel.unary_unary(
-            CRI_IMAGE_SERVICE + method,
-            request_serializer=lambda b: b,
-            response_deserializer=lambda b: b,
-        )
-        reply: bytes = call(_image_spec_request(image, auth), timeout=timeout)
-    return _first_string(reply)
 
 
 def byte_ranges(headers: Sequence[str]) -> list[tuple[int, int]]:

@@ -6,7 +6,9 @@ content store, snapshots and chunk cache: ``tools.local_containerd``), drops the
 cache, then:
 
 1. pull: ``ctr images pull`` for containerd's own snapshotters (every layer downloaded
-   and unpacked), ``blockfs image pull`` for blockfs (layers mounted lazily);
+   and unpacked), ``blockfs image pull`` for blockfs (layers mounted lazily), or with
+   ``cri`` a CRI ``PullImage`` call to containerd's CRI plugin pulling for blockfs, as
+   the kubelet makes it (containerd pulls, the snapshotter serves the layers lazily);
 2. create: ``ctr containers create`` (the container's snapshot);
 3. run: ``ctr tasks start`` until the container's first line of output (ready).
 
@@ -30,7 +32,7 @@ import attrs
 
 from blockfs.errors import BlockfsError
 from tools.demo_container import pull_command, remove_image
-from tools.local_containerd import short_tempdir, start_blockfs_containerd
+from tools.local_containerd import cri_call, short_tempdir, start_blockfs_containerd
 from tools.shaping_proxy import Counters, ShapingProxy
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -92,12 +94,18 @@ def cold_start(
     snapshotter: str,
     snapshotter_args: Sequence[str] = (),
     name: str = "wan",
+    cri: bool = False,
 ) -> ColdStart:
-    """Pull ``ref`` (which names ``proxy``) for ``snapshotter``, create a container and
-    run ``argv`` in it to its first line of output, from a cold state."""
+    """Pull ``ref`` (which names ``proxy``) for ``snapshotter`` (with ``cri``, through
+    containerd's CRI plugin for blockfs), create a container and run ``argv`` in it to its
+    first line of output, from a cold state."""
     work = short_tempdir("bfs-wan-")
     try:
-        with start_blockfs_containerd(work, snapshotter_args=snapshotter_args) as stack:
+        with start_blockfs_containerd(
+            work,
+            snapshotter_args=snapshotter_args,
+            cri_plain_http=[proxy.host] if cri else None,
+        ) as stack:
             ctd = stack.containerd
             # As on a node, whose daemon runs long before a pull: its NBD server has started.
             stack.snapshotter.wait_nbd_server()
@@ -106,8 +114,11 @@ def cold_start(
                 first_request = proxy.counters().requests
                 marks = [proxy.counters()]
                 started = time.monotonic()
-                pull, shown = pull_command(stack, ref, snapshotter)
-                _run(pull, shown)
+                if cri:
+                    cri_call(str(ctd.address), "PullImage", ref)
+                else:
+                    pull, shown = pull_command(stack, ref, snapshotter)
+                    _run(pull, shown)
                 pulled = time.monotonic()
                 marks.append(proxy.counters())
                 # "--": ctr moves flags found among the arguments (python3's -c is its

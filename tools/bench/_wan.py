@@ -16,6 +16,8 @@ from a cold state (``tools.bench._coldstart``), ``--runs`` times, for each link 
 - ``overlayfs``: containerd's overlayfs snapshotter, ``ctr images pull`` of the gzip image;
 - ``blockfs``: blockfs-snapshotter with its defaults, ``blockfs image pull`` of the eStargz
   image;
+- ``cri``: the same, the eStargz image pulled by containerd's CRI plugin for blockfs (a
+  ``PullImage`` call, as the kubelet makes it);
 - ``optimized``: blockfs on the image that ``blockfs image optimize`` made by running the
   workload (its files prioritised in first-read order), the snapshotter's ``prefetch`` on.
 
@@ -102,11 +104,13 @@ class Mode:
     tag: str
     snapshotter: str
     snapshotter_args: tuple[str, ...] = ()
+    cri: bool = False  # pulled by containerd's CRI plugin, as the kubelet has it pull
 
 
 MODES = (
     Mode("overlayfs", "overlayfs, full pull", "gzip", "overlayfs"),
     Mode("blockfs", "blockfs", "esgz", "blockfs"),
+    Mode("cri", "blockfs, pulled through CRI", "esgz", "blockfs", cri=True),
     Mode("optimized", "blockfs, optimized + prefetch", "esgz-opt", "blockfs", ("--prefetch",)),
 )
 
@@ -297,6 +301,7 @@ class WanBench:
                         run = cold_start(
                             proxy, ref, image.workload.argv, snapshotter=mode.snapshotter,
                             snapshotter_args=mode.snapshotter_args, name=f"wan-{i}-{mode.name}",
+                            cri=mode.cri,
                         )  # fmt: skip
                         results.setdefault((link.name, name, mode.name), []).append(run)
                         progress(
@@ -414,8 +419,9 @@ def _phase(runs: Sequence[ColdStart], phase: str) -> str:
 _TIMES_NOTE = (
     "Each run starts cold: a new containerd and blockfs-snapshotter (empty content store, "
     "snapshots and chunk cache) and `echo 3 > /proc/sys/vm/drop_caches`. Pull is `ctr images "
-    "pull` of the gzip image (overlayfs) or `blockfs image pull` of the eStargz image "
-    "(blockfs), create is `ctr containers create`, run is `ctr tasks start` until the first "
+    "pull` of the gzip image (overlayfs), `blockfs image pull` of the eStargz image "
+    "(blockfs) or a CRI `PullImage` call to containerd pulling it for blockfs (through CRI; "
+    "containerd runs its CRI plugin then), create is `ctr containers create`, run is `ctr tasks start` until the first "
     "line of output. Total and every column are medians of their own, so a total is not "
     "always the sum of the phases. Requests and MB at ready are what the proxy had received "
     "and sent (response bodies) when that line appeared. The ideal line is the read set's "
