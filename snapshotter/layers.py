@@ -79,9 +79,15 @@ from blockfs.image import (
     preload_export,
     query_stats,
 )
-from blockfs.oci import ProcessConfig, Reference
+from blockfs.oci import Manifest, ProcessConfig, Reference
 from snapshotter.pull import resolve_image
-from snapshotter.remote import RemoteLayer, layer_name, sibling_source
+from snapshotter.remote import (
+    TOC_DIGEST_LABEL,
+    RemoteLayer,
+    layer_name,
+    prefetch_end,
+    sibling_source,
+)
 from snapshotter.store import mounts_under
 
 log = logging.getLogger(__name__)
@@ -518,7 +524,11 @@ class LayerManager:
     def _image_process(self, layer: RemoteLayer) -> ProcessConfig | None:
         """The process of the image whose manifest ``layer`` names, fetched from the
         layer's registry; None if the manifest does not list the layer and the later
-        layers the labels gave (not the image the labels describe)."""
+        layers the labels gave (not the image the labels describe).
+
+        Once the manifest is in, the prioritised files of those layers are preloaded
+        where the manifest says they end (no label gives a layer's size, which that
+        needs), unless a layer is open already; the config is fetched meanwhile."""
         spec = layer.source
         registry = self.sources.client(
             plain_http=bool(spec.get("plain_http")),
@@ -526,10 +536,28 @@ class LayerManager:
             docker_config=spec.get("docker_config"),
         )
         assert layer.manifest is not None
-        image = resolve_image(registry, Reference.parse(spec["ref"]).with_digest(layer.manifest))
-        listed = [d.digest for d in image.manifest.layers]
         ours = [layer.digest, *layer.image_layers]
-        if not any(listed[i : i + len(ours)] == ours for i in range(len(listed))):
+        listed = False
+
+        def on_manifest(manifest: Manifest) -> None:
+            nonlocal listed
+            digests = [d.digest for d in manifest.layers]
+            at = next((i for i in range(len(digests)) if digests[i : i + len(ours)] == ours), None)
+            if at is None:
+                return
+            listed = True
+            preloads = {
+                layer_name(d.digest): ({**sibling_source(layer, d.digest), "size": d.size}, end)
+                for d in manifest.layers[at:]
+                if d.annotations.get(TOC_DIGEST_LABEL)
+                and (end := prefetch_end(d.annotations, d.size)) is not None
+            }
+            if preloads:
+                self._preload(preloads)
+
+        ref = Reference.parse(spec["ref"]).with_digest(layer.manifest)
+        image = resolve_image(registry, ref, on_manifest=on_manifest)
+        if not listed:
             log.warning(
                 "the image's manifest does not list the layers of its Prepare's labels; "
                 "nothing fetched ahead",

@@ -45,6 +45,7 @@ from snapshotter.remote import (
     CRI_IMAGE_REF_LABEL,
     CRI_LAYER_DIGEST_LABEL,
     CRI_MANIFEST_DIGEST_LABEL,
+    PREFETCH_END_LABEL,
     TARGET_LABEL,
     TOC_DIGEST_LABEL,
     TOC_TAIL_LABEL,
@@ -854,6 +855,37 @@ def test_a_cri_pull_fetches_ahead_what_a_container_starts_with(
         tail = base.annotations[TOC_TAIL_LABEL]
         assert images.proxy.blob_ranges[base.digest][0] == f"bytes=-{tail}"
         cri_call(str(ctd.address), "RemoveImage", str(images.start.ref))
+        wait_collected(sn)
+
+
+def test_a_cri_pull_preloads_the_prioritised_files_of_the_layers_the_manifest_lists(
+    images: Images,
+) -> None:
+    # No label of a CRI Prepare gives a layer's size; the manifest its first names does.
+    layer = images.prio.layers[1]
+    region = f"bytes=0-{int(layer.annotations[PREFETCH_END_LABEL]) - 1}"
+
+    def its_toc(method: str, path: str, range_: str) -> bool:
+        return path.endswith(layer.digest) and range_.startswith("bytes=-")
+
+    def its_region_asked(arrived: list[tuple[str, str, str]]) -> bool:
+        return any(p.endswith(layer.digest) and r == region for _, p, r in arrived)
+
+    with cri_node(images, short_tempdir("bfs-cri-")) as (sn, ctd):
+        images.proxy.reset()
+        # The layer's footer and TOC read (a suffix range: no label gives their size) is
+        # held until its region, from the blob's start, has been asked for: a prefetch
+        # made once the layer is open would start at its first file's member.
+        with images.proxy.holding(its_toc, its_region_asked) as held:
+            cri_call(str(ctd.address), "PullImage", str(images.prio.ref))
+        assert held == [True]
+        out = ctd.ctr("run", "--rm", "--snapshotter", "blockfs", str(images.prio.ref), "cri-p")
+        assert out.stdout.split() == [
+            word
+            for path in PRIORITISED
+            for word in (hashlib.sha256(images.prio_data[path]).hexdigest(), f"/{path}")
+        ]
+        cri_call(str(ctd.address), "RemoveImage", str(images.prio.ref))
         wait_collected(sn)
 
 
