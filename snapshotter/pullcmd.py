@@ -11,16 +11,17 @@ import importlib
 import json
 import os
 import socket
-import threading
 from typing import TYPE_CHECKING, Any
 
-from blockfs.cli import platform_arg, registry_args, registry_client
+from blockfs.cli import log_to_stderr, platform_arg, registry_args, registry_client
 from blockfs.errors import BlockfsError
 from snapshotter.defaults import CONTAINERD_ADDRESS as DEFAULT_ADDRESS
 from snapshotter.defaults import PULL_SOCKET
 from snapshotter.defaults import SNAPSHOTTER_NAME as DEFAULT_SNAPSHOTTER
 
 if TYPE_CHECKING:
+    import threading
+
     from snapshotter.pull import PulledLayer
 
 
@@ -64,8 +65,9 @@ def add_pull_command(cmds: Any) -> None:
         help="pull in this process, with this user's registry credentials, even when the "
         "daemon listens",
     )  # fmt: skip
-    # Its clients are closed when it returns; the process may end without a teardown.
-    p.set_defaults(func=cmd_pull, skip_teardown=True)
+    # Its clients are closed when it returns; the process may end without a teardown. A
+    # pull through the daemon logs nothing here: logging is set up only to pull here.
+    p.set_defaults(func=cmd_pull, skip_teardown=True, own_logging=True)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -127,6 +129,7 @@ def _print_pulled(name: str, manifest: str, lazy: int, layers: int) -> None:
 
 
 def _pull_here(args: argparse.Namespace) -> int:
+    log_to_stderr()
     # gRPC and the registry client load only when the command runs, and gRPC (about a
     # quarter of a second from a cold page cache) loads while the registry answers.
     grpc_loaded = _import_in_background("snapshotter.ctrclient")
@@ -162,6 +165,7 @@ def _pull_here(args: argparse.Namespace) -> int:
 def _import_in_background(module: str) -> threading.Thread:
     """Start importing ``module`` in a thread; join it before using the module. A failure
     shows again, where it can be reported, when the module is imported for use."""
+    import threading
 
     def load() -> None:
         with contextlib.suppress(Exception):

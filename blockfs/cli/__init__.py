@@ -18,7 +18,14 @@ from blockfs.cli._common import (
 )
 from blockfs.errors import BlockfsError
 
-__all__ = ["build_parser", "main", "platform_arg", "registry_args", "registry_client"]
+__all__ = [
+    "build_parser",
+    "log_to_stderr",
+    "main",
+    "platform_arg",
+    "registry_args",
+    "registry_client",
+]
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -30,14 +37,21 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
     _layer.register(groups)
-    _image.register(groups, plugins=argv is None or _may_name_a_plugin(argv))
+    _image.register(groups, plugins=True if argv is None else _plugins_named(argv))
     check_shared_options(parser)
     return parser
 
 
-def _may_name_a_plugin(argv: Sequence[str]) -> bool:
+def _plugins_named(argv: Sequence[str]) -> bool | str:
+    """The commands of other packages that the parser of ``argv`` needs: none (False)
+    when it names a built-in command or another group, the one it names, or all (True)
+    when it names none (``image --help``)."""
     words = [a for a in argv if not a.startswith("-")]
-    return words[:1] == ["image"] and (len(words) < 2 or words[1] not in _image.BUILT_IN)
+    if words[:1] != ["image"]:
+        return False
+    if len(words) < 2:
+        return True
+    return False if words[1] in _image.BUILT_IN else words[1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,13 +65,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     Run as the program (no ``argv``), a command that asks for it (``skip_teardown`` in
     its defaults) ends the process as soon as it is done: what it opened is closed, and
     the interpreter's teardown of gRPC's and protobuf's modules would add about 0.2 s.
+
+    Library warnings go to stderr (:func:`log_to_stderr`), set up here unless the command
+    does it itself when it needs to (``own_logging`` in its defaults).
     """
-    log_to_stderr()
     as_program = argv is None
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    if not getattr(args, "own_logging", False):
+        log_to_stderr()
     status = _run(args)
     if as_program and getattr(args, "skip_teardown", False):
         sys.stdout.flush()

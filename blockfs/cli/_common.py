@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -154,19 +153,22 @@ def _keeping_message(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 # Errors and warnings on stderr.
 
 
-class _Formatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"blockfs: {record.levelname.lower()}: {record.getMessage()}"
-
-
 def log_to_stderr() -> None:
     """Warnings of the library on stderr as ``blockfs: warning: …`` lines (unless
-    something has configured logging already)."""
+    something has configured logging already). Called by the command that needs it:
+    logging's modules are a tenth of a command's cold start, and a command that only
+    talks to a daemon logs nothing."""
+    import logging
+
+    class Formatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return f"blockfs: {record.levelname.lower()}: {record.getMessage()}"
+
     top = logging.getLogger()
     if top.handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
+    handler.setFormatter(Formatter())
     top.addHandler(handler)
     top.setLevel(logging.WARNING)
 

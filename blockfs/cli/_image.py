@@ -27,10 +27,11 @@ IMAGE_COMMANDS = "blockfs.image_commands"
 BUILT_IN = frozenset({"convert", "optimize", "mount", "stats", "umount"})
 
 
-def register(groups: Any, *, plugins: bool = True) -> None:
+def register(groups: Any, *, plugins: bool | str = True) -> None:
     """Add the ``image`` group; with ``plugins``, also the commands of other packages
     (:data:`IMAGE_COMMANDS`), whose lookup reads every installed distribution's entry
-    points."""
+    points, or with ``plugins`` the name of one, the distributions up to the one that
+    adds it (all of them if none does, for the usage error to list them)."""
     image = groups.add_parser("image", help="convert, push and mount whole images")
     cmds = image.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -87,7 +88,8 @@ def register(groups: Any, *, plugins: bool = True) -> None:
     if plugins:
         from blockfs.cli import _plugins
 
-        for _name, value in _plugins.entry_points(IMAGE_COMMANDS):
+        named = _plugins.entry_points(IMAGE_COMMANDS, name=plugins) if plugins is not True else []
+        for _name, value in named or _plugins.entry_points(IMAGE_COMMANDS):
             _plugins.load(value)(cmds)
 
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from blockfs.cli._common import DEFAULT_ROOT, build_args, print_json, registry_args, state_args
@@ -135,6 +133,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _rfc3339(seconds: int | None) -> str:
+    from datetime import UTC, datetime
+
     if seconds is None:
         return ""
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -142,6 +142,8 @@ def _rfc3339(seconds: int | None) -> str:
 
 def entry_json(e: Entry) -> dict[str, Any]:
     """One TOC entry as ``layer inspect --json`` prints it."""
+    import base64
+
     return {
         "name": e.name,
         "type": e.type,

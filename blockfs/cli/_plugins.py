@@ -20,9 +20,13 @@ from typing import Any
 _METADATA_SUFFIXES = (".dist-info", ".egg-info")
 
 
-def entry_points(group: str, path: Iterable[str] | None = None) -> list[tuple[str, str]]:
+def entry_points(
+    group: str, path: Iterable[str] | None = None, *, name: str | None = None
+) -> list[tuple[str, str]]:
     """``(name, "module:attr")`` of each entry point in ``group`` of the distributions
-    installed on ``path`` (default ``sys.path``)."""
+    installed on ``path`` (default ``sys.path``). With ``name``, only the entry point of
+    that name that comes first, or none: the search stops at the first distribution that
+    has it, so that a command line naming one command reads few distributions."""
     found: list[tuple[str, str]] = []
     seen: set[str] = set()
     for directory in sys.path if path is None else path:
@@ -30,7 +34,11 @@ def entry_points(group: str, path: Iterable[str] | None = None) -> list[tuple[st
             if dist in seen:
                 continue
             seen.add(dist)
-            found.extend(_parse(text, group))
+            for entry in _parse(text, group):
+                if name is None:
+                    found.append(entry)
+                elif entry[0] == name:
+                    return [entry]
     return found
 
 

@@ -8,8 +8,12 @@ import sys
 from blockfs.cli._layer import ATTACH_WORDS
 from blockfs.host.attach import CHOICE_WORDS
 
-# Loaded only by the commands that use them.
-HEAVY = ("blockfs.host.attach", "blockfs.oci", "importlib.metadata", "grpc", "httpx")
+# Loaded only by the commands that use them. `image pull` through the daemon logs nothing,
+# and datetime serves `layer inspect` alone.
+HEAVY = (
+    "blockfs.host.attach", "blockfs.oci", "importlib.metadata", "grpc", "httpx", "logging",
+    "datetime",
+)  # fmt: skip
 
 
 def loaded_after(code: str) -> set[str]:
@@ -50,6 +54,16 @@ def test_other_packages_commands_are_looked_up_when_the_command_line_may_name_on
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "pull" in done.stdout.split()
+
+
+def test_a_misspelt_command_is_told_the_commands_of_other_packages_too() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "blockfs.cli", "image", "pul", "ref"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "invalid choice: 'pul'" in done.stderr
+    assert "pull" in done.stderr.split("choose from", 1)[1]
 
 
 def test_a_command_that_skips_the_teardown_still_gives_its_output_and_status(tmp_path) -> None:

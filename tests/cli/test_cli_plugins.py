@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,31 @@ def test_the_first_distribution_of_a_name_on_the_path_wins(tmp_path) -> None:
     # The shadowed distribution is there (importlib.metadata lists it too), only unused.
     shadowed = [d.entry_points for d in importlib.metadata.distributions(path=[str(second)])]
     assert any(ep.name == "two" for eps in shadowed for ep in eps)
+
+
+def test_a_named_entry_point_is_the_first_and_ends_the_search(tmp_path, monkeypatch) -> None:
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    group = "[blockfs.image_commands]\n"
+    _dist(first, "a-1.0.dist-info", f"{group}one = a:b\n")
+    _dist(second, "b-1.0.dist-info", f"{group}two = c:d\nthree = e:f\n")
+    _dist(second, "c-1.0.dist-info", f"{group}two = g:h\n")
+    _dist(third, "d-1.0.dist-info", f"{group}two = i:j\n")
+    listed: list[str] = []
+    distributions = _plugins._distributions
+
+    def listing(directory: str) -> Iterator[tuple[str, str]]:
+        listed.append(directory)
+        return distributions(directory)
+
+    monkeypatch.setattr(_plugins, "_distributions", listing)
+    path = [str(first), str(second), str(third)]
+    assert _plugins.entry_points(IMAGE_COMMANDS, path, name="two") == [("two", "c:d")]
+    assert listed == [str(first), str(second)]  # the third is never read
+    assert _plugins.entry_points(IMAGE_COMMANDS, path, name="four") == []
+    # Without a name, every distribution's (the first of each name).
+    assert _plugins.entry_points(IMAGE_COMMANDS, path) == [
+        ("one", "a:b"), ("two", "c:d"), ("three", "e:f"), ("two", "g:h"), ("two", "i:j"),
+    ]  # fmt: skip
 
 
 def test_load_follows_the_attributes_and_ignores_extras(tmp_path, monkeypatch) -> None:
