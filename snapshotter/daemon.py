@@ -21,7 +21,8 @@ from types import FrameType
 from blockfs.errors import BlockfsError
 from blockfs.host.overlay import overlay_index_off_supported
 from blockfs.image import docker_config_path
-from blockfs.registry import warm_up
+from blockfs.registry import warm_up as warm_up_registry
+from snapshotter import ctrclient
 from snapshotter._jsonlog import setup_json_logging
 from snapshotter.config import (
     DEFAULT_CONFIG_PATH,
@@ -101,6 +102,13 @@ def watch_nbd_server(
             wait = interval
 
 
+def _warm_up() -> None:
+    """What the first pull would load from a cold page cache: the system's CA
+    certificates, the HTTP client's and gRPC's client code."""
+    warm_up_registry()
+    ctrclient.warm_up()
+
+
 def run(config: SnapshotterConfig, stop: threading.Event) -> None:
     """Serve until ``stop`` is set; then stop the server and close the store.
 
@@ -135,7 +143,7 @@ def run(config: SnapshotterConfig, stop: threading.Event) -> None:
         pulls: PullServer | None = None
         try:
             pulls = PullServer(config.pull_socket, registry, layers)
-            threading.Thread(target=warm_up, name="registry-warm-up", daemon=True).start()
+            threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
             log.info(
                 "serving containerd snapshots API",
                 extra={
