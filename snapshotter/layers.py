@@ -176,6 +176,11 @@ class LayerManager:
         # Attaching ahead takes a layer's lock, so it has threads of its own: a Prepare
         # that holds the lock may wait for a TOC read of the other pool, never for these.
         self._attach_pool = ThreadPoolExecutor(AHEAD_WORKERS, thread_name_prefix="attach-ahead")
+        # Indexing is Python under one GIL: layers indexed side by side would all be done
+        # about when the last is, so they are indexed one at a time, in the order their
+        # TOCs come (a pull's first Prepare waits for its own layer only). Like attaching,
+        # it takes the layer's lock, so it too has a thread of its own.
+        self._index_pool = ThreadPoolExecutor(1, thread_name_prefix="index-ahead")
         self.server_restarts = 0  # by revive_server, since this manager started
         self._warm_up: threading.Thread | None = None
 
@@ -261,7 +266,9 @@ class LayerManager:
         if self._warm_up is not None:
             self._warm_up.join()
         self._ahead_pool.shutdown(wait=False, cancel_futures=True)
-        # An attach under way finishes (the next start reconciles a layer nobody uses).
+        # An index or attach under way finishes (the next start reconciles a layer
+        # nobody uses).
+        self._index_pool.shutdown(wait=True, cancel_futures=True)
         self._attach_pool.shutdown(wait=True, cancel_futures=True)
         self.sources.close()
         attached = self.attached()
@@ -744,10 +751,11 @@ class LayerManager:
         if toc.cancelled() or toc.exception() is not None:
             return  # its own Prepare reads the TOC again and says why it fails
         with contextlib.suppress(RuntimeError):  # shut down meanwhile
-            self._attach_pool.submit(self._attach_ahead, name, toc)
+            self._index_pool.submit(self._index_ahead, name, toc)
 
-    def _attach_ahead(self, name: str, toc: Future[_Resolved]) -> None:
-        """Index layer ``name`` from its TOC read ahead unless it is, then mount it."""
+    def _index_ahead(self, name: str, toc: Future[_Resolved]) -> None:
+        """Index layer ``name`` from its TOC read ahead unless it is, then have it
+        mounted in the background."""
         with self.holding(name):
             if not (self.layer_dir(name) / LAYER_JSON).exists():
                 try:
@@ -764,7 +772,7 @@ class LayerManager:
                 if self._ahead.get(name) is toc:
                     del self._ahead[name]
         # Not holding the layer: its Prepare, which only needs the index, goes on meanwhile.
-        self._mount_in_background(name)
+        self.mount_soon(name)
 
     def _read_toc(
         self, name: str, spec: SourceSpec, toc_digest: str | None, tail: int | None = None
