@@ -220,19 +220,20 @@ class ContainerdClient:
 
     # -- snapshots -----------------------------------------------------------------------
 
-    def snapshot_exists(self, snapshotter: str, key: str) -> bool:
-        """Whether ``snapshotter`` has a snapshot ``key`` in this namespace."""
+    def snapshot_labels(self, snapshotter: str, key: str) -> dict[str, str] | None:
+        """The labels of ``snapshotter``'s snapshot ``key`` in this namespace, None if
+        there is none."""
         try:
-            self._snapshots.Stat(
+            response = self._snapshots.Stat(
                 snapshots_pb2.StatSnapshotRequest(snapshotter=snapshotter, key=key),
                 metadata=self._metadata(),
                 timeout=self.timeout,
             )
         except grpc.RpcError as e:
             if isinstance(e, grpc.Call) and e.code() is grpc.StatusCode.NOT_FOUND:
-                return False
+                return None
             raise _failed(f"stat snapshot {key}", e) from None
-        return True
+        return dict(response.info.labels)
 
     def prepare_snapshot(
         self, snapshotter: str, key: str, parent: str, labels: Mapping[str, str]

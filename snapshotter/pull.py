@@ -36,6 +36,8 @@ from snapshotter.remote import (
     BLOCKFS_LAYER_DIGEST_LABEL,
     BLOCKFS_LAYER_SIZE_LABEL,
     BLOCKFS_PLAIN_HTTP_LABEL,
+    REMOTE_LABEL,
+    REMOTE_VALUE,
     TARGET_LABEL,
 )
 
@@ -224,17 +226,20 @@ def _prepare_layer(
     parent: str,
     labels: dict[str, str],
 ) -> bool:
-    """Make the snapshot of one layer; True if the snapshotter serves it lazily."""
+    """Make the snapshot of one layer; True if the snapshotter serves it lazily.
+
+    Two calls to containerd for a layer served lazily or there before, as containerd's
+    own unpacker makes: the Prepare, which containerd answers ALREADY_EXISTS when the
+    target snapshot exists (whatever the snapshotter) or the snapshotter has just
+    committed it, and a Stat, whose labels say whether the snapshotter serves it."""
     chain_id = labels[TARGET_LABEL]
-    if ctr.snapshot_exists(snapshotter, chain_id):
-        return _is_lazy(ctr, layer)
     key = f"extract-{uuid.uuid4().hex[:16]} {chain_id}"
     mounts = ctr.prepare_snapshot(snapshotter, key, parent, labels)
     if mounts is None:
-        # The snapshotter committed the target itself: a remote snapshot.
-        if not ctr.snapshot_exists(snapshotter, chain_id):
+        committed = ctr.snapshot_labels(snapshotter, chain_id)
+        if committed is None:
             raise PullError(f"snapshot {chain_id} of layer {layer.digest} was not committed")
-        return True
+        return committed.get(REMOTE_LABEL) == REMOTE_VALUE
     try:
         _unpack(ctr, registry, ref, layer, diff_id, mounts)
         ctr.commit_snapshot(snapshotter, chain_id, key, labels)
@@ -245,11 +250,6 @@ def _prepare_layer(
             log.warning("cannot remove snapshot %s after a failed unpack: %s", key, e)
         raise
     return False
-
-
-def _is_lazy(ctr: ContainerdClient, layer: Descriptor) -> bool:
-    # A layer unpacked before has its blob in the content store; a lazy one has not.
-    return ctr.content_labels(layer.digest) is None
 
 
 def _unpack(

@@ -16,7 +16,7 @@ def test_after_the_warm_up_a_client_and_its_first_call_load_no_module(tmp_path) 
         "before = set(sys.modules)\n"
         f"client = ctrclient.ContainerdClient({str(tmp_path / 'none.sock')!r}, 'default', timeout=5)\n"
         "try:\n"
-        "    client.snapshot_exists('blockfs', 'key')\n"
+        "    client.snapshot_labels('blockfs', 'key')\n"
         "except ctrclient.ContainerdError:\n"
         "    pass\n"
         "else:\n"

@@ -613,6 +613,9 @@ def test_plain_and_mixed_images_run_through_the_fallback(stack: Stack, images: I
         assert "not an eStargz layer" in reasons[layer.digest]
     assert mixed.layers[1].digest not in reasons
     assert stack.layer_dirs() == [f"sha256-{mixed.layers[1].digest.split(':')[1]}"]
+    # Pulled again, each layer is found there, and said to be as it was.
+    assert stack.pull(mixed) == out
+    assert stack.pull(plain).count(": unpacked (") == 2
 
     remove_image(stack, plain)
     remove_image(stack, mixed)
