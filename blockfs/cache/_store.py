@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -74,7 +73,8 @@ class ChunkCache:
     """Chunk store under ``root`` (``root/ab/<sha256 hex>``), at most ``max_bytes`` on disk.
 
     ``memory_bytes`` bounds the in-memory LRU of hot chunks (0 disables it). Safe to use
-    from many threads; several processes may share one directory.
+    from many threads; several processes may share one directory (``in`` knows only the
+    chunks this one found when it opened, stored or read back; reads find the others).
     """
 
     def __init__(self, root: str | os.PathLike[str], *, max_bytes: int, memory_bytes: int = 0):
@@ -90,10 +90,11 @@ class ChunkCache:
         # Files this process has read back and verified since they were last written.
         self._verified: set[str] = set()
         private_dir(self.root)
+        self._root = str(self.root)
         self._scan()
 
-    def _path(self, hex_: str) -> Path:
-        return self.root / hex_[:2] / hex_
+    def _path(self, hex_: str) -> str:
+        return f"{self._root}/{hex_[:2]}/{hex_}"
 
     def _scan(self) -> None:
         found = []
@@ -125,7 +126,8 @@ class ChunkCache:
         if data is not None:
             return data
         try:
-            data = self._path(hex_).read_bytes()
+            with open(self._path(hex_), "rb") as f:
+                data = f.read()
         except FileNotFoundError:
             with self._lock:
                 self.stats.misses += 1
@@ -137,7 +139,7 @@ class ChunkCache:
                 self.stats.misses += 1
                 self._forget_locked(hex_)
             with contextlib.suppress(OSError):
-                self._path(hex_).unlink()
+                os.unlink(self._path(hex_))
             return None
         with self._lock:
             self.stats.disk_hits += 1
@@ -191,12 +193,23 @@ class ChunkCache:
                 return
         if len(data) > self.max_bytes:
             return
+        # A fetch stores every chunk it brings, most of them small files: plain os calls
+        # and a temporary name of this thread's, not pathlib and tempfile (a third of
+        # the cost). The rename makes the file appear whole; O_EXCL and the mode keep
+        # it private; a temporary file left by a crash is swept when a cache opens.
         path = self._path(hex_)
-        path.parent.mkdir(mode=_DIR_MODE, exist_ok=True)
-        # mkstemp makes the file 0600, and the rename keeps that.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".")
+        tmp = f"{self._root}/{hex_[:2]}/.{hex_}.{os.getpid()}.{threading.get_ident()}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            with os.fdopen(fd, "wb") as f:
+            fd = os.open(tmp, flags, _FILE_MODE)
+        except FileNotFoundError:  # the shard's first chunk
+            os.makedirs(os.path.dirname(tmp), mode=_DIR_MODE, exist_ok=True)
+            fd = os.open(tmp, flags, _FILE_MODE)
+        except FileExistsError:  # left by a process of the same pid that died mid-write
+            os.unlink(tmp)
+            fd = os.open(tmp, flags, _FILE_MODE)
+        try:
+            with open(fd, "wb", closefd=True) as f:
                 f.write(data)
             os.rename(tmp, path)
         except BaseException:
@@ -211,11 +224,11 @@ class ChunkCache:
             self._evict_locked()
 
     def __contains__(self, digest: str) -> bool:
+        """Whether the chunk is in memory or on disk as far as this cache knows, without
+        asking the disk (a file removed behind its back counts until a read misses it)."""
         hex_ = _hex_of(digest)
         with self._lock:
-            if hex_ in self._memory:
-                return True
-        return self._path(hex_).exists()
+            return hex_ in self._memory or hex_ in self._disk
 
     def _from_memory(self, hex_: str) -> bytes | None:
         with self._lock:
@@ -250,14 +263,14 @@ class ChunkCache:
             self.stats.disk_bytes -= size
             self.stats.evictions += 1
             with contextlib.suppress(OSError):
-                self._path(hex_).unlink()
+                os.unlink(self._path(hex_))
 
     def clear(self) -> None:
         """Remove every cached chunk, on disk and in memory."""
         with self._lock:
             for hex_ in list(self._disk):
                 with contextlib.suppress(OSError):
-                    self._path(hex_).unlink()
+                    os.unlink(self._path(hex_))
             self._disk.clear()
             self._verified.clear()
             self._memory.clear()

@@ -808,14 +808,16 @@ class LayerImage:
                     outcome = _after_attempts(outcome, attempt)
                 owned[off].set_exception(outcome)
                 return
-            plain = {}
-            for (_, c), data in zip(chunks, outcome, strict=True):
-                self.cache.put(c.digest, data)
-                plain[c.digest] = data
+            plain = {c.digest: data for (_, c), data in zip(chunks, outcome, strict=True)}
             with self._lock:
                 self.stats.chunks_fetched += len(chunks)
                 self.stats.members_fetched += 1
+            # The reads waiting for the member go on, then its chunks are stored: a read
+            # that comes later finds the member's future until the fetch lets go of it,
+            # after this (_fetch_claimed), and the chunks in the cache from then on.
             owned[off].set_result(plain)
+            for digest, data in plain.items():
+                self.cache.put(digest, data)
 
         started = time.monotonic()
         self.reader.read_members([chunks for _, chunks in todo], settle)

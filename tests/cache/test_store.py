@@ -105,6 +105,28 @@ def test_concurrent_puts_of_the_same_chunk_store_it_once(tmp_path):
     assert [f.name for f in tmp_path.rglob("*") if f.is_file()] == [digest(data)[7:]]
 
 
+def test_containment_is_answered_from_what_the_cache_knows_without_the_disk(tmp_path, monkeypatch):
+    # A fetch asks it for every chunk of a directory's window: a stat each would cost
+    # more than the rest of the planning.
+    kept, other = os.urandom(5000), os.urandom(5000)
+    ChunkCache(tmp_path, max_bytes=1 << 20).put(digest(kept), kept)
+    cache = ChunkCache(tmp_path, max_bytes=1 << 20)  # found by the scan, not in memory
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("the disk was asked")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "stat", no_disk)
+        m.setattr(os, "lstat", no_disk)
+        answers = (digest(kept) in cache, digest(other) in cache)
+    assert answers == (True, False)
+    # A file gone behind its back counts until a read finds it missing.
+    (tmp_path / digest(kept)[7:9] / digest(kept)[7:]).unlink()
+    assert digest(kept) in cache
+    assert cache.get(digest(kept)) is None
+    assert digest(kept) not in cache
+
+
 def test_range_read_returns_the_slice_from_memory_and_from_disk(tmp_path):
     data = os.urandom(20000)
     ChunkCache(tmp_path, max_bytes=1 << 20).put(digest(data), data)
