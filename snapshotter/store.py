@@ -43,13 +43,13 @@ import attrs
 from blockfs.errors import BlockfsError
 from blockfs.host import mounts
 from blockfs.host.overlay import MountPlan
-from snapshotter.filters import FilterSet
+from snapshotter.filters import FilterSet, Operator
 
 log = logging.getLogger(__name__)
 
 STORE_DB = "store.db"
 SNAPSHOTS_DIR = "snapshots"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # containerd's own limit on one label (key plus value), checked again here so that a
 # client that talks to the snapshotter directly gets the same answer.
 MAX_LABEL_BYTES = 4096
@@ -89,6 +89,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE snapshots ADD COLUMN layer TEXT",
         "CREATE INDEX snapshots_by_layer ON snapshots (layer)",
     ),
+    3: (
+        # containerd lists by a label's value (the remote snapshot handshake): a lookup,
+        # not a scan of every label of the node.
+        "CREATE INDEX labels_by_value ON labels (key, value)",
+    ),
 }
 
 _SELECT = """
@@ -96,6 +101,34 @@ SELECT s.id, s.namespace, s.name, s.kind, s.parent_id, p.name, s.created_us, s.u
        s.size, s.inodes, s.layer
 FROM snapshots AS s LEFT JOIN snapshots AS p ON p.id = s.parent_id
 """
+
+
+def _narrowing(filters: FilterSet | None) -> tuple[str, list[object]] | None:
+    """An SQL condition on ``snapshots AS s`` that every snapshot ``filters`` may match
+    meets, from one ``name==`` or ``labels.KEY==`` selector of each filter, so that a
+    list reads those snapshots only; None when a filter has neither (every snapshot is
+    read). The filters are still matched whole afterwards."""
+    if filters is None or not filters.filters:
+        return None
+    terms: list[str] = []
+    args: list[object] = []
+    for one in filters.filters:
+        for selector in one.selectors:
+            if selector.operator is not Operator.EQUAL:
+                continue
+            path = selector.fieldpath
+            if path == ("name",):
+                terms.append("s.name = ?")
+                args.append(selector.value)
+                break
+            if len(path) > 1 and path[0] == "labels":
+                terms.append("s.id IN (SELECT snapshot_id FROM labels WHERE key = ? AND value = ?)")
+                args.extend((".".join(path[1:]), selector.value))
+                break
+        else:
+            return None
+    return f"({' OR '.join(terms)})", args
+
 
 # Where a layer is mounted, given its name (see snapshotter.layers).
 LayerMountpoint = Callable[[str], Path]
@@ -692,12 +725,23 @@ class SnapshotStore:
         self, namespace: str | None, filters: FilterSet | None = None
     ) -> list[SnapshotInfo]:
         """Every snapshot (of ``namespace``) that matches ``filters``, oldest first."""
+        conditions: list[str] = []
+        args: list[object] = []
+        if namespace is not None:
+            conditions.append("s.namespace = ?")
+            args.append(namespace)
+        narrowed = _narrowing(filters)
+        if narrowed is not None:
+            conditions.append(narrowed[0])
+            args.extend(narrowed[1])
+        where = "".join(f" {'AND' if n else 'WHERE'} {c}" for n, c in enumerate(conditions))
         with self._transaction() as db:
-            where = "" if namespace is None else " WHERE s.namespace = ?"
-            args: tuple[object, ...] = () if namespace is None else (namespace,)
             rows = db.execute(_SELECT + where + " ORDER BY s.id", args).fetchall()
             labels: dict[int, dict[str, str]] = {}
-            for sid, key, value in db.execute("SELECT snapshot_id, key, value FROM labels"):
+            query = "SELECT snapshot_id, key, value FROM labels"
+            if where:
+                query += f" WHERE snapshot_id IN (SELECT s.id FROM snapshots AS s{where})"
+            for sid, key, value in db.execute(query, args):
                 labels.setdefault(int(sid), {})[str(key)] = str(value)
         infos = [
             record.info(labels.get(record.id, {})) for record in (_Record.from_row(r) for r in rows)

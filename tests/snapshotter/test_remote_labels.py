@@ -15,6 +15,7 @@ from prometheus_client.registry import CollectorRegistry
 from blockfs.errors import BlockfsError
 from blockfs.oci import Descriptor, Manifest, Reference
 from blockfs.oci import media_types as mt
+from snapshotter.filters import parse_filters
 from snapshotter.metrics import LayerCollector, metric_value
 from snapshotter.pull import chain_ids, layer_labels
 from snapshotter.remote import (
@@ -218,6 +219,7 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
         store.create("ns", Kind.ACTIVE, "a")
         store.commit("ns", "a", "l1")
     db = sqlite3.connect(tmp_path / "store.db")
+    db.execute("DROP INDEX labels_by_value")
     db.execute("DROP INDEX snapshots_by_layer")
     db.execute("ALTER TABLE snapshots DROP COLUMN layer")
     db.execute("PRAGMA user_version = 1")
@@ -225,8 +227,14 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
     db.close()
     with remote_store(tmp_path) as store:
         assert store.stat("ns", "l1").kind is Kind.COMMITTED
-        store.commit_remote(None, "sha256:r", "l1", {}, "layer-r")
+        store.commit_remote(None, "sha256:r", "l1", {TARGET_LABEL: "sha256:r"}, "layer-r")
         assert store.chain_layers(None, "sha256:r") == ["layer-r"]
+        found = store.list_snapshots(None, parse_filters([f'labels."{TARGET_LABEL}"==sha256:r']))
+        assert [i.name for i in found] == ["sha256:r"]
+    db = sqlite3.connect(tmp_path / "store.db")
+    indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    db.close()
+    assert {"snapshots_by_layer", "labels_by_value"} <= indexes
 
 
 def test_a_newer_store_is_refused(tmp_path: Path) -> None:
