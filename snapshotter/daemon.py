@@ -107,6 +107,7 @@ def _warm_up() -> None:
     certificates, the HTTP client's and gRPC's client code."""
     warm_up_registry()
     ctrclient.warm_up()
+    log.info("loaded the code of a pull")
 
 
 def run(config: SnapshotterConfig, stop: threading.Event) -> None:

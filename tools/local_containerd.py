@@ -281,15 +281,22 @@ class SnapshotterDaemon:
         """The daemon's log lines, each parsed as the JSON object it must be."""
         return [json.loads(line) for line in self.log().splitlines() if line.strip()]
 
-    def wait_nbd_server(self, timeout: float = START_TIMEOUT) -> None:
-        """Wait until the daemon has started (or adopted) its NBD server, which it does in
-        the background once it serves containerd."""
-        ready = {"started the NBD server", "adopted the running NBD server"}
+    def wait_settled(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until the daemon has started (or adopted) its NBD server and loaded the
+        code of a pull, which it does in the background once it serves containerd: as a
+        node's daemon has long before a pull."""
+        wanted = [
+            {"started the NBD server", "adopted the running NBD server"},
+            {"loaded the code of a pull"},
+        ]
         deadline = time.monotonic() + timeout
-        while not any(r.get("msg") in ready for r in self.log_records()):
+        while True:
+            messages = {r.get("msg") for r in self.log_records()}
+            if all(messages & one for one in wanted):
+                return
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise ContainerdProcessError(
-                    f"blockfs-snapshotter did not start its NBD server: {self.log()[-3000:]}"
+                    f"blockfs-snapshotter did not settle after starting: {self.log()[-3000:]}"
                 )
             time.sleep(0.02)
 

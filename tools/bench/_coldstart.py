@@ -3,7 +3,7 @@ crossed the link in each.
 
 :func:`cold_start` starts a new private containerd and blockfs-snapshotter (empty
 content store, snapshots and chunk cache: ``tools.local_containerd``), drops the page
-cache, then:
+cache (ctr, the client of the create and run phases, is read back in every mode), then:
 
 1. pull: ``ctr images pull`` for containerd's own snapshotters (every layer downloaded
    and unpacked), ``blockfs image pull`` for blockfs (layers mounted lazily), or with
@@ -107,10 +107,15 @@ def cold_start(
             cri_plain_http=[proxy.host] if cri else None,
         ) as stack:
             ctd = stack.containerd
-            # As on a node, whose daemon runs long before a pull: its NBD server has started.
-            stack.snapshotter.wait_nbd_server()
+            # As on a node, whose daemon runs long before a pull: its NBD server has
+            # started, the code of a pull is loaded.
+            stack.snapshotter.wait_settled()
             try:
                 drop_caches()
+                # ctr, which creates and starts the container, from a warm page cache in
+                # every mode: an overlayfs pull runs it before its create, a blockfs pull
+                # does not, and a node's kubelet is a process that runs all along.
+                ctd.ctr("version")
                 first_request = proxy.counters().requests
                 marks = [proxy.counters()]
                 started = time.monotonic()
