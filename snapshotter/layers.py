@@ -696,7 +696,7 @@ class LayerManager:
         start = [(f, "command") for f in commands]
         start += [(f, "argument") for f in find_arguments(tocs, process) if f not in commands]
         seen = {(f.layer, f.entry.name) for f, _ in start}
-        with ThreadPoolExecutor(AHEAD_WORKERS, thread_name_prefix="start-ahead") as pool:
+        with ThreadPoolExecutor(AHEAD_WORKERS, thread_name_prefix="start-ahead-file") as pool:
 
             def submit(found: FoundFile, why: str) -> Future[LoaderNeeds | None]:
                 layer = found.layer
