@@ -170,8 +170,22 @@ class CountingSource(SourceWrapper):
     ) -> bytes:
         if on_bytes is None:
             return self.read_range(offset, length)
-        data = read_range_streaming(self.inner, offset, length, on_bytes)
-        self._count(data)
+        # Counted as the bytes arrive, before they are handed on: whoever they wake may
+        # look at the counts at once.
+        counted: int | None = None  # bytes counted so far; None before the first piece
+
+        def counting(pos: int, data: bytes) -> None:
+            nonlocal counted
+            with self._lock:
+                self.bytes_read += len(data)
+                self.requests += counted is None
+            counted = (counted or 0) + len(data)
+            on_bytes(pos, data)
+
+        data = read_range_streaming(self.inner, offset, length, counting)
+        with self._lock:  # a response that came without a piece handed on
+            self.bytes_read += len(data) - (counted or 0)
+            self.requests += counted is None
         return data
 
     def read_tail(self, length: int) -> tuple[bytes, int]:

@@ -426,3 +426,19 @@ def test_verify_piece_checks_size_and_digest() -> None:
     with pytest.raises(ChunkVerificationError, match="no digest"):
         verify_piece(b"abc", bare)
     assert verify_piece(b"abc", bare, allow_unverified=True) is False
+
+
+def test_a_streamed_read_is_counted_before_its_bytes_are_handed_on(tmp_path: Path) -> None:
+    # Whoever those bytes wake (a read waiting for a member) may look at the counts at
+    # once: the request and the bytes handed on must be in them already.
+    blob = tmp_path / "blob"
+    blob.write_bytes(bytes(range(256)) * 64)
+    source = CountingSource(FileBlobSource(blob))
+    seen: list[tuple[int, int]] = []
+
+    def on_bytes(offset: int, data: bytes) -> None:
+        seen.append((source.requests, source.bytes_read))
+
+    assert source.read_range_streaming(100, 5000, on_bytes) == blob.read_bytes()[100:5100]
+    assert seen == [(1, 5000)]
+    assert (source.requests, source.bytes_read) == (1, 5000)
