@@ -219,6 +219,19 @@ class LayerImage:
             os.close(self._meta_fd)
             self._meta_fd = -1
 
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until no fetch is under way (a read returns once its own members are in,
+        while the members that came along with them may still be arriving); whether
+        that happened within ``timeout`` seconds. For counting what reads cost."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._inflight:
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+
     def pread(self, offset: int, length: int) -> bytes:
         """``length`` bytes of the image at ``offset``: verified file data, metadata or zeros."""
         out = bytearray(length)

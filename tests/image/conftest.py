@@ -1,6 +1,5 @@
 import shutil
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,10 +22,8 @@ def _close_layer_images(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     monkeypatch.setattr(LayerImage, "__init__", register)
     yield
-    deadline = time.monotonic() + 30
     for image in opened:
-        while image._inflight and time.monotonic() < deadline:
-            time.sleep(0.01)
+        image.wait_idle()
         image.close()
 
 

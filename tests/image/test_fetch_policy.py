@@ -25,7 +25,7 @@ def test_a_small_file_brings_its_neighbours_in_the_same_request(tmp_path, layer_
     assert image.pread(start, 4096)[:size] == layer_files["etc/passwd"]
     own = toc.lookup("etc/passwd").chunks[0]
     # The read returned once its own member was in; the rest of the request goes on.
-    wait_for(lambda: not image._inflight)
+    assert image.wait_idle()
     assert source.requests == 1
     # More than its own member came, all from one range of at most the fetch unit.
     assert image.stats.members_fetched > 1
@@ -69,7 +69,7 @@ def test_a_read_waits_for_a_member_the_background_is_fetching(tmp_path, layer_fi
     last = (size - 1) // 4096 * 4096
     want = layer_files[name][last:]
     assert image.pread(start + last, 4096)[: len(want)] == want
-    wait_for(lambda: not image._inflight)
+    assert image.wait_idle()
     # Every member fetched went to the cache; one fetched twice would be counted twice.
     cached = {
         emap.chunk(j).offset for j in range(emap.chunk_count) if emap.chunk(j).digest in image.cache
@@ -143,7 +143,7 @@ def test_the_first_read_in_a_directory_brings_the_files_around_it_in_that_direct
 
     start, size = file_span(emap, toc, "pkg/f05")
     assert image.pread(start, -(-size // 4096) * 4096)[:size] == files["pkg/f05"]
-    wait_for(lambda: not image._inflight)
+    assert image.wait_idle()
     # Up to 200,000 compressed bytes on each side: four 40 KB files before, four after.
     came = {name for name in files if cached(name)}
     assert came == {f"pkg/f{i:02}" for i in range(1, 10)}
@@ -155,7 +155,7 @@ def test_the_first_read_in_a_directory_brings_the_files_around_it_in_that_direct
     assert source.requests == requests
     s, n = file_span(emap, toc, "pkg/f11")
     image.pread(s, 4096)
-    wait_for(lambda: not image._inflight)
+    assert image.wait_idle()
     assert not cached("pkg/f00") and not any(cached(f"other/f{i:02}") for i in range(12))
     image.close()
 
@@ -166,7 +166,7 @@ def test_the_directory_window_passes_over_files_larger_than_the_fetch_unit(tmp_p
     image, toc, emap, _ = open_image(blob, tmp_path / "img", policy=policy)
     start, size = file_span(emap, toc, "pkg/f05")
     assert image.pread(start, -(-size // 4096) * 4096)[:size] == files["pkg/f05"]
-    wait_for(lambda: not image._inflight)
+    assert image.wait_idle()
     came = {n for n in files if all(c.digest in image.cache for c in toc.lookup(n).chunks)}
     # The small files on both sides came, the large ones between them did not.
     assert {"pkg/f02", "pkg/f03", "pkg/f07", "pkg/f08"} <= came
@@ -186,7 +186,7 @@ def test_a_read_of_prioritized_files_guesses_nothing_beyond_them(tmp_path):
 
     start, size = file_span(emap, toc, "pkg/f05")
     assert image.pread(start, -(-size // 4096) * 4096)[:size] == files["pkg/f05"]
-    wait_for(lambda: not image._inflight)
+    assert image.wait_idle()
     # The next prioritised file came along (the fetch unit reaches it); nothing past the
     # region's end, and no window of pkg/'s other files.
     assert cached() == {"pkg/f05", "other/f03"}
@@ -194,6 +194,6 @@ def test_a_read_of_prioritized_files_guesses_nothing_beyond_them(tmp_path):
     # A read outside the region guesses as before: its directory's files around it.
     start, size = file_span(emap, toc, "pkg/f08")
     assert image.pread(start, -(-size // 4096) * 4096)[:size] == files["pkg/f08"]
-    wait_for(lambda: not image._inflight)
+    assert image.wait_idle()
     assert {f"pkg/f{i:02}" for i in (7, 9)} <= cached()
     image.close()

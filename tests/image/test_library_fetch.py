@@ -60,14 +60,14 @@ def test_a_program_read_brings_the_libraries_it_needs(tmp_path):
     image, toc, emap, _ = open_image(layer(tmp_path, files), tmp_path / "img", policy=POLICY)
     assert read_whole(image, emap, toc, "usr/bin/prog") == files["usr/bin/prog"]
     wait_for(lambda: f"{LIB}/libfoo.so.1.2.3" in cached_files(image, toc, files))
-    wait_for(lambda: not image._inflight)
+    assert image.wait_idle()
     # libfoo.so.1 (which packages ship as a symlink) found as its versioned file;
     # libc.so.6 is in no file here.
     assert cached_files(image, toc, files) == {"usr/bin/prog", f"{LIB}/libfoo.so.1.2.3"}
     # The loader's read of libfoo's header looks at what libfoo needs in turn.
     assert read_whole(image, emap, toc, f"{LIB}/libfoo.so.1.2.3") == files[f"{LIB}/libfoo.so.1.2.3"]
     wait_for(lambda: f"{LIB}/libbar.so.2" in cached_files(image, toc, files))
-    wait_for(lambda: not image._inflight)
+    assert image.wait_idle()
     assert f"{LIB}/libbaz.so.1" not in cached_files(image, toc, files)
     # Every file reads back exactly.
     for name, data in files.items():
@@ -92,7 +92,7 @@ def test_without_libraries_nothing_is_fetched_by_name(tmp_path):
     image, toc, emap, source = open_image(layer(tmp_path, files), tmp_path / "img", policy=policy)
     read_whole(image, emap, toc, "usr/bin/prog")
     read_whole(image, emap, toc, f"{LIB}/libfoo.so.1.2.3")
-    wait_for(lambda: not image._inflight)
+    assert image.wait_idle()
     assert cached_files(image, toc, files) == {"usr/bin/prog", f"{LIB}/libfoo.so.1.2.3"}
     assert source.requests == 2
     image.close()
@@ -111,7 +111,7 @@ def prioritised_program(tmp_path):
 def test_a_prioritised_program_guesses_nothing(tmp_path):
     files, image, toc, emap, source = prioritised_program(tmp_path)
     read_whole(image, emap, toc, "usr/bin/prog")
-    wait_for(lambda: not image._inflight)
+    assert image.wait_idle()
     assert cached_files(image, toc, files) == {"usr/bin/prog"}
     assert source.requests == 1
     image.close()
@@ -129,7 +129,7 @@ def test_a_program_with_hostile_headers_reads_right_and_fetches_nothing_more(tmp
     image, toc, emap, source = open_image(layer(tmp_path, files), tmp_path / "img", policy=POLICY)
     for name in ("usr/bin/prog", "usr/bin/zzz"):  # zzz came along with prog
         assert read_whole(image, emap, toc, name) == files[name]
-        wait_for(lambda: not image._inflight)
+        assert image.wait_idle()
     assert cached_files(image, toc, files) == {"usr/bin/prog", "usr/bin/zzz"}
     assert source.requests == 1
     image.close()
@@ -224,7 +224,7 @@ def test_a_program_fetched_ahead_says_what_the_loader_opens_and_fetches_only_its
     needs = image.fetch_ahead(chunks[0].offset, around=False)
     assert needs == LoaderNeeds(loader, ("libfoo.so.1", "libc.so.6"), library_dirs(layout))
     wait_for(lambda: "usr/bin/prog" in cached_files(image, toc, files))
-    wait_for(lambda: not image._inflight)
+    assert image.wait_idle()
     # The libraries are the caller's to find, in whichever layer holds them.
     assert cached_files(image, toc, files) == {"usr/bin/prog"}
     assert source.requests == 1
@@ -242,7 +242,7 @@ def test_a_file_fetched_ahead_brings_its_directory_if_asked_as_a_first_read_woul
 
     def ahead(name: str, *, around: bool) -> set[str]:
         image.fetch_ahead(toc.lookup(name).chunks[0].offset, around=around)
-        wait_for(lambda: not image._inflight)
+        assert image.wait_idle()
         return cached_files(image, toc, files)
 
     assert ahead("usr/share/prog/data", around=True) == {"usr/share/prog/data"}  # alone there

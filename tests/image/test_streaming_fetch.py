@@ -92,10 +92,7 @@ def test_a_read_returns_once_its_own_members_are_in_while_the_fetch_unit_still_c
         assert not source.release.is_set()  # so the request has not ended
     finally:
         source.release.set()
-    deadline = time.monotonic() + 30
-    while image._inflight:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert image.wait_idle()
     assert image.stats.members_fetched > 1  # the neighbours came, in the same request
     image.close()
 
@@ -143,10 +140,7 @@ def test_a_read_takes_over_a_member_the_background_has_not_begun_to_fetch(tmp_pa
         assert source.requests[-1][0] == members[-1]
     finally:
         source.release.set()
-    deadline = time.monotonic() + 30
-    while image._inflight:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert image.wait_idle()
     # Every member of the file was fetched exactly once, between the reads and the steps.
     assert image.stats.members_fetched == len(members)
     assert image.pread(start, -(-size // 4096) * 4096)[:size] == data
@@ -282,5 +276,5 @@ def test_closing_a_layer_settles_the_background_fetches_it_drops(tmp_path):
         source.release.set()
     waiting.join(10)
     assert not waiting.is_alive(), "a fetch waits for a claim the closed layer dropped"
-    wait_for(lambda: not image._inflight)
+    assert image.wait_idle()
     assert source.requests == BACKGROUND_FETCHERS  # the queued fetches never went out

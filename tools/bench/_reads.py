@@ -175,6 +175,9 @@ class ReadsBench:
         for offset in range(start, end, WINDOW):
             sink.write(image.pread(offset, min(WINDOW, end - offset)))
         seconds = time.perf_counter() - started
+        # The members that came along with the reads' own may still be arriving.
+        if not image.wait_idle():
+            raise RuntimeError("the fetches of the cold read did not end within 30 s")
         image.close()
         return ColdRead(
             reader=reader_class.__name__,
