@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -104,9 +105,13 @@ def watch_nbd_server(
 
 def _warm_up() -> None:
     """What the first pull would load from a cold page cache: the system's CA
-    certificates, the HTTP client's and gRPC's client code."""
+    certificates, the HTTP client's and gRPC's client code. Then what the daemon has
+    made so far (its modules, most of its objects) is kept out of the garbage
+    collector's full passes, which would otherwise walk all of it, 20 to 30 ms with
+    every thread stopped, in the middle of a pull."""
     warm_up_registry()
     ctrclient.warm_up()
+    gc.freeze()
     log.info("loaded the code of a pull")
 
 
