@@ -1,4 +1,4 @@
-"""``python -m tools.bench wan --quick`` runs end to end: the link check, the three modes on
+"""``python -m tools.bench wan --quick`` runs end to end: the link check, the five modes on
 both links through a private containerd, and the report has every figure it promises.
 
 No time is judged (benchmarks are not timed tests); requests and bytes are, since they
@@ -20,7 +20,7 @@ from tools.local_registry import registry_available
 
 PROJECT = Path(__file__).resolve().parents[2]
 LINKS = ("shaped", "loopback")
-MODES = ("overlayfs", "blockfs", "cri", "optimized")
+MODES = ("overlayfs", "blockfs", "cri", "optimized", "optimized-cri")
 FIELDS = (
     "pull_seconds",
     "create_seconds",
@@ -73,7 +73,7 @@ def test_quick_wan_bench_reports_every_mode_on_both_links(tmp_path: Path) -> Non
         # A full pull has every layer by the first output; blockfs skips the 1 MiB layer
         # nothing reads (its footer and TOC aside).
         assert full >= image
-        for lazy in ("blockfs", "cri", "optimized"):
+        for lazy in MODES[1:]:
             assert figures[f"{link}.busybox.{lazy}.bytes_at_ready"] < full - (512 << 10)
         assert figures[f"{link}.busybox.overlayfs.ratio"] == 1
         # manifest, config and one request per layer (two layers)

@@ -19,7 +19,8 @@ from a cold state (``tools.bench._coldstart``), ``--runs`` times, for each link 
 - ``cri``: the same, the eStargz image pulled by containerd's CRI plugin for blockfs (a
   ``PullImage`` call, as the kubelet makes it);
 - ``optimized``: blockfs on the image that ``blockfs image optimize`` made by running the
-  workload (its files prioritised in first-read order), the snapshotter's ``prefetch`` on.
+  workload (its files prioritised in first-read order), the snapshotter's ``prefetch`` on;
+- ``optimized-cri``: the same, that image pulled by containerd's CRI plugin.
 
 It reports the median seconds of each phase, the requests and bytes that crossed the
 link by the first line of output, and an ideal line computed from the read set
@@ -112,6 +113,14 @@ MODES = (
     Mode("blockfs", "blockfs", "esgz", "blockfs"),
     Mode("cri", "blockfs, pulled through CRI", "esgz", "blockfs", cri=True),
     Mode("optimized", "blockfs, optimized + prefetch", "esgz-opt", "blockfs", ("--prefetch",)),
+    Mode(
+        "optimized-cri",
+        "blockfs, optimized + prefetch, through CRI",
+        "esgz-opt",
+        "blockfs",
+        ("--prefetch",),
+        cri=True,
+    ),
 )
 
 
