@@ -22,7 +22,7 @@ from blockfs.cache import ChunkCache
 from blockfs.estargz import BlobSource, CountingSource
 from blockfs.image._elf import LoaderNeeds
 from blockfs.image._extents import ExtentMap
-from blockfs.image._layer import FetchPolicy, LayerImage
+from blockfs.image._layer import FetchPolicy, KeptBudget, LayerImage
 from blockfs.image._preload import PRELOAD_TTL, Preload, PreloadedSource
 from blockfs.image._reader import BlobChunkReader
 from blockfs.image._record import (
@@ -96,6 +96,8 @@ class ExportTable:
         self.root = Path(root)
         self.trace = Path(trace) if trace is not None else None
         self.cache = cache
+        # The guesses its layers keep compressed share one bound.
+        self.kept = KeptBudget()
         # Without an opener given, the table opens files and registry blobs, with one
         # registry client per configuration shared by all its layers.
         self._own_sources: BlobSources | None = None
@@ -181,6 +183,7 @@ class ExportTable:
             on_demand_fetch=self._demand, policy=self.fetch,
             prioritized_end=record.prefetch_end or 0,
             trace=_trace_log(self.trace / name) if self.trace is not None else None,
+            kept=self.kept,
         )  # fmt: skip
         self._demand()
         served = _Served(record, image, source, preload)

@@ -36,6 +36,7 @@ from blockfs.image._elf import (
     string_at,
 )
 from blockfs.image._extents import ExtentMap
+from blockfs.image._reader import Compressed, MemberOutcome
 
 # Compressed bytes fetched together by one step of the background fetch.
 PREFETCH_BATCH = 4 << 20
@@ -53,6 +54,11 @@ WINDOW_REACH = 4
 # 206 body damaged on the way must not become a permanent I/O error, but bytes that are
 # wrong at the source are not fetched for ever.
 MAX_FETCH_ATTEMPTS = 3
+# Compressed bytes of members fetched on a guess (along with a read, or in a directory
+# window) that the layers of a server keep as they came, at most (KeptBudget):
+# decompressed, verified and cached only when a read needs them. Most guesses are never
+# read, and decoding and storing a member costs the NBD server about 0.3 ms of CPU.
+KEPT_MAX = 64 << 20
 _ZEROS = memoryview(bytes(64 << 10))
 
 
@@ -97,6 +103,29 @@ class FetchPolicy:
         return cls(unit=0, whole_file_max=0, directory_window=0, libraries=False)
 
 
+class KeptBudget:
+    """How many compressed bytes of guesses the layers that share it may keep, at most
+    ``limit`` (:data:`KEPT_MAX` unless given); thread-safe."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = KEPT_MAX if limit is None else limit
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        """Count ``n`` more bytes kept, if they fit; whether they did."""
+        with self._lock:
+            if self._used + n > self.limit:
+                return False
+            self._used += n
+            return True
+
+    def give_back(self, n: int) -> None:
+        """``n`` bytes kept are no longer."""
+        with self._lock:
+            self._used -= n
+
+
 class ImageReadError(BlockfsError):
     """A read of the block image cannot return verified bytes."""
 
@@ -110,13 +139,21 @@ class ChunkReader(Protocol):
     def read_members(
         self,
         members: Sequence[Sequence[tuple[str, Chunk]]],
-        on_member: Callable[[int, list[bytes] | BlockfsError], None] | None = None,
-    ) -> list[list[bytes] | BlockfsError]:
+        on_member: Callable[[int, MemberOutcome], None] | None = None,
+        *,
+        keep: Callable[[int], bool] | None = None,
+    ) -> list[MemberOutcome]:
         """For each member (its ``(file name, chunk)`` pairs), the chunks' verified
         plaintext, or the :class:`blockfs.errors.BlockfsError` that kept it from being
-        fetched or verified (a :class:`blockfs.estargz.FormatError` for bad data).
-        ``on_member(i, outcome)`` gets each outcome once, as soon as it is known, from
-        any thread."""
+        fetched or verified (a :class:`blockfs.estargz.FormatError` for bad data); for
+        a member for which ``keep(i)`` is true once its bytes are in, those bytes
+        (:class:`Compressed`). ``on_member(i, outcome)`` gets each outcome once, as soon
+        as it is known, from any thread."""
+        ...
+
+    def decode(self, member: Sequence[tuple[str, Chunk]], data: bytes) -> list[bytes]:
+        """The verified plaintext of ``member``'s chunks from its compressed bytes; a
+        :class:`blockfs.estargz.FormatError` if they are not right."""
         ...
 
 
@@ -129,6 +166,9 @@ class LayerStats:
     data_reads: int = 0
     chunks_fetched: int = 0
     members_fetched: int = 0
+    # Members fetched on a guess and kept compressed, and those of them a read needed.
+    members_kept: int = 0
+    kept_members_read: int = 0
     cache_hits: int = 0
     # Fetched members whose bytes did not decompress or verify, counting every attempt.
     verification_failures: int = 0
@@ -157,9 +197,12 @@ class LayerImage:
         policy: FetchPolicy = FetchPolicy(),
         prioritized_end: int = 0,
         trace: Callable[[str], None] | None = None,
+        kept: KeptBudget | None = None,
     ) -> None:
         """``on_demand_fetch`` is called whenever a read has to fetch from the blob;
-        ``policy`` says what such a read fetches besides what it lacks;
+        ``policy`` says what such a read fetches besides what it lacks; ``kept`` bounds
+        the guesses kept compressed, with the other layers that share it (a budget of
+        its own by default);
         ``prioritized_end`` is the blob offset where the layer's prioritised files end
         (its prefetch landmark; 0 for none); ``trace`` gets the name of each file at the
         first read of its data (metadata reads never count)."""
@@ -195,6 +238,13 @@ class LayerImage:
         # taken over by a read that needs the member now (see _claim).
         self._inflight: dict[int, Future[dict[str, bytes]]] = {}
         self._started: set[int] = set()
+        # Members claimed on a guess, and members a read waits for, while they are
+        # fetched: a guess that no read waits for when its bytes come is kept compressed.
+        self._guesses: set[int] = set()
+        self._wanted: set[int] = set()
+        # Members kept compressed (by blob offset), counted in the budget.
+        self._kept: dict[int, bytes] = {}
+        self._kept_budget = kept if kept is not None else KeptBudget()
         self._background: ThreadPoolExecutor | None = None
         self._library_readers: ThreadPoolExecutor | None = None
 
@@ -215,6 +265,10 @@ class LayerImage:
         with self._lock:
             claimed = dict(self._inflight)
         self._fetch_claimed_failed(claimed, ImageReadError(f"layer {self.name}: closed"))
+        with self._lock:
+            dropped = sum(len(data) for data in self._kept.values())
+            self._kept.clear()
+        self._kept_budget.give_back(dropped)
         if self._meta_fd >= 0:
             os.close(self._meta_fd)
             self._meta_fd = -1
@@ -257,6 +311,7 @@ class LayerImage:
         touched_data = pos < end
         bsize = self.extents.block_size
         missing: list[tuple[int, Chunk, int, int]] = []  # (offset in buf, chunk, start, length)
+        kept: list[tuple[int, Chunk, int, int]] = []  # the same, for members kept compressed
         missing_chunks: list[int] = []
         starts: list[tuple[int, int]] = []  # (extent, its offset in buf) of files read from byte 0
         hits = 0
@@ -285,6 +340,8 @@ class LayerImage:
             take = min(chunk.size - within, end - pos, file_size - file_offset)
             if self.cache.read_into(chunk.digest, within, buf[pos - offset : pos - offset + take]):
                 hits += 1
+            elif chunk.offset in self._kept:
+                kept.append((pos - offset, chunk, within, take))
             else:
                 missing.append((pos - offset, chunk, within, take))
                 missing_chunks.append(j)
@@ -294,6 +351,10 @@ class LayerImage:
             self.stats.read_bytes += length
             self.stats.data_reads += touched_data
             self.stats.cache_hits += hits
+        for at, chunk, within, take in kept:
+            # Fetched already: decoded now (its claim keeps two reads from doing it twice),
+            # and nothing is guessed from it, as from a chunk in the cache.
+            self._chunk_range_into(chunk, within, buf[at : at + take])
         if missing:
             if self._on_demand_fetch is not None:
                 self._on_demand_fetch()
@@ -301,12 +362,12 @@ class LayerImage:
             # them (one request for a readahead across many small files, and for the
             # files beside them); the rest of the files it touched comes in the background.
             needed = [c.offset for _, c, _, _ in missing]
-            along, later = self._plan(missing_chunks, needed)
+            along, later, guessed = self._plan(missing_chunks, needed)
             # Sent at once: the next read of a process is most likely in these (measured:
             # holding them until this read's members are in costs more than sharing the
             # link with it).
-            self._fetch_in_background(self._claim(later)[0])
-            fetched = self._fetch_members(needed, along=along)
+            self._fetch_in_background(self._claim(later, guesses=guessed)[0])
+            fetched = self._fetch_members(needed, along=along, guesses=guessed)
             for at, chunk, within, take in missing:
                 dest = buf[at : at + take]
                 plain = fetched.get(chunk.digest)
@@ -425,8 +486,9 @@ class LayerImage:
                 daemon=True,
             ).start()  # fmt: skip
         if around:
-            window = self._uncached_members(self._directory_window(i))
-            self._fetch_in_background(self._claim(off for off in window if off not in owned)[0])
+            window = self._unfetched_members(self._directory_window(i))
+            guessed = [off for off in window if off not in owned]
+            self._fetch_in_background(self._claim(guessed, guesses=guessed)[0])
         return self._loader_needs(i)
 
     def _prioritized(self, i: int) -> bool:
@@ -436,13 +498,23 @@ class LayerImage:
 
     def _uncached_members(self, chunks: Iterable[int]) -> list[int]:
         """The blob offsets of the members of ``chunks`` (chunk numbers) that are not in
-        the cache, each once, in order."""
+        the cache, each once, in order (those kept compressed among them: fetching them
+        decodes them, without a request)."""
         members: dict[int, None] = {}
         for k in chunks:
             chunk = self.extents.chunk(k)
             if chunk.digest not in self.cache:
                 members[chunk.offset] = None
         return list(members)
+
+    def _unfetched_members(self, chunks: Iterable[int]) -> list[int]:
+        """:meth:`_uncached_members` without those kept compressed: for guesses."""
+        return [off for off in self._uncached_members(chunks) if off not in self._kept]
+
+    def has_chunk(self, chunk: Chunk) -> bool:
+        """Whether ``chunk``'s bytes are at hand: in the cache, or fetched and kept
+        compressed until a read needs them."""
+        return chunk.digest in self.cache or chunk.offset in self._kept
 
     def _whole_file(self, i: int) -> range:
         """The chunks of extent ``i``'s file to fetch in the background, the first time
@@ -487,7 +559,7 @@ class LayerImage:
 
     def _chunk_range_into(self, chunk: Chunk, start: int, dest: memoryview) -> None:
         """Bytes ``[start, start + len(dest))`` of ``chunk`` into ``dest``: from the cache,
-        else fetched."""
+        else fetched (a member kept compressed is decoded then)."""
         for _ in range(3):
             if self.cache.read_into(chunk.digest, start, dest):
                 with self._lock:
@@ -500,9 +572,12 @@ class LayerImage:
             # Another reader cached the member between our look and our fetch: look again.
         raise ImageReadError(f"layer {self.name}: chunk {chunk.digest} keeps leaving the cache")
 
-    def _plan(self, chunks: Sequence[int], needed: Sequence[int]) -> tuple[list[int], list[int]]:
+    def _plan(
+        self, chunks: Sequence[int], needed: Sequence[int]
+    ) -> tuple[list[int], list[int], set[int]]:
         """For a read that lacks ``chunks`` (the members at ``needed``): the members to
-        fetch along with them, and those to fetch in the background.
+        fetch along with them, those to fetch in the background, and which of either are
+        guesses (members of files the read did not touch).
 
         Along: the uncached members that follow the last one needed, up to the policy's
         ``unit`` of compressed span from the first. Background: the uncached rest of each
@@ -518,7 +593,9 @@ class LayerImage:
         """
         ext = self.extents
         taken = set(needed)
+        touched = {ext.extent_of_chunk(j) for j in chunks}
         along: list[int] = []
+        guessed: set[int] = set()
         limit = min(needed) + self.policy.unit
         prioritized = max(needed) < self.prioritized_end
         if prioritized:
@@ -526,24 +603,32 @@ class LayerImage:
         j = max(chunks) + 1
         while j < ext.chunk_count:
             chunk = ext.chunk(j)
-            if chunk.end > limit or chunk.digest in self.cache:
-                break  # one contiguous range, ending before what is cached already
+            if chunk.end > limit or self.has_chunk(chunk):
+                break  # one contiguous range, ending before what is fetched already
             if chunk.offset not in taken:
                 taken.add(chunk.offset)
                 along.append(chunk.offset)
+                if ext.extent_of_chunk(j) not in touched:
+                    guessed.add(chunk.offset)
             j += 1
         later: list[int] = []
-        for i in sorted({ext.extent_of_chunk(j) for j in chunks}):
+        for i in sorted(touched):
             if i in self._whole_planned:
                 continue
-            wanted = self._whole_file(i)
-            window = [] if prioritized else self._directory_window(i)
-            for k in [*wanted, *window]:
-                chunk = ext.chunk(k)
-                if chunk.offset not in taken and chunk.digest not in self.cache:
-                    taken.add(chunk.offset)
-                    later.append(chunk.offset)
-        return along, later
+            # The rest of a file read comes whole (members kept compressed are decoded),
+            # its directory's window as guesses.
+            for off in self._uncached_members(self._whole_file(i)):
+                if off not in taken:
+                    taken.add(off)
+                    later.append(off)
+            if prioritized:
+                continue
+            for off in self._unfetched_members(self._directory_window(i)):
+                if off not in taken:
+                    taken.add(off)
+                    later.append(off)
+                    guessed.add(off)
+        return along, later, guessed
 
     def _directory_window(self, i: int) -> list[int]:
         """The chunks of the files of extent ``i``'s directory around it in the blob, the
@@ -590,19 +675,28 @@ class LayerImage:
         return chunks
 
     def _claim(
-        self, member_offsets: Iterable[int], *, take_over: bool = False
+        self,
+        member_offsets: Iterable[int],
+        *,
+        take_over: bool = False,
+        guesses: Iterable[int] = (),
     ) -> tuple[dict[int, Future[dict[str, bytes]]], list[Future[dict[str, bytes]]]]:
         """Take the fetch of each member at ``member_offsets`` that no thread is fetching:
         (the futures this caller must settle, the futures of members fetched elsewhere).
 
         With ``take_over``, a member claimed by another fetch that has not begun yet is
         taken too (its future is shared: whichever fetch begins first settles it), so
-        that a read never waits behind a background fetch's queue.
+        that a read never waits behind a background fetch's queue; the members are marked
+        as wanted by a read then (see :meth:`_fetch_attempt`). Those of ``guesses`` that
+        this caller owns are marked as guesses.
         """
         owned: dict[int, Future[dict[str, bytes]]] = {}
         waiting: list[Future[dict[str, bytes]]] = []
+        offsets = list(dict.fromkeys(member_offsets))
         with self._lock:
-            for off in dict.fromkeys(member_offsets):
+            if take_over:
+                self._wanted.update(offsets)
+            for off in offsets:
                 future = self._inflight.get(off)
                 if future is None:
                     owned[off] = self._inflight[off] = Future()
@@ -610,6 +704,7 @@ class LayerImage:
                     owned[off] = future
                 else:
                     waiting.append(future)
+            self._guesses.update(off for off in guesses if off in owned)
         return owned, waiting
 
     def _fetch_claimed_quietly(self, owned: dict[int, Future[dict[str, bytes]]]) -> None:
@@ -630,12 +725,23 @@ class LayerImage:
         finally:
             with self._lock:
                 for off, future in mine.items():
-                    self._started.discard(off)
-                    if self._inflight.get(off) is future:
-                        del self._inflight[off]
+                    self._let_go(off, future)
+
+    def _let_go(self, off: int, future: Future[dict[str, bytes]]) -> None:
+        """End the claim of member ``off`` by ``future``, unless another claim has taken
+        its place (the caller holds the lock)."""
+        if self._inflight.get(off) is future:
+            del self._inflight[off]
+            self._started.discard(off)
+            self._guesses.discard(off)
+            self._wanted.discard(off)
 
     def _fetch_members(
-        self, member_offsets: Sequence[int], *, along: Iterable[int] = ()
+        self,
+        member_offsets: Sequence[int],
+        *,
+        along: Iterable[int] = (),
+        guesses: Iterable[int] = (),
     ) -> dict[str, bytes]:
         """Fetch (once, however many threads ask) every chunk of the members that start at
         ``member_offsets``; their plaintext by chunk digest.
@@ -644,13 +750,14 @@ class LayerImage:
         ``along`` that nobody is fetching, are fetched with one call to the reader, which
         coalesces their ranges. Raises the error of the first member of
         ``member_offsets`` that failed, after every member this call owns is settled;
-        the members of ``along`` only go to the cache. When some come along, the fetch
+        the members of ``along`` only go to the cache, or are kept compressed if they are
+        among ``guesses`` and no read waits for them (:meth:`_keep`). When some come along, the fetch
         runs in a thread of its own and this call returns as soon as its own members are
         in: they lead the request, and the caller (a kernel read, which the next read
         of a process waits for) need not wait for the rest of it.
         """
         owned, waiting = self._claim(member_offsets, take_over=True)
-        extra, _ = self._claim(off for off in along if off not in owned)
+        extra, _ = self._claim((off for off in along if off not in owned), guesses=guesses)
         claimed = {**owned, **extra}
         if extra:
             threading.Thread(
@@ -761,8 +868,7 @@ class LayerImage:
                 if off in self._started or future.done():
                     continue  # taken over meanwhile
                 future.set_exception(error)
-                if self._inflight.get(off) is future:
-                    del self._inflight[off]
+                self._let_go(off, future)
 
     def _fetch_owned(self, owned: dict[int, Future[dict[str, bytes]]]) -> None:
         """Fetch the members of ``owned`` and settle each one's future.
@@ -780,7 +886,7 @@ class LayerImage:
                 if all(c.digest in self.cache for _, c in chunks):
                     # A fetch that finished just before ours began already cached it all.
                     future.set_result({})
-                else:
+                elif not self._decode_kept(off, chunks, future):
                     todo.append((off, chunks))
             attempt = 1
             while todo:
@@ -791,6 +897,39 @@ class LayerImage:
                 if not future.done():
                     future.set_exception(exc)
             raise
+
+    def _decode_kept(
+        self, off: int, chunks: list[tuple[str, Chunk]], future: Future[dict[str, bytes]]
+    ) -> bool:
+        """Settle ``future`` with member ``off``'s plaintext from its bytes kept
+        compressed, if it has any that verify; whether it did (if not, it is fetched)."""
+        with self._lock:
+            data = self._kept.pop(off, None)
+        if data is None:
+            return False
+        self._kept_budget.give_back(len(data))
+        try:
+            outcome = self.reader.decode(chunks, data)
+        except FormatError:
+            with self._lock:
+                self.stats.verification_failures += 1
+            return False
+        plain = {c.digest: d for (_, c), d in zip(chunks, outcome, strict=True)}
+        with self._lock:
+            self.stats.kept_members_read += 1
+        future.set_result(plain)
+        for digest, d in plain.items():
+            self.cache.put(digest, d)
+        return True
+
+    def _keep(self, off: int) -> bool:
+        """Whether member ``off``, whose bytes are in, is kept compressed: a guess that no
+        read waits for, while the budget has room for it."""
+        with self._lock:
+            if off not in self._guesses or off in self._wanted:
+                return False
+        first = self.extents.chunk(self.extents.chunks_in_member(off)[0])
+        return self._kept_budget.take(first.end - first.offset)
 
     def _fetch_attempt(
         self,
@@ -803,8 +942,20 @@ class LayerImage:
         a large request goes on before the rest arrives); the members to fetch again."""
         again: list[tuple[int, list[tuple[str, Chunk]]]] = []
 
-        def settle(k: int, outcome: list[bytes] | BlockfsError) -> None:
+        def settle(k: int, outcome: MemberOutcome) -> None:
             off, chunks = todo[k]
+            if isinstance(outcome, Compressed):
+                # Kept for a read that may need it: a read that claims it from now on
+                # decodes it (_decode_kept); one that waits now finds it not cached and
+                # claims it.
+                with self._lock:
+                    self.stats.chunks_fetched += len(chunks)
+                    self.stats.members_fetched += 1
+                    self.stats.members_kept += 1
+                    self._kept[off] = outcome.data
+                    self._let_go(off, owned[off])
+                owned[off].set_result({})
+                return
             if isinstance(outcome, BaseException):
                 corrupt = isinstance(outcome, ChunkVerificationError | DecompressionError)
                 with self._lock:
@@ -833,7 +984,9 @@ class LayerImage:
                 self.cache.put(digest, data)
 
         started = time.monotonic()
-        self.reader.read_members([chunks for _, chunks in todo], settle)
+        self.reader.read_members(
+            [chunks for _, chunks in todo], settle, keep=lambda k: self._keep(todo[k][0])
+        )
         with self._lock:
             self.stats.fetch_seconds += time.monotonic() - started
         return sorted(again)

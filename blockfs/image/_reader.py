@@ -6,10 +6,25 @@ import io
 import threading
 from collections.abc import Callable, Sequence
 
+import attrs
+
 from blockfs.errors import BlockfsError
 from blockfs.estargz import BlobSource, Chunk, read_coalesced, verify_piece
 from blockfs.estargz._compression import decompress_spans
 from blockfs.estargz._model import Compression
+
+
+@attrs.frozen
+class Compressed:
+    """A member's bytes as fetched, not decompressed or verified yet
+    (:meth:`BlobChunkReader.decode` does both)."""
+
+    data: bytes
+
+
+# What reading a member gives: its chunks' verified plaintext, its compressed bytes kept
+# for later, or the error that kept it from being read.
+MemberOutcome = list[bytes] | Compressed | BlockfsError
 
 
 class BlobChunkReader:
@@ -26,8 +41,10 @@ class BlobChunkReader:
     def read_members(
         self,
         members: Sequence[Sequence[tuple[str, Chunk]]],
-        on_member: Callable[[int, list[bytes] | BlockfsError], None] | None = None,
-    ) -> list[list[bytes] | BlockfsError]:
+        on_member: Callable[[int, MemberOutcome], None] | None = None,
+        *,
+        keep: Callable[[int], bool] | None = None,
+    ) -> list[MemberOutcome]:
         """For each member, the verified plaintext of its ``(file name, chunk)`` pairs, or
         the error that kept it from being read.
 
@@ -37,14 +54,16 @@ class BlobChunkReader:
         delivered; a member that does not decompress or verify fails alone.
         ``on_member(i, outcome)`` gets each member's outcome as soon as it is known: a
         member is decoded and verified as soon as its bytes are in, before the rest of
-        its request (from the thread of that request).
+        its request (from the thread of that request). A member for which ``keep(i)`` is
+        true when its bytes are in is not: its outcome is those bytes,
+        :class:`Compressed`, for :meth:`decode` to check when they are needed.
         """
         # A member's run ends where the next member starts: its pieces are all inside.
         ranges = [(m[0][1].offset, m[0][1].end - m[0][1].offset) for m in members]
-        results: list[list[bytes] | BlockfsError | None] = [None] * len(members)
+        results: list[MemberOutcome | None] = [None] * len(members)
         lock = threading.Lock()
 
-        def settle(i: int, outcome: list[bytes] | BlockfsError) -> None:
+        def settle(i: int, outcome: MemberOutcome) -> None:
             with lock:
                 if results[i] is not None:
                     return
@@ -53,8 +72,11 @@ class BlobChunkReader:
                 on_member(i, outcome)
 
         def arrived(i: int, compressed: bytes) -> None:
+            if keep is not None and keep(i):
+                settle(i, Compressed(compressed))
+                return
             try:
-                settle(i, self._decode(members[i], compressed))
+                settle(i, self.decode(members[i], compressed))
             except BlockfsError as e:
                 settle(i, e)
 
@@ -65,13 +87,15 @@ class BlobChunkReader:
             # were lost with it, but nothing wrong was returned.
             for i in range(len(members)):
                 settle(i, e)
-        done: list[list[bytes] | BlockfsError] = []
+        done: list[MemberOutcome] = []
         for outcome in results:
             assert outcome is not None  # every range is delivered, or the read raised
             done.append(outcome)
         return done
 
-    def _decode(self, member: Sequence[tuple[str, Chunk]], data: bytes) -> list[bytes]:
+    def decode(self, member: Sequence[tuple[str, Chunk]], data: bytes) -> list[bytes]:
+        """The verified plaintext of the chunks of ``member`` from its compressed bytes
+        ``data``; a :class:`blockfs.estargz.FormatError` if they are not right."""
         first_name, first = member[0]
         plain = decompress_spans(
             io.BytesIO(data),

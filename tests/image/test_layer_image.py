@@ -21,10 +21,12 @@ from blockfs.image import (
 from tests.helpers.testdata import TESTDATA, VERIFIABLE_BLOBS, toc_digest_of
 
 
-def open_image(blob_path, tmp_path, *, toc_digest=None, cache_bytes=0, policy=None, source=None):
+def open_image(
+    blob_path, tmp_path, *, toc_digest=None, cache_bytes=0, policy=None, source=None, kept=None
+):
     """A LayerImage of ``blob_path`` read through ``source`` (default: the file, counted);
-    it fetches only what reads lack unless ``policy``. Returns (image, toc, extent map,
-    source)."""
+    it fetches only what reads lack unless ``policy``; ``kept``: its budget of guesses kept
+    compressed. Returns (image, toc, extent map, source)."""
     reader = BlobReader.open(FileBlobSource(blob_path), toc_digest=toc_digest)
     layer_dir = tmp_path / "layer"
     record = index_layer(
@@ -46,6 +48,7 @@ def open_image(blob_path, tmp_path, *, toc_digest=None, cache_bytes=0, policy=No
         cache,
         policy=policy or FetchPolicy.exact(),
         prioritized_end=record.prefetch_end or 0,
+        kept=kept,
     )
     return image, reader.toc, emap, source
 

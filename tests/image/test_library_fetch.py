@@ -51,24 +51,25 @@ def read_whole(image, emap, toc, name):
     return image.pread(start, -(-size // 4096) * 4096)[:size]
 
 
-def cached_files(image, toc, files):
-    return {n for n in files if all(c.digest in image.cache for c in toc.lookup(n).chunks)}
+def fetched_files(image, toc, files):
+    """The files whose every chunk is at hand (cached, or kept compressed)."""
+    return {n for n in files if all(image.has_chunk(c) for c in toc.lookup(n).chunks)}
 
 
 def test_a_program_read_brings_the_libraries_it_needs(tmp_path):
     files = program_files()
     image, toc, emap, _ = open_image(layer(tmp_path, files), tmp_path / "img", policy=POLICY)
     assert read_whole(image, emap, toc, "usr/bin/prog") == files["usr/bin/prog"]
-    wait_for(lambda: f"{LIB}/libfoo.so.1.2.3" in cached_files(image, toc, files))
+    wait_for(lambda: f"{LIB}/libfoo.so.1.2.3" in fetched_files(image, toc, files))
     assert image.wait_idle()
     # libfoo.so.1 (which packages ship as a symlink) found as its versioned file;
     # libc.so.6 is in no file here.
-    assert cached_files(image, toc, files) == {"usr/bin/prog", f"{LIB}/libfoo.so.1.2.3"}
+    assert fetched_files(image, toc, files) == {"usr/bin/prog", f"{LIB}/libfoo.so.1.2.3"}
     # The loader's read of libfoo's header looks at what libfoo needs in turn.
     assert read_whole(image, emap, toc, f"{LIB}/libfoo.so.1.2.3") == files[f"{LIB}/libfoo.so.1.2.3"]
-    wait_for(lambda: f"{LIB}/libbar.so.2" in cached_files(image, toc, files))
+    wait_for(lambda: f"{LIB}/libbar.so.2" in fetched_files(image, toc, files))
     assert image.wait_idle()
-    assert f"{LIB}/libbaz.so.1" not in cached_files(image, toc, files)
+    assert f"{LIB}/libbaz.so.1" not in fetched_files(image, toc, files)
     # Every file reads back exactly.
     for name, data in files.items():
         assert read_whole(image, emap, toc, name) == data, name
@@ -82,7 +83,7 @@ def test_the_dynamic_section_may_lie_in_a_later_chunk(tmp_path):
     assert len(toc.lookup("usr/bin/prog").chunks) > 3
     start, _ = file_span(emap, toc, "usr/bin/prog")
     assert image.pread(start, 4096) == files["usr/bin/prog"][:4096]
-    wait_for(lambda: f"{LIB}/libfoo.so.1.2.3" in cached_files(image, toc, files))
+    wait_for(lambda: f"{LIB}/libfoo.so.1.2.3" in fetched_files(image, toc, files))
     image.close()
 
 
@@ -93,7 +94,7 @@ def test_without_libraries_nothing_is_fetched_by_name(tmp_path):
     read_whole(image, emap, toc, "usr/bin/prog")
     read_whole(image, emap, toc, f"{LIB}/libfoo.so.1.2.3")
     assert image.wait_idle()
-    assert cached_files(image, toc, files) == {"usr/bin/prog", f"{LIB}/libfoo.so.1.2.3"}
+    assert fetched_files(image, toc, files) == {"usr/bin/prog", f"{LIB}/libfoo.so.1.2.3"}
     assert source.requests == 2
     image.close()
 
@@ -112,7 +113,7 @@ def test_a_prioritised_program_guesses_nothing(tmp_path):
     files, image, toc, emap, source = prioritised_program(tmp_path)
     read_whole(image, emap, toc, "usr/bin/prog")
     assert image.wait_idle()
-    assert cached_files(image, toc, files) == {"usr/bin/prog"}
+    assert fetched_files(image, toc, files) == {"usr/bin/prog"}
     assert source.requests == 1
     image.close()
 
@@ -130,7 +131,7 @@ def test_a_program_with_hostile_headers_reads_right_and_fetches_nothing_more(tmp
     for name in ("usr/bin/prog", "usr/bin/zzz"):  # zzz came along with prog
         assert read_whole(image, emap, toc, name) == files[name]
         assert image.wait_idle()
-    assert cached_files(image, toc, files) == {"usr/bin/prog", "usr/bin/zzz"}
+    assert fetched_files(image, toc, files) == {"usr/bin/prog", "usr/bin/zzz"}
     assert source.requests == 1
     image.close()
 
@@ -202,7 +203,7 @@ def test_programs_read_at_once_share_a_few_threads(tmp_path):
     assert 1 <= most <= LIBRARY_READERS
 
     def all_libraries_in() -> bool:
-        return all(f"{LIB}/libp{k}.so.1" in cached_files(image, toc, files) for k in range(6))
+        return all(f"{LIB}/libp{k}.so.1" in fetched_files(image, toc, files) for k in range(6))
 
     wait_for(all_libraries_in)
     image.close()
@@ -223,10 +224,10 @@ def test_a_program_fetched_ahead_says_what_the_loader_opens_and_fetches_only_its
     assert layout is not None
     needs = image.fetch_ahead(chunks[0].offset, around=False)
     assert needs == LoaderNeeds(loader, ("libfoo.so.1", "libc.so.6"), library_dirs(layout))
-    wait_for(lambda: "usr/bin/prog" in cached_files(image, toc, files))
+    wait_for(lambda: "usr/bin/prog" in fetched_files(image, toc, files))
     assert image.wait_idle()
     # The libraries are the caller's to find, in whichever layer holds them.
-    assert cached_files(image, toc, files) == {"usr/bin/prog"}
+    assert fetched_files(image, toc, files) == {"usr/bin/prog"}
     assert source.requests == 1
     # The container's reads of it, its first bytes among them, fetch nothing more.
     assert read_whole(image, emap, toc, "usr/bin/prog") == files["usr/bin/prog"]
@@ -243,7 +244,7 @@ def test_a_file_fetched_ahead_brings_its_directory_if_asked_as_a_first_read_woul
     def ahead(name: str, *, around: bool) -> set[str]:
         image.fetch_ahead(toc.lookup(name).chunks[0].offset, around=around)
         assert image.wait_idle()
-        return cached_files(image, toc, files)
+        return fetched_files(image, toc, files)
 
     assert ahead("usr/share/prog/data", around=True) == {"usr/share/prog/data"}  # alone there
     assert ahead(f"{LIB}/libbaz.so.1", around=False) == {
@@ -266,5 +267,5 @@ def test_a_prioritised_file_is_left_to_the_prefetch_when_fetched_ahead(tmp_path)
     assert (
         image.fetch_ahead(toc.lookup(f"{LIB}/libzzz.so.1").chunks[0].offset, around=False) is None
     )
-    wait_for(lambda: f"{LIB}/libzzz.so.1" in cached_files(image, toc, files))
+    wait_for(lambda: f"{LIB}/libzzz.so.1" in fetched_files(image, toc, files))
     image.close()

@@ -22,7 +22,6 @@ from pathlib import Path
 import attrs
 
 from blockfs.cache import ChunkCache
-from blockfs.errors import BlockfsError
 from blockfs.estargz import (
     BlobReader,
     BlobSource,
@@ -41,6 +40,7 @@ from blockfs.image import (
     LayerImage,
     index_layer,
 )
+from blockfs.image._reader import MemberOutcome
 from tools.bench._data import mixed_files, write_tar
 from tools.bench._report import Machine, Report, progress
 
@@ -65,11 +65,14 @@ class PerMemberReader(BlobChunkReader):
     def read_members(
         self,
         members: Sequence[Sequence[tuple[str, Chunk]]],
-        on_member: Callable[[int, list[bytes] | BlockfsError], None] | None = None,
-    ) -> list[list[bytes] | BlockfsError]:
+        on_member: Callable[[int, MemberOutcome], None] | None = None,
+        *,
+        keep: Callable[[int], bool] | None = None,
+    ) -> list[MemberOutcome]:
         outcomes = []
         for i, member in enumerate(members):
-            outcome = super().read_members([member])[0]
+            one = None if keep is None else (lambda _, i=i: keep(i))
+            outcome = super().read_members([member], keep=one)[0]
             if on_member is not None:
                 on_member(i, outcome)
             outcomes.append(outcome)
