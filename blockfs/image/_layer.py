@@ -751,10 +751,10 @@ class LayerImage:
         coalesces their ranges. Raises the error of the first member of
         ``member_offsets`` that failed, after every member this call owns is settled;
         the members of ``along`` only go to the cache, or are kept compressed if they are
-        among ``guesses`` and no read waits for them (:meth:`_keep`). When some come along, the fetch
-        runs in a thread of its own and this call returns as soon as its own members are
-        in: they lead the request, and the caller (a kernel read, which the next read
-        of a process waits for) need not wait for the rest of it.
+        among ``guesses`` and no read waits for them (:meth:`_keep`). When some come
+        along, the fetch runs in a thread of its own and this call returns as soon as its
+        own members are in: they lead the request, and the caller (a kernel read, which
+        the next read of a process waits for) need not wait for the rest of it.
         """
         owned, waiting = self._claim(member_offsets, take_over=True)
         extra, _ = self._claim((off for off in along if off not in owned), guesses=guesses)
